@@ -1,0 +1,3 @@
+from medrobust.models.small_cnn import SmallCNN
+
+__all__ = ["SmallCNN"]

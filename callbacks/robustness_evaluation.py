@@ -1,0 +1,177 @@
+"""RobustnessEvaluation: metric vs attack strength at the end of validation epochs and at test time."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
+from torchmetrics import MetricCollection
+
+from medrobust.attacks import resolve_eps
+from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
+from medrobust.reporting.wandb_tables import log_robustness_to_wandb
+
+log = logging.getLogger("medrobust")
+
+EPS_UNITS = ("model", "native", "range")
+
+
+def _attack_label(attack) -> str:
+    return f"{attack.name}_{attack.norm}"
+
+
+class RobustnessEvaluation(Callback):
+    """Attack the model at several eps after every ``every_n_epochs``-th validation epoch and at test time.
+
+    Each DDP rank attacks its own shard (the trainer's distributed sampler), metrics reduce across ranks
+    through torchmetrics, and rank 0 writes ``robustness.csv`` (one row per epoch x split x attack x eps x
+    metric), ``curves/<attack>_<metric>.png`` (one line per epoch) and, at test time, ``summary.md``.
+
+    Args:
+        attacks: attack objects (``medrobust.attacks.FGSM``, ``PGD``, ...), as a list or a name->attack map.
+        eps: attack strengths; 0 is the clean evaluation.
+        eps_unit: ``model`` (input scale), ``native`` (e.g. HU, through the datamodule's window) or
+            ``range`` (a fraction of each image's intensity range).
+        every_n_epochs: evaluate after every n-th validation epoch.
+        max_batches: at most this many validation batches per rank (``None``: all).
+        test_max_batches: at most this many test batches per rank (``None``: all).
+        output_dir: where files go; default the trainer's ``default_root_dir``.
+    """
+
+    def __init__(
+        self,
+        attacks: Mapping[str, object] | Sequence[object],
+        eps: Sequence[float] = (0.0, 0.001, 0.002, 0.004, 0.008),
+        eps_unit: str = "model",
+        every_n_epochs: int = 1,
+        max_batches: int | None = 4,
+        test_max_batches: int | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
+        if not attack_list:
+            raise ValueError("RobustnessEvaluation needs at least one attack in `attacks`")
+        eps = [float(e) for e in eps]
+        if not eps or any(e < 0 for e in eps):
+            raise ValueError(f"eval.eps must be a non-empty list of values >= 0, got {eps}")
+        if eps_unit not in EPS_UNITS:
+            raise ValueError(f"eval.eps_unit must be one of {EPS_UNITS}, got {eps_unit!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"eval.every_n_epochs must be >= 1, got {every_n_epochs!r}")
+        for key, value in (("max_batches", max_batches), ("test_max_batches", test_max_batches)):
+            if value is not None and value < 1:
+                raise ValueError(f"eval.{key} must be >= 1 or null (all batches), got {value!r}")
+        labels = [_attack_label(a) for a in attack_list]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"eval.attacks must have distinct names, got {labels}")
+        self.attacks = dict(zip(labels, attack_list))
+        self.eps = sorted(set(eps) | {0.0})  # the clean point anchors every curve
+        self.eps_unit = eps_unit
+        self.every_n_epochs = every_n_epochs
+        self.max_batches = max_batches
+        self.test_max_batches = test_max_batches
+        self.output_dir = output_dir
+        self.history: list[dict] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(attacks=tuple(self.attacks), eps=tuple(self.eps), eps_unit=self.eps_unit)
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        missing = [m for m in ("attack_loss", "is_correct", "robust_metrics", "metric_inputs") if not hasattr(pl_module, m)]
+        if missing:
+            raise TypeError(f"RobustnessEvaluation needs a task module implementing the task contract; "
+                            f"{type(pl_module).__name__} lacks {missing}")
+        if self.eps_unit == "native" and getattr(pl_module, "intensity", None) is None:
+            raise ValueError("eval.eps_unit=native needs an intensity window from the datamodule; this one has none")
+
+    def run_dir(self, trainer: Trainer) -> Path:
+        return Path(self.output_dir or trainer.default_root_dir)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._run(trainer, pl_module, trainer.val_dataloaders, "val", self.max_batches)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run(trainer, pl_module, trainer.test_dataloaders, "test", self.test_max_batches)
+        self._write_summary(trainer)
+
+    def _run(self, trainer, pl_module, loaders, split: str, max_batches: int | None) -> None:
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        epoch = trainer.current_epoch
+        rows = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
+                             precision=trainer.precision_plugin)
+        self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
+        for row in rows:
+            key = f"robust_{split}/{row['attack']}/{row['metric']}_eps{format_eps(row['eps'])}"
+            pl_module.log(key, row["value"], sync_dist=False)  # already reduced across ranks
+        if trainer.is_global_zero:
+            self._write_files(trainer, split)
+
+    # -- the evaluation -------------------------------------------------------------------------
+    def evaluate(self, pl_module, loader, *, split: str, epoch: int, max_batches: int | None, precision=None) -> list[dict]:
+        """Attack ``max_batches`` batches of ``loader`` at every (attack, eps); rows reduced across ranks."""
+        device = pl_module.device
+        cells = {(label, eps): MetricCollection(pl_module.robust_metrics()).to(device)
+                 for label in self.attacks for eps in self.eps if eps > 0}
+        clean = MetricCollection(pl_module.robust_metrics()).to(device)
+        forward_context = precision.forward_context if precision is not None else nullcontext
+        was_training = pl_module.training
+        pl_module.eval()
+        # Lightning runs validation under inference mode; attacks need gradients w.r.t. the input.
+        with torch.inference_mode(False), torch.enable_grad():
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = move_data_to_device(batch, device)
+                x = batch["image"].clone()
+                with torch.no_grad(), forward_context():
+                    clean.update(*pl_module.metric_inputs(pl_module(x), batch))
+                for label, attack in self.attacks.items():
+                    for eps in self.eps:
+                        if eps == 0:
+                            continue
+                        eps_model = resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x)
+                        with forward_context():
+                            x_adv = attack(pl_module, x, batch, pl_module, eps=eps_model, bounds=pl_module.input_bounds)
+                        with torch.no_grad(), forward_context():
+                            cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch))
+        pl_module.train(was_training)
+        clean_values = clean.compute()  # every rank computes in the same order: torchmetrics syncs here
+        rows = []
+        for label, attack in self.attacks.items():
+            for eps in self.eps:
+                values = clean_values if eps == 0 else cells[label, eps].compute()
+                rows.extend(
+                    {"epoch": epoch, "split": split, "attack": label, "norm": attack.norm, "eps": eps,
+                     "eps_unit": self.eps_unit, "metric": metric, "value": float(value)}
+                    for metric, value in values.items()
+                )
+        return rows
+
+    # -- files (rank 0) -------------------------------------------------------------------------
+    @rank_zero_only
+    def _write_files(self, trainer: Trainer, split: str) -> None:
+        out = self.run_dir(trainer)
+        write_csv(self.history, out / "robustness.csv")
+        plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_")
+        log_robustness_to_wandb(trainer.loggers, self.history, split)
+
+    @rank_zero_only
+    def _write_summary(self, trainer: Trainer) -> None:
+        path = self.run_dir(trainer) / "summary.md"
+        path.write_text(summary_markdown(self.history, "test", title="Robustness summary"))
+        log.info("robustness summary written to %s", path)

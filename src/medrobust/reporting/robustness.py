@@ -1,0 +1,110 @@
+"""Robustness results on disk: the long-format CSV, metric-vs-eps curves and the summary table.
+
+A result row is a plain dict with the keys of ``ROW_KEYS``: one metric value for one
+(epoch, split, attack, norm, eps) cell, so a whole training run's curve history is one table.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value")
+
+
+def format_eps(eps: float) -> str:
+    """An eps as a key fragment without dots (W&B and CSV-logger keys split on dots): 0.004 -> '0p004'."""
+    return f"{eps:g}".replace(".", "p").replace("-", "m")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Write all rows (the whole history, so a resumed run rewrites a consistent file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ROW_KEYS)
+        writer.writeheader()
+        writer.writerows({key: row[key] for key in ROW_KEYS} for row in rows)
+    tmp.replace(path)  # a run killed mid-write leaves the previous file readable
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+        row["eps"] = float(row["eps"])
+        row["value"] = float(row["value"])
+    return rows
+
+
+def curve_series(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
+    """``{(attack, metric): {epoch: [(eps, value), ...] sorted by eps}}`` for one split."""
+    series: dict = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["split"] == split:
+            series[(row["attack"], row["metric"])][row["epoch"]].append((row["eps"], row["value"]))
+    return {key: {epoch: sorted(points) for epoch, points in by_epoch.items()} for key, by_epoch in series.items()}
+
+
+def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "") -> list[Path]:
+    """One PNG per (attack, metric): metric vs eps, one line per epoch. Returns the written paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    unit = rows[0]["eps_unit"] if rows else "model"
+    for (attack, metric), by_epoch in sorted(curve_series(rows, split).items()):
+        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+        cmap = plt.get_cmap("viridis")
+        epochs = sorted(by_epoch)
+        for i, epoch in enumerate(epochs):
+            eps, values = zip(*by_epoch[epoch])
+            color = cmap(i / max(len(epochs) - 1, 1))
+            ax.plot(eps, values, marker="o", color=color, label=f"epoch {epoch}")
+        ax.set_xlabel(f"eps ({unit} units)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{split}: {metric} under {attack}")
+        if metric in BOUNDED_METRICS:
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(epochs) > 6 else 1)
+        fig.tight_layout()
+        path = out_dir / f"{prefix}{attack}_{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+BOUNDED_METRICS = {"accuracy", "auroc", "sensitivity", "specificity", "dice"}
+
+
+def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None) -> str:
+    """A clean-vs-robust table: one line per (attack, eps), one column per metric, for the last epoch."""
+    selected = [row for row in rows if row["split"] == split]
+    if not selected:
+        return f"# {title}\n\nNo robustness results for split '{split}'.\n"
+    last_epoch = max(row["epoch"] for row in selected)
+    selected = [row for row in selected if row["epoch"] == last_epoch]
+    metrics = list(dict.fromkeys(row["metric"] for row in selected))
+    cells: dict = defaultdict(dict)
+    for row in selected:
+        cells[(row["attack"], row["eps"])][row["metric"]] = row["value"]
+    unit = selected[0]["eps_unit"]
+    lines = [f"# {title}", "", f"Split: {split} (epoch {last_epoch}); eps in {unit} units.", ""]
+    lines.append("| attack | eps | " + " | ".join(metrics) + " |")
+    lines.append("|---|---|" + "---|" * len(metrics))
+    clean_done = False
+    for (attack, eps), values in sorted(cells.items(), key=lambda item: (item[0][1] != 0, item[0][0], item[0][1])):
+        if eps == 0:
+            if clean_done:  # eps 0 is the same clean evaluation for every attack
+                continue
+            clean_done, attack = True, "clean"
+        lines.append(f"| {attack} | {eps:g} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
+    lines.extend(["", *(notes or [])])
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,56 @@
+"""What train.py and eval.py share: building the run's parts from the composed config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("medrobust")
+
+
+def build_data_and_module(cfg: DictConfig):
+    """The datamodule and the task module (network inside) from ``cfg.data``, ``cfg.model``, ``cfg.module``."""
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
+    module = instantiate(cfg.module, net=net)
+    return datamodule, module
+
+
+def _enabled(node) -> bool:
+    return node is not None and isinstance(node, DictConfig) and "_target_" in node
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """``cfg.callbacks`` (checkpointing, ...) plus the ``adv`` and ``eval`` callbacks when enabled."""
+    nodes = [node for node in (cfg.get("callbacks") or {}).values() if _enabled(node)]
+    nodes += [cfg[key] for key in ("adv", "eval") if _enabled(cfg.get(key))]
+    return [instantiate(node) for node in nodes]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if _enabled(node)]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def report(run_dir: Path) -> str:
+    """The lines printed at the end of a run: where the outputs are and the clean-vs-robust table."""
+    lines = [f"Outputs: {run_dir}"]
+    for name in ("robustness.csv", "summary.md", "checkpoints", "curves"):
+        if (run_dir / name).exists():
+            lines.append(f"  {name}")
+    summary = run_dir / "summary.md"
+    if summary.exists():
+        lines += ["", summary.read_text()]
+    return "\n".join(lines)

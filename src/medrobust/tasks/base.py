@@ -1,0 +1,119 @@
+"""The task contract: the only place that knows the task.
+
+Attacks and callbacks talk to a task module through these members, so one callback serves every task
+(classification, regression, segmentation, landmarks, detection):
+
+``forward(x)``                      model output for images ``(B, C, *spatial)``
+``attack_loss(output, batch)``      per-sample objective ``Tensor[B]`` an attacker maximizes
+``is_correct(output, batch)``       per-sample success criterion ``BoolTensor[B]``
+``robust_metrics()``                fresh torchmetrics for clean and adversarial evaluation
+``metric_inputs(output, batch)``    the ``(preds, target)`` those metrics are updated with
+``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
+``intensity``                       native units (HU, raw MR) -> model units, for eps in native units
+``train_objective``                 ``(module, batch) -> loss``; clean by default, replaced by adversarial training
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
+
+
+def clean_objective(module: "RobustTask", batch: dict) -> torch.Tensor:
+    """The plain training loss: mean per-sample loss on the clean images."""
+    return module.attack_loss(module(batch["image"]), batch).mean()
+
+
+class RobustTask(L.LightningModule):
+    """Base LightningModule implementing the training / evaluation loop around the task contract.
+
+    Subclasses implement ``attack_loss``, ``is_correct``, ``robust_metrics`` and ``metric_inputs``.
+
+    Args:
+        net: the network, ``(B, C, *spatial) -> output``.
+        optimizer: a partial optimizer factory taking the parameters (Hydra ``_partial_: true``).
+        scheduler: optional partial LR-scheduler factory taking the optimizer.
+        input_bounds: valid input range; ``None`` takes the datamodule's ``input_bounds`` at setup.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        input_bounds: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.input_bounds = tuple(input_bounds) if input_bounds is not None else None
+        self.intensity = None
+        self.train_objective: TrainObjective = clean_objective
+        self.val_metrics = MetricCollection(self.robust_metrics(), prefix="val/")
+        self.test_metrics = MetricCollection(self.robust_metrics(), prefix="test/")
+
+    # -- the contract -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.net(x)
+
+    def attack_loss(self, output: Any, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def is_correct(self, output: Any, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def robust_metrics(self) -> dict:
+        raise NotImplementedError
+
+    def metric_inputs(self, output: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- wiring to the data ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if self.input_bounds is None and getattr(datamodule, "input_bounds", None) is not None:
+            self.input_bounds = tuple(datamodule.input_bounds)
+        if self.intensity is None:
+            self.intensity = getattr(datamodule, "intensity", None)
+
+    # -- loops --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.train_objective(self, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]), sync_dist=False)
+        return loss
+
+    def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str) -> None:
+        output = self(batch["image"])
+        loss = self.attack_loss(output, batch).mean()
+        metrics.update(*self.metric_inputs(output, batch))
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        optimizer = factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}

@@ -1,0 +1,65 @@
+"""Classification: nodule, mammogram, brain-metastasis and skin-lesion malignancy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryRecall,
+    BinarySpecificity,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassRecall,
+    MulticlassSpecificity,
+)
+
+from medrobust.tasks.base import RobustTask
+
+
+class ClassificationTask(RobustTask):
+    """Logits ``(B, num_classes)`` against integer labels ``(B,)``.
+
+    attack_loss: per-sample cross-entropy (optionally label-smoothed); is_correct: argmax == label.
+    Metrics: accuracy, AUROC, sensitivity and specificity (binary: of the positive class ``1``;
+    multi-class: macro averages).
+    """
+
+    def __init__(self, net, num_classes: int = 2, label_smoothing: float = 0.0, **kwargs) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        super().__init__(net, **kwargs)
+
+    def attack_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(
+            output.float(), batch["label"], reduction="none", label_smoothing=self.label_smoothing
+        )
+
+    def is_correct(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return output.argmax(dim=1) == batch["label"]
+
+    def robust_metrics(self) -> dict:
+        if self.num_classes == 2:
+            return {
+                "accuracy": BinaryAccuracy(),
+                "auroc": BinaryAUROC(),
+                "sensitivity": BinaryRecall(),
+                "specificity": BinarySpecificity(),
+            }
+        n = self.num_classes
+        return {
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "auroc": MulticlassAUROC(n),
+            "sensitivity": MulticlassRecall(n, average="macro"),
+            "specificity": MulticlassSpecificity(n, average="macro"),
+        }
+
+    def metric_inputs(self, output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = output.float().softmax(dim=1)
+        preds = probs[:, 1] if self.num_classes == 2 else probs
+        return preds, batch["label"]
