@@ -1,0 +1,27 @@
+# make test   set up .venv from scratch (CPU torch, no torchvision) and run the test suite
+# make demo   set up and run `python train.py task=lidc adv=pgd` on the embedded LIDC phantom
+# make bench  set up and print the benchmark ratios
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the local CPU build; on a CUDA machine: make setup TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) train.py task=lidc adv=pgd
+
+bench: setup
+	$(PY) bench/bench_training.py
