@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny LIDC phantom cached once per test session, and Hydra composition."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# a few dozen nodules, small batches, one short epoch: enough to run every code path in seconds
+TINY = [
+    "data.max_nodules=48",
+    "data.batch_size=8",
+    "data.patch_size=32",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "eval.max_batches=1",
+    "eval.test_max_batches=1",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One phantom cache for the whole session, also seen by subprocesses through the environment."""
+    path = Path(os.environ.get("MEDROBUST_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
+    os.environ["MEDROBUST_DATA_DIR"] = str(path)
+    return path
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+    """Compose ``conf/<config_name>.yaml`` as ``python <config_name>.py`` would, outside a Hydra run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.output_dir}
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+def run_script(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
+    """``python <script> <args>`` as a real subprocess, from ``cwd``; returns the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

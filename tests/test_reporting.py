@@ -1,0 +1,40 @@
+from medrobust.reporting import format_eps, plot_curves, read_csv, summary_markdown, write_csv
+
+
+def _rows():
+    rows = []
+    for epoch in (0, 1):
+        for attack in ("fgsm_linf", "pgd10_linf"):
+            for eps, acc in ((0.0, 0.9), (0.004, 0.6 - 0.1 * (attack == "pgd10_linf")), (0.008, 0.3)):
+                rows.append({"epoch": epoch, "split": "val", "attack": attack, "norm": "linf", "eps": eps,
+                             "eps_unit": "model", "metric": "accuracy", "value": acc + 0.01 * epoch})
+    return rows
+
+
+def test_format_eps_has_no_dots():
+    assert format_eps(0.004) == "0p004"
+    assert format_eps(0.0) == "0"
+    assert "." not in format_eps(1e-05)
+
+
+def test_csv_round_trip(tmp_path):
+    rows = _rows()
+    write_csv(rows, tmp_path / "robustness.csv")
+    back = read_csv(tmp_path / "robustness.csv")
+    assert back == rows
+
+
+def test_curves_one_png_per_attack_and_metric(tmp_path):
+    paths = plot_curves(_rows(), tmp_path / "curves", split="val")
+    assert sorted(p.name for p in paths) == ["fgsm_linf_accuracy.png", "pgd10_linf_accuracy.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_summary_uses_last_epoch_and_one_clean_row():
+    text = summary_markdown(_rows(), "val", title="t")
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| attack | eps | accuracy |"
+    assert table[1] == "| clean | 0 | 0.9100 |"
+    assert "| pgd10_linf | 0.004 | 0.5100 |" in table
+    assert len(table) == 1 + 1 + 4  # header, clean, 2 attacks x 2 eps
+    assert "epoch 1" in text
