@@ -1,0 +1,126 @@
+"""AdversarialTraining and RobustnessEvaluation: validation, schedule, resume, DDP reduction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medrobust.attacks import FGSM, PGD
+from medrobust.callbacks import AdversarialTraining, RobustnessEvaluation
+from medrobust.reporting import read_csv
+from medrobust.runner import build_data_and_module
+from conftest import TINY, compose_config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eps": -0.1}, "adv.eps must be >= 0, got -0.1"),
+        ({"eps": 0.1, "eps_unit": "hu"}, "adv.eps_unit must be one of"),
+        ({"eps": 0.1, "adv_fraction": 0.0}, "adv.adv_fraction must be in (0, 1], got 0.0"),
+        ({"eps": 0.1, "warmup_epochs": -1}, "adv.warmup_epochs must be >= 0, got -1"),
+        ({"eps": 0.1, "clean_weight": 0.0, "adv_weight": 0.0}, "not both 0"),
+        ({"eps": 0.1, "guard_action": "ignore"}, "adv.guard_action must be one of"),
+    ],
+)
+def test_adversarial_training_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        AdversarialTraining(PGD(steps=2), **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eps": [0.0, -0.002]}, "eval.eps must be a non-empty list of values >= 0"),
+        ({"eps_unit": "percent"}, "eval.eps_unit must be one of"),
+        ({"every_n_epochs": 0}, "eval.every_n_epochs must be >= 1, got 0"),
+        ({"max_batches": 0}, "eval.max_batches must be >= 1 or null"),
+    ],
+)
+def test_robustness_evaluation_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        RobustnessEvaluation([FGSM()], **kwargs)
+    assert message in str(info.value)
+
+
+def test_eps_warmup_is_linear_then_flat():
+    callback = AdversarialTraining(PGD(steps=2), eps=0.008, warmup_epochs=3)
+    assert [callback.eps_at(e) for e in range(6)] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.008, 0.008])
+    assert AdversarialTraining(PGD(steps=2), eps=0.008).eps_at(0) == 0.008
+
+
+def _fit(cfg, callbacks, max_epochs, ckpt_path=None):
+    from hydra.utils import instantiate
+
+    datamodule, module = build_data_and_module(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, max_epochs=max_epochs)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def _callbacks(run_dir: Path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    adv = AdversarialTraining(PGD(steps=2, early_stop=False), eps=0.008, warmup_epochs=3)
+    evaluation = RobustnessEvaluation([FGSM(), PGD(steps=3)], eps=[0.0, 0.004], max_batches=1, output_dir=str(run_dir))
+    return [adv, evaluation, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
+
+
+def test_resume_restores_schedule_and_curve_history(data_dir, tmp_path):
+    cfg = compose_config("train", [*TINY], tmp_path)
+    first = _callbacks(tmp_path)
+    _fit(cfg, first, max_epochs=2)
+    assert [e for e, _ in first[0].eps_history] == [0, 1]
+
+    second = _callbacks(tmp_path)  # fresh instances: all they know comes from the checkpoint
+    trainer, module = _fit(cfg, second, max_epochs=3, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    adv, evaluation = second[0], second[1]
+    assert adv.eps_history == pytest.approx([(0, 0.002), (1, 0.004), (2, 0.006)])
+    assert sorted({row["epoch"] for row in evaluation.history}) == [0, 1, 2]
+    on_disk = read_csv(tmp_path / "robustness.csv")
+    assert sorted({row["epoch"] for row in on_disk}) == [0, 1, 2]
+    # 3 epochs x 2 attacks x 2 eps x 4 metrics, nothing duplicated by the resume
+    assert len(on_disk) == 3 * 2 * 2 * 4
+    assert module.train_objective.__name__ == "clean_objective"  # teardown gave the module back
+
+
+def test_training_with_attack_keeps_bn_stats_sane_and_grads_on_parameters(data_dir, tmp_path):
+    cfg = compose_config("train", [*TINY, "adv=pgd"], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.input_bounds = datamodule.input_bounds
+    batch = next(iter(datamodule.train_dataloader()))
+    callback = AdversarialTraining(PGD(steps=3, early_stop=False), eps=0.01)
+    module.train()
+    loss = callback.objective(module, batch)
+    clean = module.attack_loss(module(batch["image"]), batch).mean()
+    assert loss.requires_grad and loss.item() > clean.item()  # adversarial loss is higher
+    assert all(p.grad is None for p in module.parameters())  # the attack left parameter grads alone
+    assert module.training  # mode restored after the attack
+
+
+def test_ddp_spawn_reduces_across_ranks_like_one_process(data_dir, tmp_path):
+    """Two CPU ranks attack their own shards; the reduced curve equals the one-process curve."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", [*TINY], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    results = {}
+    for name, strategy, devices in (("one", "auto", 1), ("ddp", "ddp_spawn", 2)):
+        module.load_state_dict(state)
+        evaluation = RobustnessEvaluation([FGSM()], eps=[0.0, 0.004], max_batches=None, output_dir=str(tmp_path / name))
+        trainer = instantiate(cfg.trainer, callbacks=[evaluation], logger=False, strategy=strategy, devices=devices,
+                              limit_val_batches=None, default_root_dir=str(tmp_path / name))
+        trainer.validate(module, datamodule=datamodule)
+        results[name] = {(r["eps"], r["metric"]): r["value"] for r in read_csv(tmp_path / name / "robustness.csv")}
+    n_val = len(datamodule.val_set)
+    assert results["one"].keys() == results["ddp"].keys()
+    for key, value in results["one"].items():
+        if key[1] == "accuracy":  # a padded duplicate sample in the distributed sampler moves it by at most 1/n
+            assert abs(results["ddp"][key] - value) <= 1.0 / n_val + 1e-6, key
