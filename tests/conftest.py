@@ -7,13 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config  # noqa: F401
 
 # a few dozen nodules, small batches, one short epoch: enough to run every code path in seconds
 TINY = [
@@ -36,19 +31,6 @@ def data_dir(tmp_path_factory) -> Path:
     path = Path(os.environ.get("MEDROBUST_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
     os.environ["MEDROBUST_DATA_DIR"] = str(path)
     return path
-
-
-def compose_config(config_name: str, overrides: list[str], output_dir: Path):
-    """Compose ``conf/<config_name>.yaml`` as ``python <config_name>.py`` would, outside a Hydra run."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.output_dir}
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
 
 
 def run_script(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
