@@ -20,8 +20,8 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false",
-    "eval.max_batches=1",
-    "eval.test_max_batches=1",
+    "++eval.max_batches=1",
+    "++eval.test_max_batches=1",
 ]
 
 
