@@ -228,7 +228,7 @@ def _fill(mask2d: np.ndarray, pts: np.ndarray, origin: np.ndarray, value: bool) 
     """
     rc = pts - origin
     canvas = Image.new("1", (mask2d.shape[1], mask2d.shape[0]), 0)
-    ImageDraw.Draw(canvas).polygon([(int(c), int(r)) for r, c in rc], fill=1, outline=1)  # PIL: (x, y)
+    ImageDraw.Draw(canvas).polygon(rc[:, ::-1].ravel().tolist(), fill=1, outline=1)  # PIL wants x, y
     inside = np.array(canvas, dtype=bool)
     outline = np.zeros_like(mask2d)
     outline[rc[:, 0], rc[:, 1]] = True

