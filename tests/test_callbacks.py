@@ -78,7 +78,8 @@ def test_resume_restores_schedule_and_curve_history(data_dir, tmp_path):
     second = _callbacks(tmp_path)  # fresh instances: all they know comes from the checkpoint
     trainer, module = _fit(cfg, second, max_epochs=3, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     adv, evaluation = second[0], second[1]
-    assert adv.eps_history == pytest.approx([(0, 0.002), (1, 0.004), (2, 0.006)])
+    assert [epoch for epoch, _ in adv.eps_history] == [0, 1, 2]
+    assert [eps for _, eps in adv.eps_history] == pytest.approx([0.002, 0.004, 0.006])
     assert sorted({row["epoch"] for row in evaluation.history}) == [0, 1, 2]
     on_disk = read_csv(tmp_path / "robustness.csv")
     assert sorted({row["epoch"] for row in on_disk}) == [0, 1, 2]
@@ -119,7 +120,7 @@ def test_ddp_spawn_reduces_across_ranks_like_one_process(data_dir, tmp_path):
                               limit_val_batches=None, default_root_dir=str(tmp_path / name))
         trainer.validate(module, datamodule=datamodule)
         results[name] = {(r["eps"], r["metric"]): r["value"] for r in read_csv(tmp_path / name / "robustness.csv")}
-    n_val = len(datamodule.val_set)
+    n_val = len(datamodule.data_val)
     assert results["one"].keys() == results["ddp"].keys()
     for key, value in results["one"].items():
         if key[1] == "accuracy":  # a padded duplicate sample in the distributed sampler moves it by at most 1/n
