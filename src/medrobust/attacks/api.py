@@ -1,0 +1,89 @@
+"""Convenience forms for plain classifiers: ``pgd(model, images, labels, eps=...)``, ``fgsm(...)``.
+
+The task modules are objectives themselves; a bare ``nn.Module`` classifier gets :class:`ClassifierObjective`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from medrobust.attacks.fgsm import fgsm_attack
+from medrobust.attacks.pgd import pgd_attack
+from medrobust.attacks.threat import ThreatModel
+
+
+class ClassifierObjective:
+    """Objective for logits against integer labels ``batch["label"]`` ``(B,)``.
+
+    Logits ``(B, K)`` with ``K >= 2``: per-sample cross-entropy, correct when ``argmax == label``.
+    A single logit ``(B,)`` or ``(B, 1)`` (binary, positive class when > 0): per-sample BCE-with-logits against
+    ``label`` in {0, 1}, correct when ``(logit > 0) == (label > 0.5)``.
+    """
+
+    def __init__(self, label_key: str = "label") -> None:
+        self.label_key = label_key
+
+    @staticmethod
+    def _single_logit(output: Tensor) -> Tensor | None:
+        if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
+            return output.reshape(-1)
+        return None
+
+    def attack_loss(self, output: Tensor, batch: dict) -> Tensor:
+        labels = batch[self.label_key]
+        logit = self._single_logit(output)
+        if logit is not None:
+            return F.binary_cross_entropy_with_logits(logit, labels.reshape(-1).to(logit.dtype), reduction="none")
+        return F.cross_entropy(output, labels.long(), reduction="none")
+
+    def is_correct(self, output: Tensor, batch: dict) -> Tensor:
+        labels = batch[self.label_key]
+        logit = self._single_logit(output)
+        if logit is not None:
+            return (logit > 0) == (labels.reshape(-1) > 0.5)
+        return output.argmax(dim=1) == labels
+
+
+def pgd(
+    model: Callable,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float | Tensor,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    restarts: int = 1,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    early_stop: bool = False,
+) -> Tensor:
+    """PGD on a plain classifier: ``model(images (B, C, *spatial)) -> logits``, ``labels (B,)``.
+
+    ``step_size`` is absolute (default ``2.5 * eps / steps``); ``bounds=None`` for unbounded inputs. By
+    default (``early_stop=False``) every sample runs all steps and the highest-loss point is returned, as
+    most PGD libraries do; ``early_stop=True`` returns the first misclassified point per sample and skips
+    the work on samples already fooled (faster for evaluation).
+    """
+    return pgd_attack(model, images, {"label": labels}, ClassifierObjective(),
+                      threat=ThreatModel(norm, eps, bounds), steps=steps, step_size=step_size,
+                      random_start=random_start, restarts=restarts, early_stop=early_stop)
+
+
+def fgsm(
+    model: Callable,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float | Tensor,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    random_start: bool = False,
+) -> Tensor:
+    """FGSM (FGSM-RS with ``random_start``) on a plain classifier; see :func:`pgd` for the arguments."""
+    return fgsm_attack(model, images, {"label": labels}, ClassifierObjective(),
+                       threat=ThreatModel(norm, eps, bounds), random_start=random_start)
+

@@ -1,0 +1,163 @@
+"""PGD (Madry et al., 2018), Linf and L2, with restarts and per-sample early stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from medrobust.attacks._engine import (
+    AttackResult,
+    BestTracker,
+    WorkingSet,
+    attack_session,
+    ascent_step,
+    loss_and_grad,
+    objective_values,
+    per_sample_step,
+    prepare,
+    start_point,
+)
+from medrobust.attacks.base import Attack, check_at_least, check_positive
+from medrobust.attacks.threat import ThreatModel, check_norm, constrain
+
+REL_STEP = 2.5  # default step: 2.5 eps / steps (Madry et al.), enough to cross the ball and come back
+
+
+def pgd_attack(
+    model: Callable,
+    x: Tensor,
+    batch: Mapping,
+    objective: Any,
+    *,
+    threat: ThreatModel,
+    steps: int = 10,
+    step_size: float | Tensor | None = None,
+    rel_step_size: float | None = None,
+    random_start: bool = True,
+    restarts: int = 1,
+    early_stop: bool = True,
+    bn_eval: bool = True,
+    dropout_eval: bool = True,
+    return_result: bool = False,
+) -> Tensor | AttackResult:
+    """Projected gradient ascent on ``objective.attack_loss`` inside the threat model.
+
+    Args:
+        model: the forward, ``(B, C, *spatial) -> output``.
+        x: clean images ``(B, C, *spatial)``, inside ``threat.bounds``.
+        batch: the batch dict (labels etc.) the objective reads; its ``"image"`` is not used.
+        objective: has ``attack_loss(output, batch) -> (B,)`` and ``is_correct(output, batch) -> (B,)``.
+        threat: norm, eps (float or ``(B,)``, model units) and bounds.
+        steps: gradient steps per run.
+        step_size: absolute step, float or ``(B,)``; default ``2.5 * eps / steps``.
+        rel_step_size: the step as a multiple of eps instead (not both).
+        random_start: start each run from a uniform point of the ball (else from ``x``; one run only, since
+            restarts from ``x`` would repeat it).
+        restarts: runs from fresh random starts; the best point per sample is kept across runs.
+        early_stop: a sample is done as soon as ``is_correct`` is false at a visited point (samples already
+            wrong at ``x`` are done at once and return ``x``); done samples leave the working batch, so the
+            forwards shrink with the survivors. Returns the first fooling point per sample, else the
+            highest-loss point. ``False`` (adversarial training): every sample runs every step of every
+            restart and the highest-loss point visited (start points, iterates and the final point) is
+            returned, fooling or not.
+        bn_eval / dropout_eval: see :func:`~medrobust.attacks._engine.attack_session`.
+        return_result: return an :class:`AttackResult` (``x_adv``, per-sample ``success``, ``loss``).
+
+    Returns:
+        detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
+    """
+    check_at_least("steps", steps, 1)
+    check_at_least("restarts", restarts, 1)
+    with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
+        x, batch = prepare(x, batch)
+        eps = threat.eps_for(x)
+        step = per_sample_step(step_size, rel_step_size, eps, REL_STEP / steps)
+        tracker = BestTracker(x, prefer_success=early_stop)
+        work = WorkingSet.full(x, batch, eps, step)
+        if threat.max_eps() == 0:
+            return _finish(tracker, model, objective, work, return_result)
+        if early_stop and random_start:  # without a random start the first step sees the clean point anyway
+            work = _drop_fooled_at_clean(tracker, model, objective, work)
+        for _ in range(restarts if random_start else 1):
+            if len(work) == 0:
+                break
+            _run(model, objective, work, threat, tracker, steps=steps, random_start=random_start,
+                 early_stop=early_stop)
+            if early_stop:
+                work = work.keep(~tracker.success[work.idx])
+    result = tracker.result()
+    return result if return_result else result.x_adv
+
+
+def _drop_fooled_at_clean(tracker: BestTracker, model, objective, work: WorkingSet) -> WorkingSet:
+    """Record the clean point; samples the model already gets wrong need no attack."""
+    with torch.no_grad():
+        loss, correct = objective_values(model, objective, work.x, work.batch)
+    tracker.update(work.idx, work.x, loss, correct)
+    return work.keep(correct)
+
+
+def _finish(tracker: BestTracker, model, objective, work: WorkingSet, return_result: bool):
+    """eps == 0 everywhere: the answer is ``x``; only an :class:`AttackResult` needs a (clean) forward."""
+    if return_result:
+        _drop_fooled_at_clean(tracker, model, objective, work)
+        return tracker.result()
+    return tracker.x_adv
+
+
+def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestTracker, *,
+         steps: int, random_start: bool, early_stop: bool) -> None:
+    """One PGD run over the working set, offering every visited point to ``tracker``."""
+    x_adv = start_point(work.x, threat, work.eps, random_start)
+    for _ in range(steps):
+        loss, grad, correct = loss_and_grad(model, objective, x_adv, work.batch)
+        tracker.update(work.idx, x_adv, loss, correct)
+        x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step), threat.norm, work.eps,
+                          threat.bounds)
+        if early_stop and not bool(correct.all()):
+            work, x_adv = work.keep(correct), x_adv[correct]
+            if len(work) == 0:
+                return
+    with torch.no_grad():  # the last iterate has not been looked at yet
+        loss, correct = objective_values(model, objective, x_adv, work.batch)
+    tracker.update(work.idx, x_adv, loss, correct)
+
+
+class PGD(Attack):
+    """PGD with the step relative to eps, for configs (Hydra) and callbacks.
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        steps: gradient steps per run (>= 1).
+        rel_step_size: step as a multiple of eps; default ``2.5 / steps``.
+        random_start: start from a uniform point of the ball.
+        restarts: random restarts (>= 1), best point per sample kept.
+        early_stop: per-sample early stopping (evaluation); ``False`` returns the max-loss point of every
+            sample after all steps (adversarial training).
+        bn_eval / dropout_eval: normalization / dropout layers in eval mode during the attack.
+
+    Call: ``PGD(steps=10)(model, x, batch, objective, eps=..., bounds=...)``; ``name`` is ``"pgd10"``
+    (``"pgd10x5"`` with 5 restarts).
+    """
+
+    def __init__(self, norm: str = "linf", steps: int = 10, rel_step_size: float | None = None,
+                 random_start: bool = True, restarts: int = 1, early_stop: bool = True,
+                 bn_eval: bool = True, dropout_eval: bool = True) -> None:
+        self.norm = check_norm(norm)
+        self.steps = check_at_least("steps", steps, 1)
+        self.rel_step_size = check_positive("rel_step_size", rel_step_size)
+        self.random_start = bool(random_start)
+        self.restarts = check_at_least("restarts", restarts, 1)
+        self.early_stop = bool(early_stop)
+        self.bn_eval = bn_eval
+        self.dropout_eval = dropout_eval
+        self.name = f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+
+    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
+        return pgd_attack(model, x, batch, objective, threat=threat, steps=self.steps,
+                          rel_step_size=self.rel_step_size, random_start=self.random_start,
+                          restarts=self.restarts, early_stop=self.early_stop, bn_eval=self.bn_eval,
+                          dropout_eval=self.dropout_eval)
