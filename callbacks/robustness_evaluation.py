@@ -21,6 +21,10 @@ log = logging.getLogger("medrobust")
 EPS_UNITS = ("model", "native", "range")
 
 
+def _cell(row: dict) -> tuple:
+    return row["epoch"], row["split"], row["attack"], row["eps"], row["metric"]
+
+
 def _attack_label(attack) -> str:
     return f"{attack.name}_{attack.norm}"
 
@@ -86,7 +90,11 @@ class RobustnessEvaluation(Callback):
         return {"history": [dict(row) for row in self.history]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = [dict(row) for row in state_dict.get("history", [])]
+        # A resume starts empty and takes the checkpoint's history. Testing the best checkpoint after fit
+        # also loads callback states: rows from later epochs already in memory must survive that.
+        loaded = [dict(row) for row in state_dict.get("history", [])]
+        seen = {_cell(row) for row in loaded}
+        self.history = loaded + [row for row in self.history if _cell(row) not in seen]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         missing = [m for m in ("attack_loss", "is_correct", "robust_metrics", "metric_inputs") if not hasattr(pl_module, m)]

