@@ -143,7 +143,7 @@ def read_db(db_path: str) -> tuple[dict[int, dict], dict[int, list[Annotation]]]
     """Scans (id -> header dict with sorted ``slice_z``) and their annotations with parsed contours."""
     if not os.path.isfile(db_path):
         raise FileNotFoundError(f"data.annotation_db: no such file {db_path!r}")
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)  # read-only
     try:
         scans = {
             sid: dict(scan_id=sid, study_uid=st, series_uid=se, patient_id=pid, pixel_spacing=float(ps))
@@ -188,16 +188,28 @@ def cluster_annotations(anns: list[Annotation], pixel_spacing: float, tol_mm: fl
     hi = np.array([p.max(0) for p in pts])
     gap = np.maximum(0, np.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]))
     near = np.linalg.norm(gap, axis=-1) <= tol_mm  # boxes close enough that the outlines might be
-    dist = np.full(near.shape, np.inf)
     trees: dict[int, cKDTree] = {}
-    for i, j in zip(*np.nonzero(np.triu(near, 1))):
+
+    def min_dist(i: int, j: int, bound: float, exact: bool) -> float:
+        """Min outline distance (inf beyond ``bound``); not exact, any distance <= bound, unless asked."""
         tree = trees.setdefault(j, cKDTree(pts[j]))
-        dist[i, j] = dist[j, i] = tree.query(pts[i], k=1)[0].min()
-    while True:
-        n_groups, ids = connected_components(dist <= tol_mm, directed=False)
-        if max(Counter(ids).values()) <= MAX_READERS or tol_mm * 0.9 < 0.1:
-            break
-        tol_mm *= 0.9
+        for probe in ((pts[i],) if exact else (pts[i][::16], pts[i])):  # a sparse probe usually suffices
+            d = float(tree.query(probe, k=1, distance_upper_bound=bound)[0].min())
+            if d <= bound:
+                break
+        return d
+
+    dist = np.full(near.shape, np.inf)
+    for i, j in zip(*np.nonzero(np.triu(near, 1))):
+        dist[i, j] = dist[j, i] = min_dist(i, j, tol_mm, exact=False)
+    n_groups, ids = connected_components(dist <= tol_mm, directed=False)
+    if max(Counter(ids).values()) > MAX_READERS:
+        # too many readers in one group: exact distances, then shrink the tolerance as pylidc does
+        for i, j in zip(*np.nonzero(np.triu(dist <= tol_mm, 1))):
+            dist[i, j] = dist[j, i] = min_dist(i, j, np.inf, exact=True)
+        while max(Counter(ids).values()) > MAX_READERS and tol_mm * 0.9 >= 0.1:
+            tol_mm *= 0.9
+            n_groups, ids = connected_components(dist <= tol_mm, directed=False)
     groups = []
     for g in range(n_groups):
         members = np.flatnonzero(ids == g)
