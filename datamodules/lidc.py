@@ -31,6 +31,7 @@ from medrobust.data.lidc_annotations import (
     default_annotation_db,
     load_nodules,
     nodule_label,
+    read_slice_positions,
 )
 from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
 
@@ -44,7 +45,14 @@ PHANTOM_VERSION = 1  # bump when the renderer changes, so old caches miss
 class LIDCPatchDataset(Dataset):
     """Nodule patches of one split. ``images``: int16 HU ``(N, *spatial)``; windowed per item."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, patient_ids: Sequence[str], nodule_ids: Sequence[str], intensity: IntensityWindow):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        patient_ids: Sequence[str],
+        nodule_ids: Sequence[str],
+        intensity: IntensityWindow,
+    ):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.patient_ids, self.nodule_ids = list(patient_ids), list(nodule_ids)
         self.intensity = intensity
@@ -179,7 +187,8 @@ class LIDCDataModule(L.LightningDataModule):
 
         self.source, self.spatial_dims, self.patch_size = source, int(spatial_dims), int(patch_size)
         self.spacing_mm, self.label_rule, self.split, self.seed = float(spacing_mm), label_rule, split, int(seed)
-        self.batch_size, self.num_workers, self.max_nodules, self.augment = int(batch_size), int(num_workers), max_nodules, augment
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.max_nodules, self.augment = max_nodules, augment
         self.root = str(root) if root is not None else os.path.join("data_cache", "lidc")
         self.cache_dir = str(cache_dir) if cache_dir is not None else _default_cache_dir(source, self.root)
         self.annotation_db = annotation_db
@@ -231,7 +240,11 @@ class LIDCDataModule(L.LightningDataModule):
         else:
             from medrobust.data.lidc_dicom import read_patches
 
-            nodules, images = read_patches(self.root, nodules, self.spatial_dims, self.patch_size, self.spacing_mm)
+            db = self.annotation_db or default_annotation_db()
+            slice_z = read_slice_positions(db, sorted({n.scan_id for n in nodules}))
+            nodules, images = read_patches(
+                self.root, nodules, slice_z, self.spatial_dims, self.patch_size, self.spacing_mm
+            )
         arrays = {
             "images": images,
             "labels": np.array([nodule_label(n.median_malignancy, self.label_rule) for n in nodules], dtype=np.int64),
@@ -258,8 +271,8 @@ class LIDCDataModule(L.LightningDataModule):
         sets = []
         for k, name in enumerate(SPLITS):
             idx = np.flatnonzero(assign == k)
-            sets.append(LIDCPatchDataset(arrays["images"][idx], arrays["labels"][idx], arrays["patient_ids"][idx].tolist(),
-                                         arrays["nodule_ids"][idx].tolist(), self.intensity))  # fmt: skip
+            ids = arrays["patient_ids"][idx].tolist(), arrays["nodule_ids"][idx].tolist()
+            sets.append(LIDCPatchDataset(arrays["images"][idx], arrays["labels"][idx], *ids, self.intensity))
             self.split_counts[name] = sets[-1].class_counts()
         self.data_train, self.data_val, self.data_test = sets
         log.info(
@@ -294,7 +307,8 @@ class LIDCDataModule(L.LightningDataModule):
         """
         if self.augment and self.trainer is not None and self.trainer.training:
             if self._aug_generator is None:
-                self._aug_generator = torch.Generator().manual_seed(stable_seed("lidc-augment", self.seed, self.trainer.global_rank))
+                seed = stable_seed("lidc-augment", self.seed, self.trainer.global_rank)
+                self._aug_generator = torch.Generator().manual_seed(seed)
             batch = {**batch, "image": augment_batch(batch["image"], self._aug_generator)}
         return batch
 

@@ -52,7 +52,8 @@ def square(r0, c0, size):
 
 
 def test_rasterize_fills_inclusions_and_carves_exclusions():
-    ann = Annotation(1, {}, [(True, 0.0, square(2, 2, 10)), (False, 0.0, square(5, 5, 4)), (True, 1.0, square(2, 2, 10))])
+    contours = [(True, 0.0, square(2, 2, 10)), (False, 0.0, square(5, 5, 4)), (True, 1.0, square(2, 2, 10))]
+    ann = Annotation(1, {}, contours)
     mask = rasterize(ann, {0.0: 0, 1.0: 1}, np.array([0, 0, 0]), (2, 16, 16))
     # the outline lies just outside the lesion: the 9x9 pixels strictly inside remain
     assert mask[1].sum() == 81 and mask[1, 3:12, 3:12].all()
@@ -156,7 +157,8 @@ def test_split_is_patient_level_and_covers_every_nodule(lidc_mini_db, tmp_path):
     dm = ready(make_dm(tmp_path, lidc_mini_db, max_nodules=40))
     items = all_items(dm)
     patients = {s: {it["patient_id"] for it in v} for s, v in items.items()}
-    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"] or patients["val"] & patients["test"])
+    train, val, test = patients["train"], patients["val"], patients["test"]
+    assert not (train & val or train & test or val & test)
     ids = [it["nodule_id"] for v in items.values() for it in v]
     assert len(ids) == len(set(ids)) == 40
     assert all(len(v) > 0 for v in items.values())

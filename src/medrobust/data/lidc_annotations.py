@@ -29,18 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 from PIL import Image, ImageDraw
 from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
-from medrobust.data.patches import (
-    file_fingerprint,
-    load_npz,
-    occupancy_around,
-    save_npz_atomic,
-    settings_key,
-)
+from medrobust.data.patches import file_fingerprint, load_npz, occupancy_around, save_npz_atomic, settings_key
 
 log = logging.getLogger("medrobust")
 
@@ -158,7 +152,8 @@ def read_db(db_path: str) -> tuple[dict[int, dict], dict[int, list[Annotation]]]
             scan["slice_z"] = np.unique(np.asarray(zvals[sid], dtype=np.float64))
         annotations: dict[int, Annotation] = {}
         per_scan: dict[int, list[Annotation]] = defaultdict(list)
-        cols = "subtlety, internalStructure, calcification, sphericity, margin, lobulation, spiculation, texture, malignancy"
+        cols = ("subtlety, internalStructure, calcification, sphericity, margin, lobulation, spiculation, "
+                "texture, malignancy")
         for row in con.execute(f"SELECT id, scan_id, {cols} FROM annotations ORDER BY id"):
             ann = Annotation(row[0], dict(zip(cols.replace(" ", "").split(","), row[2:])))
             annotations[row[0]] = ann
@@ -171,6 +166,19 @@ def read_db(db_path: str) -> tuple[dict[int, dict], dict[int, list[Annotation]]]
     finally:
         con.close()
     return scans, per_scan
+
+
+def read_slice_positions(db_path: str, scan_ids: list[int]) -> dict[int, np.ndarray]:
+    """Sorted slice z positions (mm) of the given scans, as the annotation DB lists them."""
+    con = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        out = defaultdict(list)
+        marks = ",".join("?" * len(scan_ids))
+        for sid, val in con.execute(f"SELECT scan_id, val FROM zvals WHERE scan_id IN ({marks})", scan_ids):
+            out[sid].append(val)
+    finally:
+        con.close()
+    return {sid: np.unique(np.asarray(v, dtype=np.float64)) for sid, v in out.items()}
 
 
 # --------------------------------------------------------------------------------- clustering
@@ -327,7 +335,8 @@ def parse_nodules(db_path: str, spacing: float = 1.0, consensus: float = 0.5) ->
     nodules, excluded = [], Counter()
     for sid in sorted(per_scan):
         scan = scans[sid]
-        tol = max(float(np.median(np.diff(scan["slice_z"]))), scan["pixel_spacing"]) if scan["slice_z"].size > 1 else 1.0
+        dz = float(np.median(np.diff(scan["slice_z"]))) if scan["slice_z"].size > 1 else 1.0
+        tol = max(dz, scan["pixel_spacing"])  # outlines on adjacent slices touch
         groups = cluster_annotations(per_scan[sid], scan["pixel_spacing"], tol)
         groups.sort(key=lambda g: np.mean([z for a in g for _, z, _ in a.contours]))
         for index, group in enumerate(groups):
@@ -400,5 +409,6 @@ def load_nodules(
         time.perf_counter() - start,
         "".join(f"; excluded {c} ({r})" for r, c in excluded.items()),
     )
-    save_npz_atomic(path, {**settings, "excluded": excluded, "n_nodules": len(nodules)}, **_to_arrays(nodules))
-    return nodules
+    arrays = _to_arrays(nodules)
+    save_npz_atomic(path, {**settings, "excluded": excluded, "n_nodules": len(nodules)}, **arrays)
+    return _from_arrays(arrays)  # exactly what a later cached load returns (quantized occupancy)

@@ -28,7 +28,7 @@ log = logging.getLogger("medrobust")
 
 _HEADER_TAGS = [
     "SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
-    "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+    "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "InstanceNumber",
 ]  # fmt: skip
 _AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -49,6 +49,7 @@ class SliceHeader:
     columns: int
     pixel_spacing: tuple[float, float]
     orientation: tuple[float, ...]
+    instance: int = 0
 
 
 def _is_dicom_candidate(path: str) -> bool:
@@ -83,7 +84,9 @@ def fingerprint_tree(root: str) -> dict:
     return {"root": str(Path(root).resolve()), "files": count, "bytes": size, "mtime_ns": newest}
 
 
-def index_tree(root: str, wanted: set[str] | None = None, progress: bool = True) -> tuple[dict[str, list[SliceHeader]], int]:
+def index_tree(
+    root: str, wanted: set[str] | None = None, progress: bool = True
+) -> tuple[dict[str, list[SliceHeader]], int]:
     """Headers of every CT slice under ``root``, grouped by SeriesInstanceUID.
 
     Returns ``(series_uid -> slices of the series in ``wanted`` (all when None), number of series found)``.
@@ -115,18 +118,34 @@ def index_tree(root: str, wanted: set[str] | None = None, progress: bool = True)
                 columns=int(ds.Columns),
                 pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
                 orientation=tuple(float(v) for v in ds.get("ImageOrientationPatient", _AXIAL)),
+                instance=int(ds.get("InstanceNumber", 0) or 0),
             )
         )
     return dict(series), len(found)
 
 
-def check_series(uid: str, slices: list[SliceHeader], nodules: list[Nodule]) -> list[SliceHeader]:
-    """Sort a series by z and check it is one regular axial volume covering its nodules' outlines.
+def _drop_duplicates(uid: str, slices: list[SliceHeader]) -> list[SliceHeader]:
+    """Some LIDC series hold two slices at one z; keep the lower InstanceNumber, as pylidc does."""
+    kept: dict[float, SliceHeader] = {}
+    for s in sorted(slices, key=lambda s: (s.z, s.instance)):
+        kept.setdefault(round(s.z, 3), s)
+    if len(kept) < len(slices):
+        n_dup = len(slices) - len(kept)
+        log.warning("series %s: %d duplicate slice positions, kept the lower InstanceNumber", uid, n_dup)
+    return list(kept.values())
 
-    Raises :class:`DicomSeriesError` naming the series for duplicate or missing slices, mixed or
-    non-axial geometry, a pixel spacing other than the annotation DB's, or outlines on absent slices.
+
+def check_series(
+    uid: str, slices: list[SliceHeader], nodules: list[Nodule], expected_z: np.ndarray
+) -> list[SliceHeader]:
+    """Sort a series by z and check it is one axial volume covering its nodules' outlines.
+
+    ``expected_z`` are the series' slice positions in the annotation DB; those between the series'
+    first and last slice must all be present (a partial series is fine, a hole is not). Raises
+    :class:`DicomSeriesError` naming the series for missing slices, mixed or non-axial geometry,
+    a pixel spacing other than the annotation DB's, or outlines on absent slices.
     """
-    slices = sorted(slices, key=lambda s: s.z)
+    slices = sorted(_drop_duplicates(uid, slices), key=lambda s: s.z)
     z = np.array([s.z for s in slices])
     shapes = {(s.rows, s.columns) for s in slices}
     spacings = {s.pixel_spacing for s in slices}
@@ -137,17 +156,17 @@ def check_series(uid: str, slices: list[SliceHeader], nodules: list[Nodule]) -> 
     ps = next(iter(spacings))
     db_ps = nodules[0].pixel_spacing
     if abs(ps[0] - ps[1]) > 1e-4 or abs(ps[0] - db_ps) > 1e-3:
-        raise DicomSeriesError(f"series {uid}: inconsistent geometry, pixel spacing {ps} but the annotation DB has {db_ps}")
-    if len(z) > 1:
-        dz = np.diff(z)
-        if dz.min() < 1e-3:
-            raise DicomSeriesError(f"series {uid}: two slices at z = {z[dz.argmin()]:.2f} mm (duplicate slices)")
-        if dz.max() > 1.5 * np.median(dz):
-            raise DicomSeriesError(
-                f"series {uid}: missing slices, a gap of {dz.max():.2f} mm after z = {z[dz.argmax()]:.2f} mm "
-                f"where slices are {np.median(dz):.2f} mm apart"
-            )
-    tol = 0.25 * (np.median(np.diff(z)) if len(z) > 1 else 1.0)
+        raise DicomSeriesError(
+            f"series {uid}: inconsistent geometry, pixel spacing {ps} but the annotation DB has {db_ps}"
+        )
+    tol = 0.25 * (np.median(np.diff(expected_z)) if len(expected_z) > 1 else 1.0)
+    inside = expected_z[(expected_z > z[0] + tol) & (expected_z < z[-1] - tol)]
+    holes = [e for e in inside if np.abs(z - e).min() > tol]
+    if holes:
+        raise DicomSeriesError(
+            f"series {uid}: missing slices, {len(holes)} slice(s) of the scan absent at z = "
+            f"{', '.join(f'{h:.2f}' for h in holes[:5])}{' ...' if len(holes) > 5 else ''} mm"
+        )
     for nod in nodules:
         absent = [c for c in nod.contour_z if np.abs(z - c).min() > tol]
         if absent:
@@ -170,7 +189,9 @@ def read_hu(header: SliceHeader) -> np.ndarray:
     return pixels * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
 
 
-def nodule_patch(nodule: Nodule, slices: list[SliceHeader], spatial_dims: int, patch_size: int, spacing: float, cache: dict) -> np.ndarray:
+def nodule_patch(
+    nodule: Nodule, slices: list[SliceHeader], spatial_dims: int, patch_size: int, spacing: float, cache: dict
+) -> np.ndarray:
     """HU patch around the nodule's consensus centroid: ``(H, W)`` or ``(D, H, W)`` int16.
 
     Only the slices the grid touches are read (``cache`` keeps them per path); beyond the scan the
@@ -193,9 +214,18 @@ def nodule_patch(nodule: Nodule, slices: list[SliceHeader], spatial_dims: int, p
 
 
 def read_patches(
-    root: str, nodules: list[Nodule], spatial_dims: int, patch_size: int, spacing: float, progress: bool = True
+    root: str,
+    nodules: list[Nodule],
+    slice_z: dict[int, np.ndarray],
+    spatial_dims: int,
+    patch_size: int,
+    spacing: float,
+    progress: bool = True,
 ) -> tuple[list[Nodule], np.ndarray]:
-    """Patches of every nodule whose series is under ``root``: ``(present nodules, (N, *patch) int16 HU)``."""
+    """Patches of every nodule whose series is under ``root``: ``(present nodules, (N, *patch) int16 HU)``.
+
+    ``slice_z`` maps scan id -> the scan's slice positions in the annotation DB (to find holes).
+    """
     by_series: dict[str, list[Nodule]] = defaultdict(list)
     for nod in nodules:
         by_series[nod.series_uid].append(nod)
@@ -211,7 +241,7 @@ def read_patches(
         )
     present, patches = [], []
     for uid in tqdm(sorted(series), desc="LIDC DICOM patches", disable=not progress, leave=False):
-        slices = check_series(uid, series[uid], by_series[uid])
+        slices = check_series(uid, series[uid], by_series[uid], slice_z[by_series[uid][0].scan_id])
         cache: dict = {}
         for nod in by_series[uid]:
             present.append(nod)

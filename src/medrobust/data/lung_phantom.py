@@ -68,7 +68,9 @@ def _background(rng: np.random.Generator, zyx: list[np.ndarray], spacing: float,
     return hu
 
 
-def _pleura(rng: np.random.Generator, zyx: list[np.ndarray], radius_mm: float, spacing: float, hu: np.ndarray) -> np.ndarray:
+def _pleura(
+    rng: np.random.Generator, zyx: list[np.ndarray], radius_mm: float, spacing: float, hu: np.ndarray
+) -> np.ndarray:
     """Sometimes (20 %) a chest wall: soft tissue beyond a plane a few mm outside the nodule."""
     if rng.random() >= 0.2:
         return hu
@@ -100,7 +102,9 @@ def _nodule_intensity(rng: np.random.Generator, nodule: Nodule, occ: np.ndarray,
     return hu
 
 
-def _calcification(rng: np.random.Generator, pattern: int, inside: np.ndarray, rel_depth: np.ndarray, spacing: float) -> np.ndarray:
+def _calcification(
+    rng: np.random.Generator, pattern: int, inside: np.ndarray, rel_depth: np.ndarray, spacing: float
+) -> np.ndarray:
     """Extra HU for a calcification pattern on the nodule grid."""
     calc_hu = rng.uniform(200, 700)
     if pattern == 3:
