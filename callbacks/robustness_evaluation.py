@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 
 from medrobust.attacks import resolve_eps
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
+from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 
 log = logging.getLogger("medrobust")
@@ -81,6 +82,7 @@ class RobustnessEvaluation(Callback):
         self.test_max_batches = test_max_batches
         self.output_dir = output_dir
         self.history: list[dict] = []
+        self.examples: dict = {}  # attack -> (eps, x, x_adv) of the first batch at the largest eps
 
     @property
     def state_key(self) -> str:
@@ -115,6 +117,7 @@ class RobustnessEvaluation(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._run(trainer, pl_module, trainer.test_dataloaders, "test", self.test_max_batches)
+        self._write_examples(trainer, "test")
         self._write_summary(trainer)
 
     def _run(self, trainer, pl_module, loaders, split: str, max_batches: int | None) -> None:
@@ -137,6 +140,7 @@ class RobustnessEvaluation(Callback):
                  for label in self.attacks for eps in self.eps if eps > 0}
         clean = MetricCollection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
+        self.examples = {}
         was_training = pl_module.training
         pl_module.eval()
         # Lightning runs validation under inference mode; attacks need gradients w.r.t. the input.
@@ -157,6 +161,8 @@ class RobustnessEvaluation(Callback):
                             x_adv = attack(pl_module, x, batch, pl_module, eps=eps_model, bounds=pl_module.input_bounds)
                         with torch.no_grad(), forward_context():
                             cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch))
+                        if index == 0 and eps == self.eps[-1]:
+                            self.examples[label] = (eps, x.detach().cpu(), x_adv.detach().cpu())
         pl_module.train(was_training)
         clean_values = clean.compute()  # every rank computes in the same order: torchmetrics syncs here
         rows = []
@@ -177,6 +183,12 @@ class RobustnessEvaluation(Callback):
         write_csv(self.history, out / "robustness.csv")
         plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_")
         log_robustness_to_wandb(trainer.loggers, self.history, split)
+
+    @rank_zero_only
+    def _write_examples(self, trainer: Trainer, split: str) -> None:
+        for label, (eps, x, x_adv) in self.examples.items():
+            path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(eps)}.png"
+            save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)")
 
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:

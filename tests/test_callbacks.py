@@ -125,3 +125,21 @@ def test_ddp_spawn_reduces_across_ranks_like_one_process(data_dir, tmp_path):
     for key, value in results["one"].items():
         if key[1] == "accuracy":  # a padded duplicate sample in the distributed sampler moves it by at most 1/n
             assert abs(results["ddp"][key] - value) <= 1.0 / n_val + 1e-6, key
+
+
+def test_eps_in_hounsfield_units_equals_the_same_eps_in_model_units(data_dir, tmp_path):
+    """eval.eps_unit=native: 5.6 HU through the [-1000, 400] window is 0.004 on [0, 1]."""
+    cfg = compose_config("train", [*TINY], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    module.input_bounds, module.intensity = datamodule.input_bounds, datamodule.intensity
+    loader = datamodule.val_dataloader()
+    rows = {}
+    for unit, eps in (("model", 0.004), ("native", 5.6)):
+        evaluation = RobustnessEvaluation([FGSM()], eps=[eps], eps_unit=unit)
+        rows[unit] = [r["value"] for r in evaluation.evaluate(module, loader, split="val", epoch=0, max_batches=2)]
+        _, x, x_adv = evaluation.examples["fgsm_linf"]
+        assert (x_adv - x).abs().max().item() == pytest.approx(0.004, rel=1e-4)  # FGSM moves by exactly eps
+    assert rows["native"] == pytest.approx(rows["model"], abs=1e-6)
+    assert len(rows["model"]) == 2 * 4  # eps 0 and 0.004, four metrics

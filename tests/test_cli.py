@@ -47,6 +47,8 @@ def test_train_writes_curves_checkpoints_and_summary(trained_run):
     _assert_complete_curve(rows, "test", test_epochs)
     curves = {p.name for p in (run_dir / "curves").glob("*.png")}
     assert {f"{a}_{m}.png" for a in ATTACKS for m in METRICS} <= curves
+    examples = {p.name for p in (run_dir / "examples").glob("*.png")}
+    assert examples == {f"test_{a}_eps0p008.png" for a in ATTACKS}
     summary = (run_dir / "summary.md").read_text()
     assert "| clean | 0 |" in summary and "| pgd10_linf | 0.008 |" in summary
     assert f"Outputs: {run_dir}" in result.stdout and "| clean | 0 |" in result.stdout
