@@ -20,6 +20,8 @@ def main(cfg: DictConfig) -> None:
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a file (expected a Lightning .ckpt)")
+    if not (cfg.get("eval") or {}).get("_target_"):
+        raise ValueError(f"eval.py needs an evaluation suite: eval={cfg.get('eval')} has none (try eval=quick)")
     run_dir = Path(cfg.paths.output_dir)
     datamodule, module = build_data_and_module(cfg)
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
