@@ -83,6 +83,7 @@ class RobustnessEvaluation(Callback):
         self.output_dir = output_dir
         self.history: list[dict] = []
         self.examples: dict = {}  # attack -> (eps, x, x_adv) of the first batch at the largest eps
+        self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
 
     @property
     def state_key(self) -> str:
@@ -97,6 +98,12 @@ class RobustnessEvaluation(Callback):
         loaded = [dict(row) for row in state_dict.get("history", [])]
         seen = {_cell(row) for row in loaded}
         self.history = loaded + [row for row in self.history if _cell(row) not in seen]
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._checkpoint_epoch = checkpoint.get("epoch")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_epoch = None  # a test after fit without a checkpoint tests the final weights
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         missing = [m for m in ("attack_loss", "is_correct", "robust_metrics", "metric_inputs") if not hasattr(pl_module, m)]
@@ -122,7 +129,8 @@ class RobustnessEvaluation(Callback):
 
     def _run(self, trainer, pl_module, loaders, split: str, max_batches: int | None) -> None:
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        epoch = trainer.current_epoch
+        # test rows carry the epoch of the weights under test (the best checkpoint's, not the last)
+        epoch = self._checkpoint_epoch if split == "test" and self._checkpoint_epoch is not None else trainer.current_epoch
         rows = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
                              precision=trainer.precision_plugin)
         self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
@@ -193,5 +201,6 @@ class RobustnessEvaluation(Callback):
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:
         path = self.run_dir(trainer) / "summary.md"
-        path.write_text(summary_markdown(self.history, "test", title="Robustness summary"))
+        notes = [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
+        path.write_text(summary_markdown(self.history, "test", title="Robustness summary", notes=notes))
         log.info("robustness summary written to %s", path)

@@ -38,3 +38,4 @@ def test_summary_uses_last_epoch_and_one_clean_row():
     assert "| pgd10_linf | 0.004 | 0.5100 |" in table
     assert len(table) == 1 + 1 + 4  # header, clean, 2 attacks x 2 eps
     assert "epoch 1" in text
+    assert "- pgd10_linf at eps=0.008: accuracy 0.3100 vs 0.9100 clean (34 % survives)" in text

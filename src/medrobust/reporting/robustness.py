@@ -106,5 +106,20 @@ def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] 
                 continue
             clean_done, attack = True, "clean"
         lines.append(f"| {attack} | {eps:g} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
-    lines.extend(["", *(notes or [])])
+    lines.extend(["", *_survival_lines(cells), *(notes or [])])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _survival_lines(cells: dict, metric: str = "accuracy") -> list[str]:
+    """One sentence per attack: how much of the clean metric survives at the largest eps."""
+    clean = next((values[metric] for (_, eps), values in cells.items() if eps == 0 and metric in values), None)
+    if not clean:
+        return []
+    lines = []
+    for attack in sorted({attack for attack, _ in cells}):
+        eps = max(e for a, e in cells if a == attack)
+        value = cells[attack, eps].get(metric)
+        if eps > 0 and value is not None:
+            lines.append(f"- {attack} at eps={eps:g}: {metric} {value:.4f} vs {clean:.4f} clean "
+                         f"({100 * value / clean:.0f} % survives)")
+    return [*lines, ""] if lines else []
