@@ -11,7 +11,7 @@ import pytest
 from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config  # noqa: F401
 
 # a few dozen nodules, small batches, one short epoch: enough to run every code path in seconds
-TINY = [
+_TINY = [
     "data.max_nodules=48",
     "data.batch_size=8",
     "data.patch_size=32",
@@ -31,6 +31,12 @@ def data_dir(tmp_path_factory) -> Path:
     path = Path(os.environ.get("MEDROBUST_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
     os.environ["MEDROBUST_DATA_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny(data_dir, lidc_mini_db) -> list[str]:
+    """Overrides for a tiny run: a few dozen real nodules from a mini annotation DB, short epochs."""
+    return [*_TINY, f"data.annotation_db={lidc_mini_db}"]
 
 
 def run_script(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medrobust.reporting import read_csv
-from conftest import TINY, run_script
+from conftest import run_script
 
 METRICS = {"accuracy", "auroc", "sensitivity", "specificity"}
 EPS = {0.0, 0.001, 0.002, 0.004, 0.008}
@@ -23,10 +23,10 @@ def _assert_complete_curve(rows: list[dict], split: str, epochs: set[int]) -> No
 
 
 @pytest.fixture(scope="module")
-def trained_run(data_dir, tmp_path_factory):
+def trained_run(tiny, tmp_path_factory):
     """`python train.py task=lidc adv=pgd logger=wandb` for two tiny epochs."""
     run_dir = tmp_path_factory.mktemp("train_run")
-    overrides = [o for o in TINY if not o.startswith("trainer.max_epochs")]
+    overrides = [o for o in tiny if not o.startswith("trainer.max_epochs")]
     result = run_script(
         "train.py",
         ["task=lidc", "adv=pgd", "logger=wandb", "trainer.max_epochs=2", *overrides, f"hydra.run.dir={run_dir}"],
@@ -69,20 +69,20 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
     assert got == pytest.approx(want)
 
 
-def test_eval_attacks_a_checkpoint_into_its_own_run_dir(trained_run, tmp_path):
+def test_eval_attacks_a_checkpoint_into_its_own_run_dir(tiny, trained_run, tmp_path):
     run_dir, _ = trained_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = run_script("eval.py", ["task=lidc", f"ckpt_path={ckpt}", *TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = run_script("eval.py", ["task=lidc", f"ckpt_path={ckpt}", *tiny, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = read_csv(tmp_path / "robustness.csv")
     _assert_complete_curve(rows, "test", {r["epoch"] for r in rows})
     assert (tmp_path / "summary.md").is_file()
 
 
-def test_ddp_cpu_end_to_end(data_dir, tmp_path):
+def test_ddp_cpu_end_to_end(tiny, tmp_path):
     """`trainer=ddp_cpu`: two CPU processes through the real launcher, files written once."""
     result = run_script(
-        "train.py", ["task=lidc", "adv=fgsm", "trainer=ddp_cpu", *TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path
+        "train.py", ["task=lidc", "adv=fgsm", "trainer=ddp_cpu", *tiny, f"hydra.run.dir={tmp_path}"], cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = read_csv(tmp_path / "robustness.csv")
@@ -90,8 +90,8 @@ def test_ddp_cpu_end_to_end(data_dir, tmp_path):
     assert (tmp_path / "summary.md").is_file()
 
 
-def test_bad_values_fail_before_training_naming_the_key(data_dir, tmp_path):
-    result = run_script("train.py", ["adv=pgd", "adv.eps=-0.004", *TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+def test_bad_values_fail_before_training_naming_the_key(tiny, tmp_path):
+    result = run_script("train.py", ["adv=pgd", "adv.eps=-0.004", *tiny, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode != 0
     assert "adv.eps must be >= 0, got -0.004" in result.stderr
     assert not (tmp_path / "checkpoints").exists()

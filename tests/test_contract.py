@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
-from conftest import CONF, TINY, compose_config
+from conftest import CONF, compose_config
 
 
 def _options(group: str) -> list[str]:
@@ -19,8 +19,8 @@ COMBOS = list(itertools.product(_options("task"), _options("adv"), _options("eva
 
 
 @pytest.mark.parametrize(("task", "adv", "evaluation"), COMBOS, ids=["-".join(c) for c in COMBOS])
-def test_config_composes_instantiates_and_fits(task, adv, evaluation, data_dir, tmp_path):
-    cfg = compose_config("train", [f"task={task}", f"adv={adv}", f"eval={evaluation}", *TINY], tmp_path)
+def test_config_composes_instantiates_and_fits(tiny, task, adv, evaluation, tmp_path):
+    cfg = compose_config("train", [f"task={task}", f"adv={adv}", f"eval={evaluation}", *tiny], tmp_path)
     datamodule, module = build_data_and_module(cfg)
     callbacks = build_callbacks(cfg)
     names = {type(cb).__name__ for cb in callbacks}
