@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medrobust.attacks.fgsm import fgsm_attack
+from medrobust.attacks.losses import classification_margin
 from medrobust.attacks.pgd import pgd_attack
 from medrobust.attacks.threat import ThreatModel
 
@@ -45,6 +46,10 @@ class ClassifierObjective:
         if logit is not None:
             return (logit > 0) == (labels.reshape(-1) > 0.5)
         return output.argmax(dim=1) == labels
+
+    def correct_margin(self, output: Tensor, batch: dict) -> Tensor:
+        """``(B,)``, > 0 exactly where :meth:`is_correct` (for minimum-norm attacks)."""
+        return classification_margin(output, batch[self.label_key])
 
 
 def pgd(

@@ -6,6 +6,8 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``forward(x)``                      model output for images ``(B, C, *spatial)``
 ``attack_loss(output, batch)``      per-sample objective ``Tensor[B]`` an attacker maximizes
 ``is_correct(output, batch)``       per-sample success criterion ``BoolTensor[B]``
+``correct_margin(output, batch)``   per-sample ``Tensor[B]``, > 0 exactly where ``is_correct`` (minimum-norm
+                                    attacks: FMN, DeepFool, C&W); e.g. ``z_y - max_{j != y} z_j``, ``tau - |error|``
 ``robust_metrics()``                fresh torchmetrics for clean and adversarial evaluation
 ``metric_inputs(output, batch)``    the ``(preds, target)`` those metrics are updated with
 ``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
@@ -67,6 +69,9 @@ class RobustTask(L.LightningModule):
         raise NotImplementedError
 
     def is_correct(self, output: Any, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correct_margin(self, output: Any, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def robust_metrics(self) -> dict:

@@ -15,6 +15,7 @@ from torchmetrics.classification import (
     MulticlassSpecificity,
 )
 
+from medrobust.attacks.losses import classification_margin
 from medrobust.tasks.base import RobustTask
 
 
@@ -42,6 +43,9 @@ class ClassificationTask(RobustTask):
 
     def is_correct(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return output.argmax(dim=1) == batch["label"]
+
+    def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return classification_margin(output.float(), batch["label"])
 
     def robust_metrics(self) -> dict:
         if self.num_classes == 2:
