@@ -47,3 +47,18 @@ def test_every_model_runs_2d_and_3d(model, tmp_path):
         net = instantiate(cfg.model).eval()
         with torch.no_grad():
             assert net(torch.rand(shape)).shape == (2, cfg.module.num_classes)
+
+
+def test_3d_patches_train_attack_and_test(tiny, tmp_path):
+    """data.spatial_dims=3: 3-D patches through adversarial training, the evaluation and the test."""
+    cfg = compose_config("train", [*tiny, "adv=pgd", "data.spatial_dims=3", "data.patch_size=24"], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    assert next(iter(datamodule.test_dataloader()))["image"].shape[1:] == (1, 24, 24, 24)
+    from medrobust.reporting import read_csv
+
+    rows = read_csv(Path(tmp_path) / "robustness.csv")
+    assert {r["split"] for r in rows} == {"val", "test"} and len(rows) == 2 * 2 * 5 * 4
+    assert (Path(tmp_path) / "examples" / "test_pgd10_linf_eps0p008.png").is_file()
