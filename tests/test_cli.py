@@ -101,3 +101,15 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     result = run_script("train.py", ["adv=madry"], cwd=tmp_path)
     assert result.returncode != 0
     assert "Could not find 'adv/madry'" in result.stderr and "pgd" in result.stderr
+
+
+def test_multirun_sweep_gives_each_run_its_folder(tiny, tmp_path):
+    """`python train.py -m adv=none,fgsm adv.eps=0.002`: two runs, each with its own curve and summary."""
+    result = run_script(
+        "train.py", ["-m", "adv=none,fgsm", "adv.eps=0.002", *tiny, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for num, adv in enumerate(("none", "fgsm")):
+        run = tmp_path / str(num)
+        assert (run / "summary.md").is_file() and (run / "robustness.csv").is_file()
+        assert f"- adv={adv}" in (run / ".hydra" / "overrides.yaml").read_text()
