@@ -14,24 +14,35 @@ and a convenience form for plain classifiers: ``pgd(model, images, labels, eps=.
 
 from medrobust.attacks._engine import AttackResult, index_batch
 from medrobust.attacks.base import Attack
-from medrobust.attacks.api import ClassifierObjective, fgsm, pgd
+from medrobust.attacks.api import ClassifierObjective, fgsm, minimal_perturbation, pgd
+from medrobust.attacks.cw import CWL2, cw_l2_attack
+from medrobust.attacks.deepfool import DeepFool, deepfool_attack
 from medrobust.attacks.fgsm import FGSM, fgsm_attack
+from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
 from medrobust.attacks.pgd import PGD, pgd_attack
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
 
 __all__ = [
     "Attack",
     "AttackResult",
+    "CWL2",
     "ClassifierObjective",
+    "DeepFool",
     "EPS_UNITS",
     "FGSM",
+    "FMN",
+    "MinimumNormAttack",
     "NORMS",
     "PGD",
     "ThreatModel",
     "batch_view",
+    "cw_l2_attack",
+    "deepfool_attack",
     "fgsm",
     "fgsm_attack",
+    "fmn_attack",
     "index_batch",
+    "minimal_perturbation",
     "pgd",
     "pgd_attack",
     "resolve_eps",

@@ -283,3 +283,27 @@ class WorkingSet:
         batch = index_batch(self.batch, mask, batch_size=len(self))
         tensors = {f.name: getattr(self, f.name)[mask] for f in fields(self) if f.name != "batch"}
         return WorkingSet(batch=batch, **tensors)
+
+
+# -- minimum-norm attacks ----------------------------------------------------------------------------
+class MarginObjective:
+    """``objective`` seen through its margin: ``attack_loss`` is ``objective.correct_margin`` ``(B,)``.
+
+    Minimum-norm attacks (FMN, DeepFool, C&W) *descend* the margin (> 0 exactly where ``is_correct``), so they
+    get its value and input gradient from :func:`loss_and_grad` / :func:`objective_values` unchanged.
+    ``output`` keeps the last fp32 output the margin was computed from (DeepFool linearizes every logit).
+    """
+
+    def __init__(self, objective: Any) -> None:
+        if not callable(getattr(objective, "correct_margin", None)):
+            raise TypeError(f"minimum-norm attacks need an objective with correct_margin(output, batch) -> (B,) "
+                            f"(> 0 exactly where is_correct); {type(objective).__name__} has none")
+        self.objective = objective
+        self.output: Any = None
+
+    def attack_loss(self, output: Any, batch: dict) -> Tensor:
+        self.output = output
+        return self.objective.correct_margin(output, batch)
+
+    def is_correct(self, output: Any, batch: dict) -> Tensor:
+        return self.objective.is_correct(output, batch)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medrobust.attacks.fgsm import fgsm_attack
+from medrobust.attacks.fmn import fmn_attack
 from medrobust.attacks.losses import classification_margin
 from medrobust.attacks.pgd import pgd_attack
 from medrobust.attacks.threat import ThreatModel
@@ -92,3 +93,22 @@ def fgsm(
     return fgsm_attack(model, images, {"label": labels}, ClassifierObjective(),
                        threat=ThreatModel(norm, eps, bounds), random_start=random_start)
 
+
+def minimal_perturbation(
+    model: Callable,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    steps: int = 100,
+) -> Tensor:
+    """Per-sample robustness radius ``(B,)`` of a plain classifier, found by FMN.
+
+    The norm of the smallest adversarial perturbation FMN finds for ``images`` ``(B, C, *spatial)``: ``0``
+    where the clean image is already misclassified, ``inf`` where none was found (e.g. the bounds leave no
+    room). Robust accuracy at ``eps`` is ``(radii > eps).float().mean()``.
+    """
+    _, norms = fmn_attack(model, images, {"label": labels}, ClassifierObjective(), bounds=bounds, norm=norm,
+                          steps=steps, return_norms=True)
+    return norms

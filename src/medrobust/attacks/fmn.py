@@ -1,0 +1,284 @@
+"""Minimum-norm attacks' common interface, and FMN (Pintor et al., "Fast Minimum-norm Adversarial Attacks
+through Adaptive Norm Constraints", NeurIPS 2021) in Linf and L2.
+
+A minimum-norm attack answers "how far is each sample from being wrong?": per sample, the smallest
+perturbation it finds that makes ``objective.is_correct`` false, and that perturbation's norm (its estimate of
+the robustness radius; ``0`` where the clean point is already wrong, ``inf`` where nothing was found). It works
+on ``objective.correct_margin`` (> 0 exactly where the model is right), so it serves classifiers
+(``z_y - max_{j != y} z_j``) and loss-defined tasks (``tau - |error|``) alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from medrobust.attacks._engine import (
+    BestTracker,
+    MarginObjective,
+    WorkingSet,
+    attack_session,
+    loss_and_grad,
+    objective_values,
+    prepare,
+)
+from medrobust.attacks.base import Attack, check_at_least, check_positive
+from medrobust.attacks.threat import (
+    Bounds,
+    ThreatModel,
+    ascent_direction,
+    batch_view,
+    check_bounds,
+    check_norm,
+    constrain,
+    lp_norm,
+)
+
+INIT_TRIALS = 10  # bisection steps shrinking a starting point towards x (adv_lib's FMN init)
+
+
+# -- shared by the minimum-norm attacks ----------------------------------------------------------------
+def dual_norm(grad: Tensor, norm: str) -> Tensor:
+    """Per-sample dual norm ``(B,)`` of ``grad`` ``(B, C, *spatial)``: L1 for Linf, L2 for L2.
+
+    The distance from ``x`` to the zero set of a linear ``f`` is ``|f(x)| / ||grad f||_dual``.
+    """
+    return grad.flatten(1).abs().sum(dim=1) if norm == "linf" else lp_norm(grad, "l2")
+
+
+def norm_cap(x: Tensor, norm: str, bounds: Bounds | None, max_eps: float | Tensor | None) -> Tensor:
+    """Largest norm worth searching per sample ``(B,)``: the farthest corner of ``bounds`` and ``max_eps``."""
+    cap = torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    if bounds is not None:  # no allowed point is farther from x than the farthest corner of the box
+        cap = lp_norm(torch.maximum(x - bounds[0], bounds[1] - x), norm)
+    if max_eps is not None:
+        limit = torch.as_tensor(max_eps, dtype=x.dtype, device=x.device).expand_as(cap)
+        if bool((limit < 0).any()) or bool(limit.isnan().any()):
+            raise ValueError(f"max_eps must be >= 0, got {max_eps!r}")
+        cap = torch.minimum(cap, limit)
+    return cap
+
+
+def offer_smallest(tracker: BestTracker, idx: Tensor, x_adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
+    """Offer the fooling points among ``x_adv`` to a ``prefer_success=False`` tracker scored by ``-norm``.
+
+    The tracker then keeps, per sample, the smallest-norm fooling point seen; ``-tracker.loss`` is that norm
+    (``inf`` while none was seen).
+    """
+    if bool(fooled.any()):
+        tracker.update(idx[fooled], x_adv[fooled], -norms[fooled], torch.zeros_like(fooled[fooled]))
+
+
+class MinimumNormAttack(Attack):
+    """Base of the minimum-norm attacks (FMN, DeepFool, C&W).
+
+    Subclasses implement :meth:`minimal`. Three ways to use one:
+
+    - :meth:`minimal`: the smallest fooling point found per sample and its norm;
+    - :meth:`radii`: the norms alone, the per-sample robustness radii (robust accuracy at eps is the fraction
+      of radii > eps);
+    - as a fixed-eps attack, ``attack(model, x, batch, objective, eps=..., bounds=...)``: per sample, the
+      minimal point when its norm <= eps, else that point projected onto the eps-ball (then clamped into
+      ``bounds``), which keeps the threat model but rarely fools; ``x`` where no fooling point was found.
+    """
+
+    def minimal(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+                bounds: Bounds | None) -> tuple[Tensor, Tensor]:
+        """``(x_min (B, C, *spatial), norms (B,))``: see :func:`fmn_attack`'s ``return_norms``."""
+        raise NotImplementedError
+
+    def radii(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+              bounds: Bounds | None) -> Tensor:
+        """Per-sample robustness radius ``(B,)`` in model units: 0 if wrong at ``x``, ``inf`` if never fooled."""
+        return self.minimal(model, x, batch, objective, bounds=bounds)[1]
+
+    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
+        x_min, _ = self.minimal(model, x, batch, objective, bounds=threat.bounds)
+        x, _ = prepare(x, {})
+        return constrain(x, x_min, self.norm, threat.eps_for(x), threat.bounds).detach()
+
+
+# -- FMN -----------------------------------------------------------------------------------------------
+def fmn_attack(
+    model: Callable,
+    x: Tensor,
+    batch: Mapping,
+    objective: Any,
+    *,
+    bounds: Bounds | None,
+    norm: str = "linf",
+    steps: int = 100,
+    alpha_init: float = 1.0,
+    alpha_final: float | None = None,
+    gamma_init: float = 0.05,
+    gamma_final: float = 0.001,
+    max_eps: float | Tensor | None = None,
+    init: str | Tensor | None = "deepfool",
+    return_norms: bool = False,
+    bn_eval: bool = True,
+    dropout_eval: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fast Minimum-Norm attack: the smallest perturbation per sample that makes the model wrong.
+
+    Each step descends ``objective.correct_margin`` with a unit-L2 gradient step of length ``alpha`` inside
+    an eps-ball whose radius adapts per sample: it shrinks by ``(1 - gamma)`` (and to the best norm so far)
+    while the iterate fools the model, grows by ``(1 + gamma)`` after a first success, and before any
+    success jumps to the linearized boundary, ``||delta|| + |margin| / ||grad margin||_dual``. ``alpha``
+    and ``gamma`` follow cosine annealing from their initial to their final values, as in the paper.
+
+    Args:
+        model: the forward, ``(B, C, *spatial) -> output``.
+        x: clean images ``(B, C, *spatial)``, inside ``bounds``.
+        batch: the batch dict the objective reads (labels, targets, ...); its ``"image"`` is not used.
+        objective: has ``correct_margin(output, batch) -> (B,)`` (> 0 exactly where ``is_correct``) and
+            ``is_correct(output, batch) -> (B,)``, which decides success.
+        bounds: ``(low, high)`` of valid inputs, or ``None`` when unbounded (required: never assumed).
+        norm: ``"linf"`` or ``"l2"``.
+        steps: gradient steps (one forward + backward each, on the samples still under attack).
+        alpha_init / alpha_final: step length in model units (L2 length of the step, for both norms, as the
+            paper); ``alpha_final`` defaults to ``alpha_init / 100``. The paper's 1.0 suits ``[0, 1]``-scaled
+            images; scale it with the input range.
+        gamma_init / gamma_final: relative eps-ball update, in (0, 1).
+        max_eps: search no farther than this norm (float or ``(B,)``); samples not fooled within it get
+            norm ``inf``. Bounds cap the search too.
+        init: where the search starts. ``"deepfool"`` (default): from :func:`deepfool_attack`'s point in the
+            same norm, for the samples it fools. FMN is local: from ``x`` it descends the margin of the
+            runner-up class and can settle on that class's boundary when another one is nearer (10-30 % too
+            far on multi-class linear models); DeepFool's multi-class step picks the nearest class. ``None``:
+            the paper's start, ``x``. A tensor ``(B, C, *spatial)``: given starting points (adv_lib's
+            ``starting_points``); those that fool the model are used. A used start is first shrunk towards
+            ``x`` by bisection (10 forwards) and then sets the initial eps.
+        return_norms: also return the norms ``(B,)``.
+        bn_eval / dropout_eval: see :func:`~medrobust.attacks._engine.attack_session`.
+
+    Returns:
+        detached ``x_adv`` ``(B, C, *spatial)``: per sample the smallest fooling point found, ``x`` itself
+        where the clean point is already wrong (norm 0) or where none was found (norm ``inf``); with
+        ``return_norms``, ``(x_adv, norms)``, norms in float32 (float64 for float64 images).
+    """
+    norm = check_norm(norm)
+    bounds = check_bounds(bounds)
+    check_at_least("steps", steps, 1)
+    alpha_init = check_positive("alpha_init", alpha_init)
+    alpha_final = alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
+    gamma_init, gamma_final = _check_gamma("gamma_init", gamma_init), _check_gamma("gamma_final", gamma_final)
+    margin = MarginObjective(objective)
+    start = init
+    if isinstance(init, str):
+        if init != "deepfool":
+            raise ValueError(f"init must be 'deepfool', None or starting points (B, C, *spatial); got {init!r}")
+        from medrobust.attacks.deepfool import deepfool_attack  # deepfool.py imports this module's helpers
+
+        start = deepfool_attack(model, x, batch, objective, bounds=bounds, norm=norm, bn_eval=bn_eval,
+                                dropout_eval=dropout_eval)
+    elif init is not None and (not isinstance(init, Tensor) or init.shape != x.shape):
+        raise ValueError(f"starting points must have the images' shape {tuple(x.shape)}, got "
+                         f"{tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__}")
+    with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
+        x, batch = prepare(x, batch)
+        # the tracker's "loss" is -norm of fooling points: it keeps the smallest (x, norm inf, while none)
+        tracker = BestTracker(x, prefer_success=False)
+        cap = norm_cap(x, norm, bounds, max_eps)
+        # FMN's step is common to all samples; WorkingSet.step is unused
+        work = WorkingSet.full(x, batch, eps=cap, step=torch.zeros_like(cap))
+        delta, epsilon, found = _start(model, margin, work, start, norm, tracker)
+        for i in range(steps):
+            cosine = (1 + math.cos(math.pi * i / steps)) / 2
+            alpha = alpha_final + (alpha_init - alpha_final) * cosine
+            gamma = gamma_final + (gamma_init - gamma_final) * cosine
+            x_adv = work.x + delta
+            value, grad, correct = loss_and_grad(model, margin, x_adv, work.batch)
+            delta_norm = lp_norm(delta, norm)
+            offer_smallest(tracker, work.idx, x_adv, delta_norm, ~correct)
+            if i == 0 and bool(((delta_norm == 0) & ~correct).any()):  # wrong at x: norm 0, nothing to search
+                keep = (delta_norm > 0) | correct
+                work, x_adv, delta, value, grad = work.keep(keep), x_adv[keep], delta[keep], value[keep], grad[keep]
+                correct, epsilon, found, delta_norm = correct[keep], epsilon[keep], found[keep], delta_norm[keep]
+                if len(work) == 0:
+                    break
+            found |= ~correct
+            best = -tracker.loss[work.idx].to(delta.dtype)
+            # a little past the linearized boundary: landing exactly on it (a linear model) ties the margin
+            # at 0, and without a success the ball would never grow
+            distance = value.abs().to(delta.dtype) / dual_norm(grad, norm).clamp_min(1e-12)
+            boundary = delta_norm + (1 + gamma) * distance
+            epsilon = torch.where(~correct, torch.minimum(epsilon * (1 - gamma), best),
+                                  torch.where(found, epsilon * (1 + gamma), boundary))
+            epsilon = torch.minimum(epsilon, work.eps)
+            # descend the margin: the paper's unit-L2 step for every norm, then back into ball and bounds
+            x_adv = x_adv + alpha * ascent_direction(-grad, "l2")
+            delta = constrain(work.x, x_adv, norm, epsilon, bounds) - work.x
+        if len(work):
+            with torch.no_grad():  # the last iterate has not been looked at yet
+                _, correct = objective_values(model, margin, work.x + delta, work.batch)
+            offer_smallest(tracker, work.idx, work.x + delta, lp_norm(delta, norm), ~correct)
+    x_adv = tracker.x_adv
+    return (x_adv, -tracker.loss) if return_norms else x_adv
+
+
+def _start(model, margin, work: WorkingSet, start: Tensor | None, norm: str, tracker: BestTracker):
+    """FMN's initial ``(delta, epsilon, found)`` per sample of ``work``: ``(0, inf, False)``, or where ``start``
+    fools the model within the norm cap, the start bisected towards ``x`` (still fooling), its norm, ``True``.
+    """
+    delta = torch.zeros_like(work.x)
+    epsilon = torch.full_like(work.eps, math.inf)
+    if start is None:
+        return delta, epsilon, torch.zeros_like(epsilon, dtype=torch.bool)
+    start, _ = prepare(start.to(work.x), {})
+    with torch.no_grad():
+        _, correct = objective_values(model, margin, start, work.batch)
+        usable = ~correct & (lp_norm(start - work.x, norm) <= work.eps)
+        sub, direction = work.keep(usable), (start - work.x)[usable]
+        low, high = torch.zeros_like(sub.eps), torch.ones_like(sub.eps)
+        for _ in range(INIT_TRIALS if len(sub) else 0):  # the line from x to the start: high always fools
+            mid = (low + high) / 2
+            _, correct = objective_values(model, margin, sub.x + batch_view(mid, sub.x) * direction, sub.batch)
+            low, high = torch.where(correct, mid, low), torch.where(correct, high, mid)
+    delta[usable] = batch_view(high, direction) * direction
+    norms = lp_norm(delta, norm)
+    offer_smallest(tracker, work.idx, work.x + delta, norms, usable)
+    return delta, torch.where(usable, norms, epsilon), usable
+
+
+def _check_gamma(name: str, gamma: float) -> float:
+    if not 0 < float(gamma) < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {gamma!r}")
+    return float(gamma)
+
+
+class FMN(MinimumNormAttack):
+    """FMN for configs (Hydra), callbacks and suites; ``name`` ``"fmn"``.
+
+    Args: as :func:`fmn_attack` (``norm``, ``steps``, ``alpha_init``, ``alpha_final``, ``gamma_init``,
+    ``gamma_final``, ``init`` (``"deepfool"`` or ``None``), ``bn_eval``, ``dropout_eval``).
+
+    ``minimal(model, x, batch, objective, bounds=...) -> (x_min, norms)``, ``radii(...) -> norms`` and, as
+    a fixed-eps attack, ``FMN()(model, x, batch, objective, eps=..., bounds=...)``: the minimal point where
+    its norm <= eps, else that point projected onto the eps-ball (see :class:`MinimumNormAttack`).
+    """
+
+    name = "fmn"
+
+    def __init__(self, norm: str = "linf", steps: int = 100, alpha_init: float = 1.0,
+                 alpha_final: float | None = None, gamma_init: float = 0.05, gamma_final: float = 0.001,
+                 init: str | None = "deepfool", bn_eval: bool = True, dropout_eval: bool = True) -> None:
+        self.norm = check_norm(norm)
+        self.steps = check_at_least("steps", steps, 1)
+        self.alpha_init = check_positive("alpha_init", alpha_init)
+        self.alpha_final = check_positive("alpha_final", alpha_final)
+        self.gamma_init = _check_gamma("gamma_init", gamma_init)
+        self.gamma_final = _check_gamma("gamma_final", gamma_final)
+        if init not in ("deepfool", None):
+            raise ValueError(f"init must be 'deepfool' or None, got {init!r}")
+        self.init = init
+        self.bn_eval, self.dropout_eval = bn_eval, dropout_eval
+
+    def minimal(self, model, x, batch, objective, *, bounds, max_eps=None) -> tuple[Tensor, Tensor]:
+        return fmn_attack(model, x, batch, objective, bounds=bounds, norm=self.norm, steps=self.steps,
+                          init=self.init, alpha_init=self.alpha_init, alpha_final=self.alpha_final, gamma_init=self.gamma_init,
+                          gamma_final=self.gamma_final, max_eps=max_eps, return_norms=True,
+                          bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
