@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from torchmetrics import MetricCollection
 
 from medrobust.attacks import resolve_eps
+from medrobust.attacks.curve import attack_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
@@ -160,13 +161,13 @@ class RobustnessEvaluation(Callback):
                 x = batch["image"].clone()
                 with torch.no_grad(), forward_context():
                     clean.update(*pl_module.metric_inputs(pl_module(x), batch))
+                attacked_eps = [eps for eps in self.eps if eps > 0]
+                eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
-                    for eps in self.eps:
-                        if eps == 0:
-                            continue
-                        eps_model = resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x)
-                        with forward_context():
-                            x_adv = attack(pl_module, x, batch, pl_module, eps=eps_model, bounds=pl_module.input_bounds)
+                    with forward_context():
+                        points = attack_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
+                                              bounds=pl_module.input_bounds)
+                    for eps, x_adv in zip(attacked_eps, points):
                         with torch.no_grad(), forward_context():
                             cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch))
                         if index == 0 and eps == self.eps[-1]:

@@ -1,0 +1,57 @@
+"""attack_curve: one pass over increasing eps, monotone, exact on a linear model, cheaper than separate runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medrobust.attacks import FGSM, PGD, ClassifierObjective
+from medrobust.attacks.curve import attack_curve
+from test_attacks import binary_problem, correct
+
+
+class CountingAttack:
+    """An attack that records how many samples it is asked to attack."""
+
+    def __init__(self, attack):
+        self.attack, self.samples = attack, 0
+
+    def __call__(self, model, x, batch, objective, *, eps, bounds):
+        self.samples += x.shape[0]
+        return self.attack(model, x, batch, objective, eps=eps, bounds=bounds)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_curve_is_exact_on_a_linear_model_and_monotone(norm):
+    torch.manual_seed(0)
+    model, x, labels, radius = binary_problem((64, 1, 4, 5))
+    r = radius[norm]
+    eps_values = [float(q) for q in torch.quantile(r.detach(), torch.tensor([0.2, 0.4, 0.6, 0.8]).double())]
+    step = 0.2 if norm == "linf" else 1.0
+    attack = PGD(norm=norm, steps=30, rel_step_size=step)
+    points = attack_curve(attack, model, x, {"label": labels}, ClassifierObjective(), eps_values=eps_values, bounds=None)
+    previous = torch.ones_like(labels, dtype=torch.bool)
+    for eps, x_adv in zip(eps_values, points):
+        still = correct(model, x_adv, labels)
+        # fooled exactly where the true radius is below eps (1 % slack for the iterate not reaching the edge)
+        assert (~still[r < 0.99 * eps]).all() and still[r > eps].all()
+        assert not (still & ~previous).any()  # monotone: once fooled, fooled at every larger eps
+        previous = still
+
+
+def test_curve_attacks_only_survivors():
+    """Each eps attacks only the samples no smaller eps has fooled (FGSM is exact on a linear model)."""
+    torch.manual_seed(0)
+    model, x, labels, radius = binary_problem((64, 1, 4, 5))
+    r = radius["linf"]
+    eps_values = [float(q) for q in torch.quantile(r.detach(), torch.tensor([0.3, 0.6, 0.9]).double())]
+    attack = CountingAttack(FGSM())
+    attack_curve(attack, model, x, {"label": labels}, ClassifierObjective(), eps_values=eps_values, bounds=None)
+    expected = 64 + int((r >= eps_values[0]).sum()) + int((r >= eps_values[1]).sum())
+    assert attack.samples == expected < 3 * 64
+
+
+def test_curve_rejects_decreasing_eps():
+    model, x, labels, _ = binary_problem((4, 1, 2, 2))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attack_curve(FGSM(), model, x, {"label": labels}, ClassifierObjective(), eps_values=[0.2, 0.1], bounds=None)
