@@ -29,6 +29,7 @@ def attack_curve(
     *,
     eps_values: Sequence[float | Tensor],
     bounds: tuple[float, float] | None,
+    known: tuple[Tensor, Tensor] | None = None,
 ) -> list[Tensor]:
     """Adversarial images ``(B, C, *spatial)`` for each of ``eps_values`` (same order as given).
 
@@ -36,8 +37,10 @@ def attack_curve(
         attack: an attack object, ``attack(model, x, batch, objective, *, eps, bounds)``; one with its own
             ``curve`` method (e.g. a minimum-norm attack that reads every eps off one run) is asked for that.
         eps_values: non-decreasing eps, each a float or a per-sample ``(B,)`` tensor, in model units.
+        known: ``(x_min, radii)`` from a minimum-norm attack: a sample takes its known point, unattacked, from
+            the first eps its radius fits in.
     """
-    if hasattr(attack, "curve"):
+    if known is None and hasattr(attack, "curve"):
         return attack.curve(model, x, batch, objective, eps_values=eps_values, bounds=bounds)
     sizes = [_eps_size(eps) for eps in eps_values]
     if sizes != sorted(sizes):
@@ -46,6 +49,9 @@ def attack_curve(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     points = []
     for eps in eps_values:
+        if known is not None:
+            fits = ~fooled & (known[1] <= eps)
+            current[fits], fooled = known[0][fits], fooled | fits
         if _eps_size(eps) > 0 and not bool(fooled.all()):
             idx = (~fooled).nonzero().flatten()
             sub_batch = index_batch(batch, idx, batch_size=x.shape[0])

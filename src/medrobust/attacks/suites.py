@@ -1,0 +1,103 @@
+"""Evaluation suites: cascades of attacks on survivors, and a minimum-norm curve verified by PGD.
+
+``Cascade`` runs its stages cheapest first; each stage attacks only the samples every earlier stage left
+standing (as AutoAttack does), so the strongest, most expensive stage runs on the fewest samples.
+
+``MinimumNormCurve`` reads a whole robustness curve off one minimum-norm run (each sample's radius: it is
+robust at eps exactly when its radius exceeds eps), then lets a fixed-eps attack (PGD) verify every eps
+point on the samples the radii call robust, since a minimum-norm attack's radius is only an upper bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from medrobust.attacks._engine import index_batch, objective_values
+from medrobust.attacks.base import Attack
+from medrobust.attacks.curve import attack_curve
+from medrobust.attacks.threat import ThreatModel
+
+
+def _stage_list(stages: Mapping[str, Attack] | Sequence[Attack]) -> list[Attack]:
+    stages = list(stages.values()) if isinstance(stages, Mapping) else list(stages)
+    if not stages:
+        raise ValueError("a suite needs at least one stage")
+    return stages
+
+
+def _common_norm(attacks: Sequence[Attack], what: str) -> str:
+    norms = {attack.norm for attack in attacks}
+    if len(norms) != 1:
+        raise ValueError(f"{what} stages must share one norm, got {sorted(norms)}")
+    return norms.pop()
+
+
+class Cascade(Attack):
+    """Stages in order, each on the survivors of the previous ones; the first fooling point per sample wins.
+
+    Args:
+        stages: attacks (a list, or a name -> attack map from a config), cheapest first, one norm.
+        name: the label in tables and curves.
+    """
+
+    def __init__(self, stages: Mapping[str, Attack] | Sequence[Attack], name: str = "cascade") -> None:
+        self.stages = _stage_list(stages)
+        self.norm = _common_norm(self.stages, f"cascade {name!r}")
+        self.name = name
+        self.stage_counts: list[int] = []  # samples each stage attacked in the last call
+
+    def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
+        eps = threat.eps_for(x)
+        current = x.detach().clone()
+        standing = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.stage_counts = []
+        for stage in self.stages:
+            idx = standing.nonzero().flatten()
+            self.stage_counts.append(len(idx))
+            if len(idx) == 0:
+                break
+            sub_batch = index_batch(batch, idx, batch_size=x.shape[0])
+            current[idx] = stage(model, x[idx], sub_batch, objective, eps=eps[idx], bounds=threat.bounds)
+            with torch.no_grad():
+                _, correct = objective_values(model, objective, current[idx], sub_batch)
+            standing[idx] = correct
+        return current
+
+
+class MinimumNormCurve(Attack):
+    """Robust accuracy at every eps from one minimum-norm run, each eps point verified by ``verify``.
+
+    Args:
+        minimum_norm: a minimum-norm attack with ``minimal(model, x, batch, objective, *, bounds) ->
+            (x_min, norms)`` (FMN, DeepFool, C&W).
+        verify: a fixed-eps attack (e.g. PGD) run at each eps on the samples whose radius exceeds it.
+        name: the label in tables and curves.
+
+    After each call, ``last_radii`` holds the per-sample radii ``(B,)`` (``inf`` where none was found).
+    """
+
+    def __init__(self, minimum_norm: Attack, verify: Attack | None = None, name: str = "fmn-curve") -> None:
+        if not hasattr(minimum_norm, "minimal"):
+            raise TypeError(f"minimum_norm must be a minimum-norm attack with .minimal(), got {minimum_norm!r}")
+        self.minimum_norm, self.verify, self.name = minimum_norm, verify, name
+        self.norm = _common_norm([minimum_norm] + ([verify] if verify else []), f"curve {name!r}")
+        self.last_radii: Tensor | None = None
+
+    def curve(self, model, x: Tensor, batch: Mapping, objective: Any, *, eps_values, bounds) -> list[Tensor]:
+        """Adversarial points for each eps (non-decreasing), from one minimum-norm run plus verification."""
+        x_min, radii = self.minimum_norm.minimal(model, x, batch, objective, bounds=bounds)
+        self.last_radii = radii.detach()
+        return attack_curve(self.verify or _unattacked, model, x, batch, objective, eps_values=eps_values,
+                            bounds=bounds, known=(x_min, radii))
+
+    def attack(self, model, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
+        return self.curve(model, x, batch, objective, eps_values=[threat.eps_for(x)], bounds=threat.bounds)[0]
+
+
+def _unattacked(model, x: Tensor, batch, objective, *, eps, bounds) -> Tensor:
+    """No verification: samples the radii do not settle stay at the clean point."""
+    return x

@@ -1,0 +1,81 @@
+"""Suites: a cascade attacks only survivors; the minimum-norm curve agrees with separate PGD runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medrobust.attacks import FGSM, FMN, PGD, ClassifierObjective
+from medrobust.attacks.curve import attack_curve
+from medrobust.attacks.suites import Cascade, MinimumNormCurve
+from test_attacks import binary_problem, correct
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cascade_attacks_only_survivors_and_keeps_every_success():
+    torch.manual_seed(0)
+    model, x, labels, radius = binary_problem((48, 1, 4, 5))
+    r = radius["linf"]
+    eps = float(torch.quantile(r.detach(), 0.5))
+    weak = FGSM()  # exact on a linear model: fools exactly the samples with radius < eps
+    cascade = Cascade({"fgsm": weak, "pgd": PGD(steps=5)}, name="standard")
+    x_adv = cascade(model, x, {"label": labels}, ClassifierObjective(), eps=eps, bounds=None)
+    assert cascade.stage_counts == [48, int((r >= eps).sum())]
+    still = correct(model, x_adv, labels)
+    assert (~still[r < eps]).all() and still[r > eps].all()
+
+
+def test_cascade_needs_one_norm():
+    with pytest.raises(ValueError, match="one norm"):
+        Cascade([FGSM("linf"), PGD("l2")])
+
+
+def _small_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+
+
+def test_minimum_norm_curve_agrees_with_separate_pgd_runs():
+    """Six eps points from one FMN run + PGD verification: never weaker than separate PGD runs by > 1 point."""
+    model = _small_cnn()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        labels = model(x).argmax(1)  # every sample starts correct
+    batch, objective = {"label": labels}, ClassifierObjective()
+    eps_values = [0.002, 0.004, 0.008, 0.016, 0.032, 0.064]
+    suite = MinimumNormCurve(FMN("linf", steps=50), PGD(steps=10))
+    points = attack_curve(suite, model, x, batch, objective, eps_values=eps_values, bounds=(0.0, 1.0))
+    assert suite.last_radii.shape == (64,)
+    previous = 1.0
+    for eps, x_adv in zip(eps_values, points):
+        curve_acc = correct(model, x_adv, labels).float().mean().item()
+        torch.manual_seed(1)
+        pgd_acc = correct(model, PGD(steps=10)(model, x, batch, objective, eps=eps, bounds=(0.0, 1.0)), labels)
+        assert curve_acc <= pgd_acc.float().mean().item() + 0.01, eps
+        assert curve_acc <= previous  # monotone
+        previous = curve_acc
+        assert ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-6).all()
+    # the radii alone already give the curve where FMN found points: fraction robust = fraction with radius > eps
+    radii_acc = (suite.last_radii > eps_values[-1]).float().mean().item()
+    assert curve_acc <= radii_acc + 1e-9
+
+
+def test_minimum_norm_curve_is_exact_on_a_linear_model():
+    torch.manual_seed(0)
+    model, x, labels, radius = binary_problem((32, 1, 4, 5))
+    r = radius["linf"]
+    eps_values = [float(q) for q in torch.quantile(r.detach(), torch.tensor([0.25, 0.5, 0.75]).double())]
+    suite = MinimumNormCurve(FMN("linf", steps=50), verify=None)
+    points = attack_curve(suite, model, x, {"label": labels}, ClassifierObjective(), eps_values=eps_values, bounds=None)
+    assert torch.allclose(suite.last_radii, r, rtol=0.02)
+    for eps, x_adv in zip(eps_values, points):
+        still = correct(model, x_adv, labels)
+        assert (~still[r < 0.98 * eps]).all() and still[r > 1.02 * eps].all()
