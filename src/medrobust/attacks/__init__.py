@@ -15,31 +15,45 @@ and a convenience form for plain classifiers: ``pgd(model, images, labels, eps=.
 from medrobust.attacks._engine import AttackResult, index_batch
 from medrobust.attacks.base import Attack
 from medrobust.attacks.api import ClassifierObjective, fgsm, minimal_perturbation, pgd
+from medrobust.attacks.corruptions import CORRUPTIONS, BiasField, Corruption, GaussianBlur, GaussianNoise, RicianNoise
 from medrobust.attacks.cw import CWL2, cw_l2_attack
+from medrobust.attacks.dag import DAG, dag_attack
 from medrobust.attacks.deepfool import DeepFool, deepfool_attack
 from medrobust.attacks.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
 from medrobust.attacks.pgd import PGD, pgd_attack
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
+from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
 
 __all__ = [
     "Attack",
     "AttackResult",
+    "BiasField",
+    "CORRUPTIONS",
     "CWL2",
     "ClassifierObjective",
+    "Corruption",
+    "DAG",
     "DeepFool",
     "EPS_UNITS",
     "FGSM",
     "FMN",
+    "GaussianBlur",
+    "GaussianNoise",
     "MinimumNormAttack",
     "NORMS",
     "PGD",
+    "RicianNoise",
     "ThreatModel",
+    "UniversalPerturbation",
+    "apply_universal",
     "batch_view",
     "cw_l2_attack",
+    "dag_attack",
     "deepfool_attack",
     "fgsm",
     "fgsm_attack",
+    "fit_universal_perturbation",
     "fmn_attack",
     "index_batch",
     "minimal_perturbation",
