@@ -15,12 +15,21 @@ from torchmetrics import MetricCollection
 from medrobust.attacks import resolve_eps
 from medrobust.attacks.curve import attack_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
+from medrobust.reporting.radii import write_radii
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 
 log = logging.getLogger("medrobust")
 
 EPS_UNITS = ("model", "native", "range")
+
+
+def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's per-sample values, concatenated (ranks hold equally many: the sampler pads)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None or trainer.world_size == 1:
+        return values
+    return pl_module.all_gather(values).flatten()
 
 
 def _cell(row: dict) -> tuple:
@@ -85,6 +94,7 @@ class RobustnessEvaluation(Callback):
         self.history: list[dict] = []
         self.examples: dict = {}  # attack -> (eps, x, x_adv) of the first batch at the largest eps
         self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
+        self.radii: dict[str, torch.Tensor] = {}  # minimum-norm suites: per-sample radii of the last evaluation
 
     @property
     def state_key(self) -> str:
@@ -150,6 +160,7 @@ class RobustnessEvaluation(Callback):
         clean = MetricCollection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
         self.examples = {}
+        radii: dict[str, list[torch.Tensor]] = {}
         was_training = pl_module.training
         pl_module.eval()
         # Lightning runs validation under inference mode; attacks need gradients w.r.t. the input.
@@ -167,12 +178,15 @@ class RobustnessEvaluation(Callback):
                     with forward_context():
                         points = attack_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
                                               bounds=pl_module.input_bounds)
+                    if getattr(attack, "last_radii", None) is not None:  # a minimum-norm curve suite
+                        radii.setdefault(label, []).append(attack.last_radii.float())
                     for eps, x_adv in zip(attacked_eps, points):
                         with torch.no_grad(), forward_context():
                             cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch))
                         if index == 0 and eps == self.eps[-1]:
                             self.examples[label] = (eps, x.detach().cpu(), x_adv.detach().cpu())
         pl_module.train(was_training)
+        self.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
         clean_values = clean.compute()  # every rank computes in the same order: torchmetrics syncs here
         rows = []
         for label, attack in self.attacks.items():
@@ -192,6 +206,8 @@ class RobustnessEvaluation(Callback):
         write_csv(self.history, out / "robustness.csv")
         plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_")
         log_robustness_to_wandb(trainer.loggers, self.history, split)
+        for label, values in self.radii.items():
+            write_radii(out, label, split, self.history[-1]["epoch"], values.cpu())
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:

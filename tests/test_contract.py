@@ -34,6 +34,10 @@ def test_config_composes_instantiates_and_fits(tiny, task, adv, evaluation, tmp_
     if evaluation != "none":
         assert (Path(tmp_path) / "robustness.csv").is_file()
         assert (Path(tmp_path) / "summary.md").is_file()
+    if evaluation == "curve":  # the minimum-norm suite's per-sample radii and their histogram
+        radii = (Path(tmp_path) / "radii.csv").read_text().splitlines()
+        assert radii[0] == "epoch,split,attack,sample,radius" and len(radii) > 8
+        assert (Path(tmp_path) / "curves" / "test_fmn-curve_linf_radii.png").is_file()
 
 
 @pytest.mark.parametrize("model", _options("model"))
