@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 
 from medrobust.attacks import resolve_eps
 from medrobust.attacks.curve import attack_curve
+from medrobust.attacks.masking import check_rows, probe_model
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
 from medrobust.reporting.radii import write_radii
 from medrobust.reporting.examples import save_example_grid
@@ -56,6 +57,11 @@ class RobustnessEvaluation(Callback):
         max_batches: at most this many validation batches per rank (``None``: all).
         test_max_batches: at most this many test batches per rank (``None``: all).
         output_dir: where files go; default the trainer's ``default_root_dir``.
+        probe_splits: splits whose evaluation also probes the model for gradient masking on its first batch
+            (zero / non-finite input gradients, randomness, accuracy surviving a huge eps). The checks on
+            the result rows (curves rising with eps, a weaker or black-box attack beating a stronger
+            white-box one) run on every evaluation. A flagged evaluation carries its flags in every row of
+            ``robustness.csv``, in ``summary.md`` and in a warning.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class RobustnessEvaluation(Callback):
         max_batches: int | None = 4,
         test_max_batches: int | None = None,
         output_dir: str | None = None,
+        probe_splits: Sequence[str] = ("test",),
     ) -> None:
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
@@ -91,6 +98,9 @@ class RobustnessEvaluation(Callback):
         self.max_batches = max_batches
         self.test_max_batches = test_max_batches
         self.output_dir = output_dir
+        self.probe_splits = tuple(probe_splits)
+        self.flags: dict[tuple[str, int], list] = {}  # (split, epoch) -> gradient-masking flags
+        self._probe_batch: tuple | None = None
         self.history: list[dict] = []
         self.examples: dict = {}  # attack -> (eps, x, x_adv) of the first batch at the largest eps
         self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
@@ -144,12 +154,34 @@ class RobustnessEvaluation(Callback):
         epoch = self._checkpoint_epoch if split == "test" and self._checkpoint_epoch is not None else trainer.current_epoch
         rows = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
                              precision=trainer.precision_plugin)
+        flags = self._masking_flags(pl_module, rows, split)
+        self.flags[split, epoch] = flags
+        for row in rows:
+            row["flags"] = ";".join(flag.name for flag in flags)
+        if flags and trainer.is_global_zero:
+            log.warning("gradient masking suspected in the %s evaluation at epoch %d: %s", split, epoch,
+                        "; ".join(flag.message for flag in flags))
         self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         for row in rows:
             key = f"robust_{split}/{row['attack']}/{row['metric']}_eps{format_eps(row['eps'])}"
             pl_module.log(key, row["value"], sync_dist=False)  # already reduced across ranks
         if trainer.is_global_zero:
             self._write_files(trainer, split)
+
+    def _masking_flags(self, pl_module, rows: list[dict], split: str) -> list:
+        black_box = [label for label, attack in self.attacks.items() if getattr(attack, "black_box", False)]
+        flags = check_rows(rows, attack_order=list(self.attacks), black_box=black_box)
+        if split in self.probe_splits and self._probe_batch is not None:
+            x, batch = self._probe_batch
+            norm = next(iter(self.attacks.values())).norm
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                flags += probe_model(pl_module, x, batch, pl_module, norm="l2" if norm == "l2" else "linf",
+                                     bounds=pl_module.input_bounds)
+            pl_module.train(was_training)
+        self._probe_batch = None
+        return flags
 
     # -- the evaluation -------------------------------------------------------------------------
     def evaluate(self, pl_module, loader, *, split: str, epoch: int, max_batches: int | None, precision=None) -> list[dict]:
@@ -170,6 +202,8 @@ class RobustnessEvaluation(Callback):
                     break
                 batch = move_data_to_device(batch, device)
                 x = batch["image"].clone()
+                if index == 0:
+                    self._probe_batch = (x, batch)
                 with torch.no_grad(), forward_context():
                     clean.update(*pl_module.metric_inputs(pl_module(x), batch))
                 attacked_eps = [eps for eps in self.eps if eps > 0]
@@ -219,5 +253,11 @@ class RobustnessEvaluation(Callback):
     def _write_summary(self, trainer: Trainer) -> None:
         path = self.run_dir(trainer) / "summary.md"
         notes = [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
-        path.write_text(summary_markdown(self.history, "test", title="Robustness summary", notes=notes))
+        test_flags = [flags for (split, _), flags in self.flags.items() if split == "test" and flags]
+        warnings = []
+        if test_flags:
+            warnings = ["**Gradient masking suspected: these numbers may overstate robustness.**\n" +
+                        "\n".join(f"- {flag.name}: {flag.message}" for flag in test_flags[-1])]
+        path.write_text(summary_markdown(self.history, "test", title="Robustness summary", notes=notes,
+                                         warnings=warnings))
         log.info("robustness summary written to %s", path)

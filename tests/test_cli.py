@@ -65,7 +65,7 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
     table = json.loads(tables[-1].read_text())  # the last one logged holds the whole history
     got = {(int(r[0]), r[2], float(r[4]), r[6]): float(r[7]) for r in table["data"]}
     want = {(r["epoch"], r["attack"], r["eps"], r["metric"]): r["value"] for r in rows if r["split"] == "val"}
-    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value"]
+    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags"]
     assert got == pytest.approx(want)
 
 

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value")
+ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags")
 
 
 def format_eps(eps: float) -> str:
@@ -30,7 +30,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ROW_KEYS)
         writer.writeheader()
-        writer.writerows({key: row[key] for key in ROW_KEYS} for row in rows)
+        writer.writerows({key: row.get(key, "") for key in ROW_KEYS} for row in rows)
     tmp.replace(path)  # a run killed mid-write leaves the previous file readable
 
 
@@ -84,7 +84,8 @@ def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "") -
 BOUNDED_METRICS = {"accuracy", "auroc", "sensitivity", "specificity", "dice"}
 
 
-def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None) -> str:
+def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None,
+                     warnings: list[str] | None = None) -> str:
     """A clean-vs-robust table: one line per (attack, eps), one column per metric, for the last epoch."""
     selected = [row for row in rows if row["split"] == split]
     if not selected:
@@ -96,7 +97,8 @@ def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] 
     for row in selected:
         cells[(row["attack"], row["eps"])][row["metric"]] = row["value"]
     unit = selected[0]["eps_unit"]
-    lines = [f"# {title}", "", f"Split: {split} (epoch {last_epoch}); eps in {unit} units.", ""]
+    lines = [f"# {title}", "", *(f"{w}\n" for w in warnings or []),
+             f"Split: {split} (epoch {last_epoch}); eps in {unit} units.", ""]
     lines.append("| attack | eps | " + " | ".join(metrics) + " |")
     lines.append("|---|---|" + "---|" * len(metrics))
     clean_done = False

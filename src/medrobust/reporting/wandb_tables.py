@@ -15,7 +15,7 @@ def log_robustness_to_wandb(loggers, rows: list[dict], split: str) -> None:
     import wandb
 
     split_rows = [row for row in rows if row["split"] == split]
-    payload = {f"robustness/{split}_table": wandb.Table(columns=list(ROW_KEYS), data=[[r[k] for k in ROW_KEYS] for r in split_rows])}
+    payload = {f"robustness/{split}_table": wandb.Table(columns=list(ROW_KEYS), data=[[r.get(k, "") for k in ROW_KEYS] for r in split_rows])}
     for (attack, metric), by_epoch in curve_series(split_rows, split).items():
         epochs = sorted(by_epoch)
         xs = [eps for eps, _ in by_epoch[epochs[-1]]]
