@@ -101,3 +101,53 @@ class MinimumNormCurve(Attack):
 def _unattacked(model, x: Tensor, batch, objective, *, eps, bounds) -> Tensor:
     """No verification: samples the radii do not settle stay at the clean point."""
     return x
+
+
+# -- named suites (the eval= configs and the Python API build them here) -------------------------------
+def quick_suite(norm: str = "linf") -> Cascade:
+    """FGSM, then PGD-10 on what FGSM left standing."""
+    from medrobust.attacks.fgsm import FGSM
+    from medrobust.attacks.pgd import PGD
+
+    return Cascade({"fgsm": FGSM(norm), "pgd10": PGD(norm, steps=10)}, name="quick")
+
+
+def standard_suite(norm: str = "linf", steps: int = 100, queries: int = 1000, seed: int = 0) -> Cascade:
+    """AutoAttack-style: APGD-CE, then APGD-T (targeted DLR; the margin loss below 4 classes, where DLR is
+    undefined), then Square (black-box, Linf) on the survivors."""
+    from medrobust.attacks.apgd import APGD
+    from medrobust.attacks.square import Square
+
+    stages = {"apgd-ce": APGD(norm, steps=steps, loss="ce", seed=seed),
+              "apgd-t": APGD(norm, steps=steps, targeted=True, seed=seed)}
+    if norm == "linf":
+        stages["square"] = Square(queries=queries, seed=seed)
+    return Cascade(stages, name="standard")
+
+
+def curve_suite(norm: str = "linf", steps: int = 100, verify_steps: int = 10) -> MinimumNormCurve:
+    """FMN radii for the whole curve, each eps point verified by PGD."""
+    from medrobust.attacks.fmn import FMN
+    from medrobust.attacks.pgd import PGD
+
+    return MinimumNormCurve(FMN(norm, steps=steps), PGD(norm, steps=verify_steps), name="fmn-curve")
+
+
+SUITES: dict[str, Callable[..., Attack]] = {"quick": quick_suite, "standard": standard_suite, "curve": curve_suite}
+
+
+def build_suite(name: str, norm: str = "linf") -> Attack:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; options: {sorted(SUITES)}")
+    return SUITES[name](norm=norm)
+
+
+def robust_accuracy(model: Callable, images: Tensor, labels: Tensor, *, eps: float, norm: str = "linf",
+                    suite: str = "standard", bounds: tuple[float, float] | None = (0.0, 1.0)) -> float:
+    """Fraction of ``images`` ``(B, C, *spatial)`` a plain classifier still gets right under ``suite`` at ``eps``."""
+    from medrobust.attacks.api import ClassifierObjective
+
+    objective, batch = ClassifierObjective(), {"label": labels}
+    x_adv = build_suite(suite, norm)(model, images, batch, objective, eps=eps, bounds=bounds)
+    with torch.no_grad():
+        return objective.is_correct(model(x_adv), batch).float().mean().item()
