@@ -14,6 +14,7 @@ and a convenience form for plain classifiers: ``pgd(model, images, labels, eps=.
 
 from medrobust.attacks._engine import AttackResult, index_batch
 from medrobust.attacks.base import Attack
+from medrobust.attacks.apgd import APGD, apgd_attack
 from medrobust.attacks.api import ClassifierObjective, fgsm, minimal_perturbation, pgd
 from medrobust.attacks.corruptions import CORRUPTIONS, BiasField, Corruption, GaussianBlur, GaussianNoise, RicianNoise
 from medrobust.attacks.cw import CWL2, cw_l2_attack
@@ -21,11 +22,14 @@ from medrobust.attacks.dag import DAG, dag_attack
 from medrobust.attacks.deepfool import DeepFool, deepfool_attack
 from medrobust.attacks.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
+from medrobust.attacks.losses import dlr_loss, margin_loss, targeted_dlr_loss, with_loss
 from medrobust.attacks.pgd import PGD, pgd_attack
+from medrobust.attacks.square import Square, square_attack
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
 from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
 
 __all__ = [
+    "APGD",
     "Attack",
     "AttackResult",
     "BiasField",
@@ -44,20 +48,27 @@ __all__ = [
     "NORMS",
     "PGD",
     "RicianNoise",
+    "Square",
     "ThreatModel",
     "UniversalPerturbation",
+    "apgd_attack",
     "apply_universal",
     "batch_view",
     "cw_l2_attack",
     "dag_attack",
     "deepfool_attack",
+    "dlr_loss",
     "fgsm",
     "fgsm_attack",
     "fit_universal_perturbation",
     "fmn_attack",
     "index_batch",
+    "margin_loss",
     "minimal_perturbation",
     "pgd",
     "pgd_attack",
     "resolve_eps",
+    "square_attack",
+    "targeted_dlr_loss",
+    "with_loss",
 ]
