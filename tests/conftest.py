@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# the tests' models are tiny: extra threads only contend, more so on a loaded 2-core machine
+torch.set_num_threads(1)
 
 from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config  # noqa: F401
 

@@ -79,3 +79,29 @@ def test_minimum_norm_curve_is_exact_on_a_linear_model():
     for eps, x_adv in zip(eps_values, points):
         still = correct(model, x_adv, labels)
         assert (~still[r < 0.98 * eps]).all() and still[r > 1.02 * eps].all()
+
+
+@pytest.mark.parametrize("suite", ["quick", "standard", "curve"])
+def test_robust_accuracy_on_a_linear_model_with_known_radii(suite):
+    """Every suite breaks exactly the samples whose radius is below eps (Linf, known answer)."""
+    from medrobust.attacks.suites import robust_accuracy
+
+    torch.manual_seed(0)
+    model, x, labels, radius = binary_problem((32, 1, 4, 5))
+    r = radius["linf"]
+    eps = float(torch.quantile(r.detach(), 0.5))
+    expected = (r > eps).double().mean().item()
+    got = robust_accuracy(model, x, labels, eps=eps, norm="linf", suite=suite, bounds=None)
+    assert abs(got - expected) <= 1 / 32 + 1e-9
+
+
+def test_standard_suite_is_at_least_as_strong_as_quick():
+    from medrobust.attacks.suites import robust_accuracy
+
+    model = _small_cnn(1)
+    x = torch.rand(48, 1, 8, 8)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    quick = robust_accuracy(model, x, labels, eps=0.03, suite="quick")
+    standard = robust_accuracy(model, x, labels, eps=0.03, suite="standard")
+    assert standard <= quick + 1e-9

@@ -165,6 +165,7 @@ class Square(Attack):
     """
 
     name = "square"
+    black_box = True  # gradient-free: the masking checks compare it with the white-box attacks
 
     def __init__(self, norm: str = "linf", queries: int = 1000, p_init: float = 0.8, seed: int | None = 0,
                  early_stop: bool = True, bn_eval: bool = True, dropout_eval: bool = True) -> None:
