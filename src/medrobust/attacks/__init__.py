@@ -24,11 +24,23 @@ from medrobust.attacks.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
 from medrobust.attacks.losses import dlr_loss, margin_loss, targeted_dlr_loss, with_loss
 from medrobust.attacks.pgd import PGD, pgd_attack
+from medrobust.attacks.curve import attack_curve
+from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
+from medrobust.attacks.suites import SUITES, Cascade, MinimumNormCurve, build_suite, robust_accuracy
 from medrobust.attacks.square import Square, square_attack
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
 from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
 
 __all__ = [
+    "Cascade",
+    "MaskingFlag",
+    "MinimumNormCurve",
+    "SUITES",
+    "attack_curve",
+    "build_suite",
+    "check_rows",
+    "probe_model",
+    "robust_accuracy",
     "APGD",
     "Attack",
     "AttackResult",
