@@ -147,3 +147,38 @@ def test_eps_in_hounsfield_units_equals_the_same_eps_in_model_units(tiny, tmp_pa
         assert (x_adv - x).abs().max().item() == pytest.approx(0.004, rel=1e-4)  # FGSM moves by exactly eps
     assert rows["native"] == pytest.approx(rows["model"], abs=1e-6)
     assert len(rows["model"]) == 2 * 4  # eps 0 and 0.004, four metrics
+
+
+def test_overfitting_guard_stops_training_when_robust_accuracy_collapses(tiny, tmp_path):
+    """FGSM training's guard: PGD accuracy on a training batch falling by more than guard_drop stops the run."""
+    import lightning as L
+
+    cfg = compose_config("train", [*tiny], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.input_bounds = datamodule.input_bounds
+    batch = next(iter(datamodule.train_dataloader()))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    guard = AdversarialTraining(FGSM(random_start=True, rel_step_size=1.25), eps=0.004,
+                                guard_attack=PGD(steps=5), guard_drop=0.2, guard_action="stop")
+    guard._guard_batch = batch
+    guard.guard_best = 1.0  # an earlier epoch's robust accuracy on the training batch
+    with torch.no_grad():  # a model that the guard's PGD breaks on most samples: big eps, untrained net
+        clean = module.is_correct(module.eval()(batch["image"]), batch).float().mean().item()
+    guard.eps = 0.5
+    guard.on_train_epoch_end(trainer, module)
+    accuracy = guard.guard_history[-1][1]
+    assert accuracy <= clean and accuracy < 1.0 - 0.2
+    assert trainer.should_stop
+    assert guard.state_dict()["guard_history"] == guard.guard_history
+
+
+def test_tensorboard_logger_writes_event_files(tiny, tmp_path):
+    from medrobust.runner import build_callbacks, build_loggers, build_trainer
+
+    cfg = compose_config("train", [*tiny, "logger=tensorboard", "eval=none"], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
+    trainer.fit(module, datamodule=datamodule)
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
