@@ -169,11 +169,13 @@ class RobustnessEvaluation(Callback):
             self._write_files(trainer, split)
 
     def _masking_flags(self, pl_module, rows: list[dict], split: str) -> list:
-        black_box = [label for label, attack in self.attacks.items() if getattr(attack, "black_box", False)]
-        flags = check_rows(rows, attack_order=list(self.attacks), black_box=black_box)
-        if split in self.probe_splits and self._probe_batch is not None:
+        adversarial = {label for label, attack in self.attacks.items() if attack.norm != "none"}  # not corruptions
+        black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
+        flags = check_rows([row for row in rows if row["attack"] in adversarial],
+                           attack_order=[label for label in self.attacks if label in adversarial], black_box=black_box)
+        if split in self.probe_splits and self._probe_batch is not None and adversarial:
             x, batch = self._probe_batch
-            norm = next(iter(self.attacks.values())).norm
+            norm = self.attacks[next(iter(adversarial))].norm
             was_training = pl_module.training
             pl_module.eval()
             with torch.inference_mode(False), torch.enable_grad():

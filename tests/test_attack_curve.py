@@ -55,3 +55,16 @@ def test_curve_rejects_decreasing_eps():
     model, x, labels, _ = binary_problem((4, 1, 2, 2))
     with pytest.raises(ValueError, match="non-decreasing"):
         attack_curve(FGSM(), model, x, {"label": labels}, ClassifierObjective(), eps_values=[0.2, 0.1], bounds=None)
+
+
+def test_corruptions_are_applied_at_each_severity_independently():
+    """No worst case is kept across severities: the noise at each eps has std eps x scale."""
+    from medrobust.attacks import GaussianNoise
+
+    model, _, labels, _ = binary_problem((16, 1, 4, 5))
+    x = torch.full((16, 1, 32, 32), 0.5, dtype=torch.float64)
+    points = attack_curve(GaussianNoise(scale=0.1), model, x, {"label": labels}, ClassifierObjective(),
+                          eps_values=[0.0, 0.5, 1.0], bounds=(0.0, 1.0))
+    stds = [float((p - x).std()) for p in points]
+    assert stds[0] == 0.0
+    assert stds[1] == pytest.approx(0.05, rel=0.05) and stds[2] == pytest.approx(0.1, rel=0.05)

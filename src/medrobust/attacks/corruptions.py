@@ -132,8 +132,13 @@ class Corruption(Attack):
 
     norm = "none"
 
-    def __init__(self, seed: int | None = 0) -> None:
+    def __init__(self, seed: int | None = 0, scale: float = 1.0) -> None:
+        """``scale``: severity per unit of eps, so corruptions of different kinds share one eps list
+        (e.g. eps in [0, 1] as a fraction of each corruption's largest severity)."""
+        if not float(scale) > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
         self.seed = None if seed is None else int(seed)
+        self.scale = float(scale)
 
     def __call__(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
                  eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
@@ -144,7 +149,7 @@ class Corruption(Attack):
             raise TypeError(f"corruptions apply to floating-point images, got {getattr(x, 'dtype', type(x))}")
         with torch.inference_mode(False), torch.no_grad():
             x = x.detach().clone()  # a normal tensor even when the caller is in inference mode
-            severity = threat.eps_for(x)
+            severity = threat.eps_for(x) * self.scale
             if not bool((severity > 0).any()):
                 return x
             out = self.corrupt(x, severity, threat.bounds)
@@ -185,8 +190,8 @@ class BiasField(Corruption):
 
     name = "bias_field"
 
-    def __init__(self, degree: int = 3, seed: int | None = 0) -> None:
-        super().__init__(seed)
+    def __init__(self, degree: int = 3, seed: int | None = 0, scale: float = 1.0) -> None:
+        super().__init__(seed, scale)
         self.degree = check_at_least("degree", degree, 1)
 
     def corrupt(self, x, severity, bounds):

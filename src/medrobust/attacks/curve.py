@@ -35,13 +35,16 @@ def attack_curve(
 
     Args:
         attack: an attack object, ``attack(model, x, batch, objective, *, eps, bounds)``; one with its own
-            ``curve`` method (e.g. a minimum-norm attack that reads every eps off one run) is asked for that.
+            ``curve`` method (e.g. a minimum-norm attack that reads every eps off one run) is asked for that;
+            a corruption (``norm == "none"``) is applied at each severity independently.
         eps_values: non-decreasing eps, each a float or a per-sample ``(B,)`` tensor, in model units.
         known: ``(x_min, radii)`` from a minimum-norm attack: a sample takes its known point, unattacked, from
             the first eps its radius fits in.
     """
     if known is None and hasattr(attack, "curve"):
         return attack.curve(model, x, batch, objective, eps_values=eps_values, bounds=bounds)
+    if getattr(attack, "norm", None) == "none":  # corruptions: each severity on its own, no worst case to keep
+        return [attack(model, x, batch, objective, eps=eps, bounds=bounds) for eps in eps_values]
     sizes = [_eps_size(eps) for eps in eps_values]
     if sizes != sorted(sizes):
         raise ValueError(f"attack_curve needs non-decreasing eps, got {sizes}")
