@@ -14,7 +14,7 @@ from torchmetrics import MetricCollection
 
 from medrobust.attacks import resolve_eps
 from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.masking import check_rows, probe_model
+from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
 from medrobust.reporting.radii import write_radii
 from medrobust.reporting.examples import save_example_grid
@@ -173,6 +173,8 @@ class RobustnessEvaluation(Callback):
         black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
         flags = check_rows([row for row in rows if row["attack"] in adversarial],
                            attack_order=[label for label in self.attacks if label in adversarial], black_box=black_box)
+        flags += [MaskingFlag("black_box_wins", message) for attack in self.attacks.values()
+                  if hasattr(attack, "black_box_wins") for message in attack.black_box_wins()]
         if split in self.probe_splits and self._probe_batch is not None and adversarial:
             x, batch = self._probe_batch
             norm = self.attacks[next(iter(adversarial))].norm
@@ -194,6 +196,9 @@ class RobustnessEvaluation(Callback):
         clean = MetricCollection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
         self.examples = {}
+        for attack in self.attacks.values():
+            if hasattr(attack, "reset_stats"):
+                attack.reset_stats()
         radii: dict[str, list[torch.Tensor]] = {}
         was_training = pl_module.training
         pl_module.eval()

@@ -74,3 +74,16 @@ def test_row_checks():
     assert _names(check_rows(weaker, ["fgsm", "pgd"])) == {"weaker_attack_wins"}
     black = _rows({"pgd": [0.9, 0.6, 0.4, 0.3], "square": [0.9, 0.6, 0.2, 0.1]})
     assert _names(check_rows(black, ["pgd"], black_box=["square"])) == {"black_box_wins"}
+
+
+def test_cascade_reports_a_black_box_stage_that_breaks_what_white_box_could_not():
+    from medrobust.attacks import PGD, Square
+    from medrobust.attacks.suites import Cascade
+
+    model, x, batch = _problem()
+    objective = ClassifierObjective()
+    for net, flagged in ((model, False), (Quantized(model), True)):
+        cascade = Cascade({"pgd": PGD(steps=10), "square": Square(queries=300)}, name="standard")
+        cascade(net, x, batch, objective, eps=0.3, bounds=(0.0, 1.0))
+        assert bool(cascade.black_box_wins()) == flagged
+        assert cascade.attacked["pgd"] == 32

@@ -46,16 +46,31 @@ class Cascade(Attack):
 
     def __init__(self, stages: Mapping[str, Attack] | Sequence[Attack], name: str = "cascade") -> None:
         self.stages = _stage_list(stages)
+        self.stage_names = list(stages) if isinstance(stages, Mapping) else [stage.name for stage in self.stages]
         self.norm = _common_norm(self.stages, f"cascade {name!r}")
         self.name = name
         self.stage_counts: list[int] = []  # samples each stage attacked in the last call
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the running per-stage tallies: samples attacked and samples fooled, over all calls since."""
+        self.attacked = {stage: 0 for stage in self.stage_names}
+        self.fooled = {stage: 0 for stage in self.stage_names}
+
+    def black_box_wins(self) -> list[str]:
+        """Messages for black-box stages that broke samples every white-box stage before them left standing."""
+        total = self.attacked[self.stage_names[0]]
+        return [f"black-box stage {name} of {self.name} broke {self.fooled[name]} of {total} samples the white-box "
+                f"stages left standing"
+                for name, stage in zip(self.stage_names, self.stages)
+                if getattr(stage, "black_box", False) and self.fooled[name] > max(1, 0.01 * total)]
 
     def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
         eps = threat.eps_for(x)
         current = x.detach().clone()
         standing = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         self.stage_counts = []
-        for stage in self.stages:
+        for name, stage in zip(self.stage_names, self.stages):
             idx = standing.nonzero().flatten()
             self.stage_counts.append(len(idx))
             if len(idx) == 0:
@@ -65,6 +80,8 @@ class Cascade(Attack):
             with torch.no_grad():
                 _, correct = objective_values(model, objective, current[idx], sub_batch)
             standing[idx] = correct
+            self.attacked[name] += len(idx)
+            self.fooled[name] += int((~correct).sum())
         return current
 
 
