@@ -19,15 +19,6 @@ DUAL = {"linf": 1, "l2": 2}  # a linear model's minimal Linf perturbation is gap
 OBJ = ClassifierObjective()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread (much faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Linear(nn.Module):
     """Logits ``W x + b`` ``(B, K)`` for images of any rank."""
 

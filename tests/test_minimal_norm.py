@@ -26,15 +26,6 @@ WIDE = (-10.0, 10.0)  # bounds that never bind for x ~ N(0, 1) and the radii her
 OBJ = ClassifierObjective()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_binary(shape, seed=0):
     """Logits ``[0, w.x + b]``, labels the clean predictions, exact radius per norm."""
     g = torch.Generator().manual_seed(seed)

@@ -12,14 +12,6 @@ from medrobust.attacks.suites import Cascade, MinimumNormCurve
 from test_attacks import binary_problem, correct
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cascade_attacks_only_survivors_and_keeps_every_success():
     torch.manual_seed(0)
     model, x, labels, radius = binary_problem((48, 1, 4, 5))

@@ -25,15 +25,6 @@ from medrobust.attacks.threat import lp_norm
 SHAPES = [(6, 2, 10, 12), (4, 1, 6, 7, 8)]  # 2-D and 3-D
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------ universal
 class Overestimate:
     """The signed error ``f(x) - y`` (an attacker inflating e.g. a predicted brain age); right within 1."""
