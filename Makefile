@@ -1,6 +1,6 @@
 # make test   set up .venv from scratch (CPU torch, no torchvision) and run the test suite
 # make demo   set up and run `python train.py task=lidc adv=pgd` on the embedded LIDC phantom
-# make bench  set up and print the benchmark ratios
+# make bench  set up and print the benchmark ratios (training cost, attack engine)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,3 +25,4 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_training.py
+	$(PY) bench/bench_attacks.py
