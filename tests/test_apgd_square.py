@@ -13,6 +13,7 @@ from medrobust.attacks.losses import LossFallbackWarning, classification_margin,
 from medrobust.attacks.losses import targeted_dlr_loss, with_loss
 from medrobust.attacks.square import Square, p_selection, random_windows
 from medrobust.attacks.threat import lp_norm
+from test_attacks import CountingModel
 
 SHAPES = [(16, 1, 4, 5), (16, 1, 3, 4, 5)]  # 2-D and 3-D
 DUAL = {"linf": 1, "l2": 2}  # a linear model's minimal Linf perturbation is gap / ||w_y - w_j||_1; L2: / ||.||_2
@@ -204,18 +205,6 @@ def test_parameters_modes_and_bn_stats_untouched(attack):
     assert torch.equal(net[5].weight.grad, torch.ones_like(net[5].weight))
     assert all(p.grad is None for name, p in net.named_parameters() if name != "5.weight")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in stats.items())
-
-
-class CountingModel(nn.Module):
-    """Records the batch size of every forward."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.sizes = inner, []
-
-    def forward(self, x):
-        self.sizes.append(x.shape[0])
-        return self.inner(x)
 
 
 @pytest.mark.parametrize("attack", [APGD(steps=20), APGD("l2", steps=20), Square(queries=200)])

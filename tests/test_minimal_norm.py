@@ -19,6 +19,7 @@ from medrobust.attacks import (
     minimal_perturbation,
 )
 from medrobust.attacks.threat import lp_norm
+from test_attacks import CountingModel
 
 SHAPES = [(12, 1, 4, 5), (12, 1, 3, 4, 5)]  # 2-D and 3-D
 DUAL = {"linf": 1, "l2": 2}  # minimal Linf perturbation of a linear f: |f| / ||w||_1; L2: |f| / ||w||_2
@@ -312,16 +313,6 @@ def test_fp32_margin_under_bf16_autocast():
             x_adv = attack(model, x, {"label": y}, objective, eps=0.03, bounds=(0.0, 1.0))
         assert x_adv.dtype == torch.float32
         assert objective.seen and set(objective.seen) == {(torch.float32, False)}
-
-
-class CountingModel(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.sizes = inner, []
-
-    def forward(self, x):
-        self.sizes.append(x.shape[0])
-        return self.inner(x)
 
 
 def test_finished_samples_leave_the_batch():
