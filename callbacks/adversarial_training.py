@@ -12,13 +12,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medrobust.attacks import index_batch, resolve_eps
+from medrobust.attacks import EPS_UNITS, index_batch, resolve_eps
 from medrobust.tasks.base import clean_objective
 
 log = logging.getLogger("medrobust")
 
 GUARD_ACTIONS = ("warn", "stop")
-EPS_UNITS = ("model", "native", "range")
 
 
 class AdversarialTraining(Callback):

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from torchmetrics import MetricCollection
 
-from medrobust.attacks import resolve_eps
+from medrobust.attacks import EPS_UNITS, resolve_eps
 from medrobust.attacks.curve import attack_curve
 from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
@@ -22,7 +22,6 @@ from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 
 log = logging.getLogger("medrobust")
 
-EPS_UNITS = ("model", "native", "range")
 
 
 def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
