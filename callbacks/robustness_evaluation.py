@@ -10,7 +10,6 @@ from typing import Mapping, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
-from torchmetrics import MetricCollection
 
 from medrobust.attacks import EPS_UNITS, resolve_eps
 from medrobust.attacks.curve import attack_curve
@@ -19,6 +18,7 @@ from medrobust.reporting import format_eps, plot_curves, summary_markdown, write
 from medrobust.reporting.radii import write_radii
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
+from medrobust.tasks.base import compute_metrics, metric_collection
 
 log = logging.getLogger("medrobust")
 
@@ -190,9 +190,9 @@ class RobustnessEvaluation(Callback):
     def evaluate(self, pl_module, loader, *, split: str, epoch: int, max_batches: int | None, precision=None) -> list[dict]:
         """Attack ``max_batches`` batches of ``loader`` at every (attack, eps); rows reduced across ranks."""
         device = pl_module.device
-        cells = {(label, eps): MetricCollection(pl_module.robust_metrics()).to(device)
+        cells = {(label, eps): metric_collection(pl_module.robust_metrics()).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0}
-        clean = MetricCollection(pl_module.robust_metrics()).to(device)
+        clean = metric_collection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
         self.examples = {}
         for attack in self.attacks.values():
@@ -211,7 +211,8 @@ class RobustnessEvaluation(Callback):
                 if index == 0:
                     self._probe_batch = (x, batch)
                 with torch.no_grad(), forward_context():
-                    clean.update(*pl_module.metric_inputs(pl_module(x), batch))
+                    clean_output = pl_module(x)
+                    clean.update(*pl_module.metric_inputs(clean_output, batch))
                 attacked_eps = [eps for eps in self.eps if eps > 0]
                 eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
@@ -222,16 +223,17 @@ class RobustnessEvaluation(Callback):
                         radii.setdefault(label, []).append(attack.last_radii.float())
                     for eps, x_adv in zip(attacked_eps, points):
                         with torch.no_grad(), forward_context():
-                            cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch))
+                            cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch,
+                                                                              reference=clean_output))
                         if index == 0 and eps == self.eps[-1]:
                             self.examples[label] = (eps, x.detach().cpu(), x_adv.detach().cpu())
         pl_module.train(was_training)
         self.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
-        clean_values = clean.compute()  # every rank computes in the same order: torchmetrics syncs here
+        clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
         rows = []
         for label, attack in self.attacks.items():
             for eps in self.eps:
-                values = clean_values if eps == 0 else cells[label, eps].compute()
+                values = clean_values if eps == 0 else compute_metrics(cells[label, eps])
                 rows.extend(
                     {"epoch": epoch, "split": split, "attack": label, "norm": attack.norm, "eps": eps,
                      "eps_unit": self.eps_unit, "metric": metric, "value": float(value)}
@@ -258,7 +260,9 @@ class RobustnessEvaluation(Callback):
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:
         path = self.run_dir(trainer) / "summary.md"
-        notes = [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
+        net = getattr(trainer.lightning_module, "net", None)
+        notes = [f"Model: {type(net).__name__}"] if net is not None else []
+        notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
         test_flags = [flags for (split, _), flags in self.flags.items() if split == "test" and flags]
         warnings = []
         if test_flags:

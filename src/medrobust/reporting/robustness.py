@@ -122,6 +122,8 @@ def _survival_lines(cells: dict, metric: str = "accuracy") -> list[str]:
         eps = max(e for a, e in cells if a == attack)
         value = cells[attack, eps].get(metric)
         if eps > 0 and value is not None:
+            shift = cells[attack, eps].get("age_shift")  # regression: how far the attack moves predictions
+            moved = f"; predictions shift by {shift:.2f} on average" if shift is not None else ""
             lines.append(f"- {attack} at eps={eps:g}: {metric} {value:.4f} vs {clean:.4f} clean "
-                         f"({100 * value / clean:.0f} % survives)")
+                         f"({100 * value / clean:.0f} % survives){moved}")
     return [*lines, ""] if lines else []

@@ -1,4 +1,5 @@
 from medrobust.tasks.base import RobustTask, clean_objective
 from medrobust.tasks.classification import ClassificationTask
+from medrobust.tasks.regression import RegressionTask
 
-__all__ = ["RobustTask", "ClassificationTask", "clean_objective"]
+__all__ = ["RobustTask", "ClassificationTask", "RegressionTask", "clean_objective"]

@@ -9,7 +9,8 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``correct_margin(output, batch)``   per-sample ``Tensor[B]``, > 0 exactly where ``is_correct`` (minimum-norm
                                     attacks: FMN, DeepFool, C&W); e.g. ``z_y - max_{j != y} z_j``, ``tau - |error|``
 ``robust_metrics()``                fresh torchmetrics for clean and adversarial evaluation
-``metric_inputs(output, batch)``    the ``(preds, target)`` those metrics are updated with
+``metric_inputs(output, batch, reference=None)``  the ``(preds, target)`` those metrics are updated with;
+                                    ``reference``: the clean output when ``output`` is adversarial
 ``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
 ``intensity``                       native units (HU, raw MR) -> model units, for eps in native units
 ``train_objective``                 ``(module, batch) -> loss``; clean by default, replaced by adversarial training
@@ -25,6 +26,22 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
+
+
+def compute_metrics(collection: MetricCollection) -> dict[str, torch.Tensor]:
+    """``collection.compute()`` without the metrics marked ``skip_when_empty`` that saw no samples on any rank
+    (an age band without subjects computes NaN). Judged on the synced value, so every rank drops the same keys."""
+    values = collection.compute()
+    prefix = collection.prefix or ""
+    optional = {prefix + name for name, metric in collection.items(keep_base=True)
+                if getattr(metric, "skip_when_empty", False)}
+    return {name: value for name, value in values.items() if not (name in optional and torch.isnan(value))}
+
+
+def metric_collection(metrics: dict, prefix: str | None = None) -> MetricCollection:
+    """The task's metrics as one collection. No compute groups: metrics over different subsets (age bands)
+    can hold equal states after a first batch, and torchmetrics would then merge them for good."""
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def clean_objective(module: "RobustTask", batch: dict) -> torch.Tensor:
@@ -58,8 +75,8 @@ class RobustTask(L.LightningModule):
         self.input_bounds = tuple(input_bounds) if input_bounds is not None else None
         self.intensity = None
         self.train_objective: TrainObjective = clean_objective
-        self.val_metrics = MetricCollection(self.robust_metrics(), prefix="val/")
-        self.test_metrics = MetricCollection(self.robust_metrics(), prefix="test/")
+        self.val_metrics = metric_collection(self.robust_metrics(), prefix="val/")
+        self.test_metrics = metric_collection(self.robust_metrics(), prefix="test/")
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Any:
@@ -77,7 +94,9 @@ class RobustTask(L.LightningModule):
     def robust_metrics(self) -> dict:
         raise NotImplementedError
 
-    def metric_inputs(self, output: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def metric_inputs(self, output: Any, batch: dict, reference: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(preds, target)`` for the metrics; ``reference`` is the clean output for the same images when
+        ``output`` is adversarial (metrics such as the age shift compare the two)."""
         raise NotImplementedError
 
     # -- wiring to the data ---------------------------------------------------------------------
@@ -106,14 +125,14 @@ class RobustTask(L.LightningModule):
         self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict(compute_metrics(self.val_metrics), prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(compute_metrics(self.test_metrics))
         self.test_metrics.reset()
 
     def configure_optimizers(self):

@@ -63,7 +63,7 @@ class ClassificationTask(RobustTask):
             "specificity": MulticlassSpecificity(n, average="macro"),
         }
 
-    def metric_inputs(self, output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def metric_inputs(self, output: torch.Tensor, batch: dict, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
         probs = output.float().softmax(dim=1)
         preds = probs[:, 1] if self.num_classes == 2 else probs
         return preds, batch["label"]

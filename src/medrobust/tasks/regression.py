@@ -1,0 +1,116 @@
+"""Regression: brain age from 3-D MRI (and any scalar target), with conventional or hybrid networks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from medrobust.tasks.base import RobustTask
+from medrobust.tasks.regression_metrics import parse_bands, regression_metrics
+
+LOSSES = ("l1", "mse", "huber")
+
+
+class RegressionTask(RobustTask):
+    """A scalar target (age in years) from images; ``batch["label"]`` is the target ``(B,)``.
+
+    The network predicts the standardised target ``(y - target_mean) / target_std``; :meth:`prediction` turns
+    its output back into years. A network with a ``fuse(output, features)`` method (the hybrid model) gets
+    ``batch[features_key]`` there: those features come from the batch, which attacks never perturb.
+
+    attack_loss: the per-sample training loss on the standardised scale (L1, MSE or Huber); is_correct:
+    ``|prediction - target| <= tau``; correct_margin: ``tau - |prediction - target|`` (years).
+    Metrics: ``accuracy`` (fraction within ``tau``), MAE, RMSE, R^2, and the age shift
+    ``|mean(pred_adv - pred_clean)|`` overall and per age band (bands without subjects are skipped).
+
+    Args:
+        net: ``(B, C, *spatial) -> (B, 1)``, or an embedding with ``net.fuse(embedding, features) -> (B, 1)``.
+        loss: ``"l1"``, ``"mse"`` or ``"huber"`` (delta 1 standard deviation).
+        tau: tolerance in target units (years) for ``is_correct``.
+        age_bands: band edges for the per-band age shift; ``[15, 25, 50, 65]`` gives < 15, 15-25, 25-50,
+            50-65 and > 65.
+        target_mean, target_std: standardisation of the target; ``None`` takes the datamodule's
+            ``age_mean`` / ``age_std`` (training split) at setup. Saved in checkpoints.
+        features_key: the batch key of the anatomical features a hybrid network fuses.
+    """
+
+    def __init__(
+        self,
+        net,
+        loss: str = "l1",
+        tau: float = 5.0,
+        age_bands: Sequence[float] = (15, 25, 50, 65),
+        target_mean: float | None = None,
+        target_std: float | None = None,
+        features_key: str = "features",
+        **kwargs,
+    ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"module.loss must be one of {list(LOSSES)}, got {loss!r}")
+        if not (isinstance(tau, (int, float)) and tau > 0):
+            raise ValueError(f"module.tau must be a number of target units > 0, got {tau!r}")
+        if target_std is not None and not target_std > 0:
+            raise ValueError(f"module.target_std must be > 0, got {target_std!r}")
+        self.loss_name, self.tau = loss, float(tau)
+        self.bands = parse_bands(age_bands)
+        self.features_key = features_key
+        super().__init__(net, **kwargs)
+        # buffers: the standardisation travels with the checkpoint (eval.py needs the same scale)
+        self.register_buffer("target_mean", torch.tensor(math.nan if target_mean is None else float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(math.nan if target_std is None else float(target_std)))
+
+    # -- wiring to the data ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if torch.isnan(self.target_mean) or torch.isnan(self.target_std):
+            mean, std = getattr(datamodule, "age_mean", None), getattr(datamodule, "age_std", None)
+            if mean is None or std is None:
+                raise ValueError("module.target_mean / target_std are unset and the datamodule gives no "
+                                 "age_mean / age_std to standardise the target with")
+            self.target_mean.fill_(float(mean))
+            self.target_std.fill_(max(float(std), 1e-6))
+        if hasattr(self.net, "bind_features"):
+            self.net.bind_features(getattr(datamodule, "num_features", None) if datamodule is not None
+                                   else self.net.num_features)
+
+    # -- the contract -------------------------------------------------------------------------
+    def prediction(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The predicted target in its own units (years), ``(B,)``, fp32."""
+        if hasattr(self.net, "fuse"):
+            if self.features_key not in batch:
+                raise KeyError(f"the hybrid model needs batch[{self.features_key!r}] (anatomical features); "
+                               f"the batch has {sorted(batch)}")
+            output = self.net.fuse(output, batch[self.features_key])
+        if output.ndim != 2 or output.shape[1] != 1:
+            raise ValueError(f"a regression network must output (B, 1), got {tuple(output.shape)}")
+        return output.float().squeeze(1) * self.target_std + self.target_mean
+
+    def error(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``prediction - target`` in years, ``(B,)``."""
+        return self.prediction(output, batch) - batch["label"].float()
+
+    def attack_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        error = self.error(output, batch) / self.target_std
+        if self.loss_name == "l1":
+            return error.abs()
+        if self.loss_name == "mse":
+            return error ** 2
+        return F.huber_loss(error, torch.zeros_like(error), reduction="none", delta=1.0)
+
+    def is_correct(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.error(output, batch).abs() <= self.tau
+
+    def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.tau - self.error(output, batch).abs()
+
+    def robust_metrics(self) -> dict:
+        return regression_metrics(self.tau, self.bands)
+
+    def metric_inputs(self, output, batch: dict, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.prediction(output, batch)
+        reference_pred = pred if reference is None else self.prediction(reference, batch)
+        return torch.stack([pred, reference_pred], dim=1), batch["label"].float()
