@@ -15,7 +15,8 @@ from medrobust.attacks import EPS_UNITS, resolve_eps
 from medrobust.attacks.curve import attack_curve
 from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
-from medrobust.reporting.radii import write_radii
+from medrobust.reporting.radii import plot_radii
+from medrobust.reporting.robustness import radius_rows
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 from medrobust.tasks.base import compute_metrics, metric_collection
@@ -160,10 +161,14 @@ class RobustnessEvaluation(Callback):
         if flags and trainer.is_global_zero:
             log.warning("gradient masking suspected in the %s evaluation at epoch %d: %s", split, epoch,
                         "; ".join(flag.message for flag in flags))
-        self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         for row in rows:
             key = f"robust_{split}/{row['attack']}/{row['metric']}_eps{format_eps(row['eps'])}"
             pl_module.log(key, row["value"], sync_dist=False)  # already reduced across ranks
+        pl_module.log(f"robust_{split}/masking_flags", float(len(flags)), sync_dist=False)
+        for label, radii in self.radii.items():
+            rows += radius_rows(radii.tolist(), epoch=epoch, split=split, attack=label,
+                                norm=self.attacks[label].norm, eps_unit="model")
+        self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         if trainer.is_global_zero:
             self._write_files(trainer, split)
 
@@ -247,9 +252,11 @@ class RobustnessEvaluation(Callback):
         out = self.run_dir(trainer)
         write_csv(self.history, out / "robustness.csv")
         plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_")
-        log_robustness_to_wandb(trainer.loggers, self.history, split)
+        epoch = self.history[-1]["epoch"]
+        log_robustness_to_wandb(trainer.loggers, self.history, split,
+                                flags=[flag.name for flag in self.flags.get((split, epoch), [])])
         for label, values in self.radii.items():
-            write_radii(out, label, split, self.history[-1]["epoch"], values.cpu())
+            plot_radii(out, label, split, epoch, values.cpu())
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:

@@ -64,8 +64,15 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
     table = json.loads(tables[-1].read_text())  # the last one logged holds the whole history
     got = {(int(r[0]), r[2], float(r[4]), r[6]): float(r[7]) for r in table["data"]}
     want = {(r["epoch"], r["attack"], r["eps"], r["metric"]): r["value"] for r in rows if r["split"] == "val"}
-    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags"]
+    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags",
+                                "sample"]
     assert got == pytest.approx(want)
+    # the gradient-masking verdict is on the run's overview page (summary), "none" for this normal model
+    summaries = sorted((run_dir / "wandb").glob("offline-run-*/files/wandb-summary.json"))
+    assert summaries, "no W&B summary written"
+    summary = json.loads(summaries[-1].read_text())
+    assert summary["robustness/val_masking_flags"] == "none"
+    assert summary["robustness/test_masking_flags"] == "none"
 
 
 def test_eval_attacks_a_checkpoint_into_its_own_run_dir(tiny, trained_run, tmp_path):

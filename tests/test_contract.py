@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from medrobust.reporting import read_csv
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
 from conftest import CONF, compose_config
 
@@ -34,9 +35,11 @@ def test_config_composes_instantiates_and_fits(tiny, task, adv, evaluation, tmp_
     if evaluation != "none":
         assert (Path(tmp_path) / "robustness.csv").is_file()
         assert (Path(tmp_path) / "summary.md").is_file()
-    if evaluation == "curve":  # the minimum-norm suite's per-sample radii and their histogram
-        radii = (Path(tmp_path) / "radii.csv").read_text().splitlines()
-        assert radii[0] == "epoch,split,attack,sample,radius" and len(radii) > 8
+    if evaluation == "curve":  # the minimum-norm suite's per-sample radii (robustness.csv rows) and histogram
+        rows = read_csv(Path(tmp_path) / "robustness.csv")
+        radii = [r for r in rows if r["metric"] == "radius" and r["split"] == "test"]
+        assert len(radii) == len({r["sample"] for r in radii}) >= 8
+        assert all(r["value"] >= 0 for r in radii) and all(r["eps"] == "" for r in radii)
         assert (Path(tmp_path) / "curves" / "test_fmn-curve_linf_radii.png").is_file()
 
 

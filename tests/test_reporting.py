@@ -1,4 +1,5 @@
 from medrobust.reporting import format_eps, plot_curves, read_csv, summary_markdown, write_csv
+from medrobust.reporting.robustness import radius_rows
 
 
 def _rows():
@@ -21,7 +22,18 @@ def test_csv_round_trip(tmp_path):
     rows = _rows()
     write_csv(rows, tmp_path / "robustness.csv")
     back = read_csv(tmp_path / "robustness.csv")
-    assert back == [{**row, "flags": ""} for row in rows]
+    assert back == [{**row, "flags": "", "sample": ""} for row in rows]
+
+
+def test_radius_rows_round_trip_and_stay_out_of_curves_and_summary(tmp_path):
+    radii = radius_rows([0.5, float("inf")], epoch=1, split="val", attack="fmn-curve_linf", norm="linf",
+                        eps_unit="model")
+    write_csv(_rows() + radii, tmp_path / "robustness.csv")
+    back = [r for r in read_csv(tmp_path / "robustness.csv") if r["metric"] == "radius"]
+    assert [(r["sample"], r["value"], r["eps"]) for r in back] == [(0, 0.5, ""), (1, float("inf"), "")]
+    assert {p.name for p in plot_curves(_rows() + radii, tmp_path / "curves", split="val")} == {
+        "fgsm_linf_accuracy.png", "pgd10_linf_accuracy.png"}
+    assert summary_markdown(_rows() + radii, "val", title="t") == summary_markdown(_rows(), "val", title="t")
 
 
 def test_curves_one_png_per_attack_and_metric(tmp_path):

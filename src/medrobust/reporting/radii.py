@@ -1,8 +1,8 @@
-"""Per-sample robustness radii from minimum-norm suites: ``radii.csv`` and a histogram per evaluation."""
+"""Per-sample robustness radii from minimum-norm suites: a histogram per evaluation (the values themselves are
+``metric="radius"`` rows of ``robustness.csv``, see :func:`medrobust.reporting.robustness.radius_rows`)."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -12,19 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-RADII_KEYS = ("epoch", "split", "attack", "sample", "radius")
-
-
-def write_radii(out_dir: Path, attack: str, split: str, epoch: int, radii: torch.Tensor) -> None:
-    """Append one row per sample to ``radii.csv`` (model units; ``inf`` = no adversarial point found) and
-    draw ``curves/<split>_<attack>_radii.png``: the radii's histogram with robust accuracy = 1 - CDF."""
-    path = out_dir / "radii.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(RADII_KEYS)
-        writer.writerows([epoch, split, attack, i, float(r)] for i, r in enumerate(radii.tolist()))
+def plot_radii(out_dir: Path, attack: str, split: str, epoch: int, radii: torch.Tensor) -> None:
+    """``curves/<split>_<attack>_radii.png``: the radii's histogram (model units; ``inf`` = no adversarial point
+    found) with robust accuracy = 1 - CDF."""
     finite = sorted(r for r in radii.tolist() if math.isfinite(r))
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     if finite:

@@ -2,6 +2,11 @@
 
 A result row is a plain dict with the keys of ``ROW_KEYS``: one metric value for one
 (epoch, split, attack, norm, eps) cell, so a whole training run's curve history is one table.
+
+Minimum-norm suites also write one row per sample (``metric="radius"``, ``sample`` its index in the
+evaluation, ``eps`` empty, ``value`` the smallest adversarial perturbation found, ``inf`` where none): the
+per-sample robustness radii, from which robust accuracy at any eps is ``1 - CDF``. Curves and summaries
+read the per-cell rows only (:func:`is_cell_row`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags")
+ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags", "sample")
+
+
+def is_cell_row(row: dict) -> bool:
+    """A metric at one eps (not a per-sample radius row)."""
+    return row.get("sample") in (None, "")
+
+
+def radius_rows(radii, *, epoch: int, split: str, attack: str, norm: str, eps_unit: str) -> list[dict]:
+    """One row per sample: its robustness radius (model units; ``inf`` = no adversarial point found)."""
+    return [{"epoch": epoch, "split": split, "attack": attack, "norm": norm, "eps": "", "eps_unit": eps_unit,
+             "metric": "radius", "value": float(r), "sample": i} for i, r in enumerate(radii)]
 
 
 def format_eps(eps: float) -> str:
@@ -39,8 +55,11 @@ def read_csv(path: Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         row["epoch"] = int(row["epoch"])
-        row["eps"] = float(row["eps"])
         row["value"] = float(row["value"])
+        if is_cell_row(row):
+            row["eps"] = float(row["eps"])
+        else:
+            row["sample"] = int(row["sample"])
     return rows
 
 
@@ -48,7 +67,7 @@ def curve_series(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int
     """``{(attack, metric): {epoch: [(eps, value), ...] sorted by eps}}`` for one split."""
     series: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row["split"] == split:
+        if row["split"] == split and is_cell_row(row):
             series[(row["attack"], row["metric"])][row["epoch"]].append((row["eps"], row["value"]))
     return {key: {epoch: sorted(points) for epoch, points in by_epoch.items()} for key, by_epoch in series.items()}
 
@@ -87,7 +106,7 @@ BOUNDED_METRICS = {"accuracy", "auroc", "sensitivity", "specificity", "dice"}
 def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None,
                      warnings: list[str] | None = None) -> str:
     """A clean-vs-robust table: one line per (attack, eps), one column per metric, for the last epoch."""
-    selected = [row for row in rows if row["split"] == split]
+    selected = [row for row in rows if row["split"] == split and is_cell_row(row)]
     if not selected:
         return f"# {title}\n\nNo robustness results for split '{split}'.\n"
     last_epoch = max(row["epoch"] for row in selected)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from medrobust.reporting.robustness import ROW_KEYS, curve_series
 
 
-def log_robustness_to_wandb(loggers, rows: list[dict], split: str) -> None:
-    """Log to every ``WandbLogger`` among ``loggers``; a no-op when W&B is not a logger of this run."""
+def log_robustness_to_wandb(loggers, rows: list[dict], split: str, flags: list[str] = ()) -> None:
+    """Log to every ``WandbLogger`` among ``loggers``; a no-op when W&B is not a logger of this run.
+
+    ``flags``: the gradient-masking flags of this evaluation; they go to the run summary
+    (``robustness/<split>_masking_flags``, ``"none"`` when clean) so a flagged run says so on its overview page."""
     from lightning.pytorch.loggers import WandbLogger
 
     wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger)]
@@ -14,7 +17,7 @@ def log_robustness_to_wandb(loggers, rows: list[dict], split: str) -> None:
         return
     import wandb
 
-    split_rows = [row for row in rows if row["split"] == split]
+    split_rows = [row for row in rows if row["split"] == split]  # the table keeps the radius rows too
     payload = {f"robustness/{split}_table": wandb.Table(columns=list(ROW_KEYS), data=[[r.get(k, "") for k in ROW_KEYS] for r in split_rows])}
     for (attack, metric), by_epoch in curve_series(split_rows, split).items():
         epochs = sorted(by_epoch)
@@ -26,3 +29,4 @@ def log_robustness_to_wandb(loggers, rows: list[dict], split: str) -> None:
         )
     for logger in wandb_loggers:
         logger.experiment.log(payload)
+        logger.experiment.summary[f"robustness/{split}_masking_flags"] = ";".join(flags) or "none"
