@@ -30,6 +30,8 @@ from medrobust.attacks.suites import SUITES, Cascade, MinimumNormCurve, build_su
 from medrobust.attacks.square import Square, square_attack
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
 from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
+from medrobust.attacks.directional import Directional, ShiftObjective, directional_attack, with_clean_prediction
+from medrobust.attacks.universal_shift import DEFAULT_GROUP_SIZES, universal_shift
 
 __all__ = [
     "Cascade",
@@ -83,4 +85,10 @@ __all__ = [
     "square_attack",
     "targeted_dlr_loss",
     "with_loss",
+    "DEFAULT_GROUP_SIZES",
+    "Directional",
+    "ShiftObjective",
+    "directional_attack",
+    "universal_shift",
+    "with_clean_prediction",
 ]
