@@ -102,6 +102,11 @@ class RobustTask(L.LightningModule):
     # -- wiring to the data ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.bind_data(datamodule)
+
+    def bind_data(self, datamodule) -> None:
+        """Take what the task needs from the data (bounds, intensity window, ...); ``setup`` calls it, and so
+        can code that uses the module without a trainer. ``None``: no datamodule."""
         if datamodule is None:
             return
         if self.input_bounds is None and getattr(datamodule, "input_bounds", None) is not None:

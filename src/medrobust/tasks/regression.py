@@ -63,9 +63,8 @@ class RegressionTask(RobustTask):
         self.register_buffer("target_std", torch.tensor(math.nan if target_std is None else float(target_std)))
 
     # -- wiring to the data ---------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+    def bind_data(self, datamodule) -> None:
+        super().bind_data(datamodule)
         if torch.isnan(self.target_mean) or torch.isnan(self.target_std):
             mean, std = getattr(datamodule, "age_mean", None), getattr(datamodule, "age_std", None)
             if mean is None or std is None:
