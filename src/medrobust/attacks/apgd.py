@@ -174,9 +174,13 @@ def _negative_margin(objective: Any) -> Any:
 
 def _plan(objective: Any, output: Any, batch: dict, loss: str, targeted: bool, n_targets: int):
     """``[(objective for the runs, targets (B,) or None), ...]``: what each set of restarts climbs, given the
-    clean ``output``. DLR with ``K < 3`` and APGD-T with ``K < 4`` fall back to the margin loss."""
+    clean ``output``. DLR with ``K < 3`` and APGD-T with ``K < 4`` fall back to the margin loss. An objective
+    whose outputs are not class logits (``objective.outputs_logits`` false: regression) climbs its own loss,
+    and its "targeted" runs climb the margin loss instead (a second, differently shaped objective)."""
     if loss == "default":
         return [(objective, None)]
+    if not getattr(objective, "outputs_logits", True):  # regression, ...: CE / DLR have no meaning there
+        return [(objective if not targeted else _negative_margin(objective), None)]
     key = getattr(objective, "label_key", "label")
     if loss != "margin":
         if key not in batch:

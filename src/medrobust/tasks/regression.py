@@ -37,6 +37,8 @@ class RegressionTask(RobustTask):
         features_key: the batch key of the anatomical features a hybrid network fuses.
     """
 
+    outputs_logits = False  # attacks' classification losses (CE, DLR, targeted) do not apply
+
     def __init__(
         self,
         net,
