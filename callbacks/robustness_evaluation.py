@@ -131,6 +131,11 @@ class RobustnessEvaluation(Callback):
         if missing:
             raise TypeError(f"RobustnessEvaluation needs a task module implementing the task contract; "
                             f"{type(pl_module).__name__} lacks {missing}")
+        for label, attack in self.attacks.items():
+            lacking = [m for m in getattr(attack, "requires", ()) if not hasattr(pl_module, m)]
+            if lacking:
+                raise TypeError(f"eval.attacks: {label} needs a task module with {lacking}; "
+                                f"{type(pl_module).__name__} lacks them (a regression-only attack on another task?)")
         if self.eps_unit == "native" and getattr(pl_module, "intensity", None) is None:
             raise ValueError("eval.eps_unit=native needs an intensity window from the datamodule; this one has none")
 
@@ -173,7 +178,9 @@ class RobustnessEvaluation(Callback):
             self._write_files(trainer, split)
 
     def _masking_flags(self, pl_module, rows: list[dict], split: str) -> list:
-        adversarial = {label for label, attack in self.attacks.items() if attack.norm != "none"}  # not corruptions
+        # the checks assume each attack tries to make samples wrong: not corruptions, not prediction shifts
+        adversarial = {label for label, attack in self.attacks.items()
+                       if attack.norm != "none" and getattr(attack, "seeks_errors", True)}
         black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
         flags = check_rows([row for row in rows if row["attack"] in adversarial],
                            attack_order=[label for label in self.attacks if label in adversarial], black_box=black_box)

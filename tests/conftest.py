@@ -14,11 +14,8 @@ torch.set_num_threads(1)
 
 from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config  # noqa: F401
 
-# a few dozen nodules, small batches, one short epoch: enough to run every code path in seconds
-_TINY = [
-    "data.max_nodules=48",
-    "data.batch_size=8",
-    "data.patch_size=32",
+# small data, small batches, one short epoch: enough to run every code path in seconds
+_TINY_RUN = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=2",
@@ -27,6 +24,12 @@ _TINY = [
     "++eval.max_batches=1",
     "++eval.test_max_batches=1",
 ]
+TINY_DATA = {
+    "lidc": ["data.max_nodules=48", "data.batch_size=8", "data.patch_size=32"],
+    "brainage": ["data.num_subjects=48", "data.image_size=16", "data.batch_size=8",
+                 "callbacks.universal_shift.group_sizes=[1,4]", "callbacks.universal_shift.repeats=1",
+                 "callbacks.universal_shift.epochs=1"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +41,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(data_dir, lidc_mini_db) -> list[str]:
-    """Overrides for a tiny run: a few dozen real nodules from a mini annotation DB, short epochs."""
-    return [*_TINY, f"data.annotation_db={lidc_mini_db}"]
+def tiny_for(data_dir, lidc_mini_db):
+    """``tiny_for(task)``: overrides for a tiny run of that task (LIDC: a few dozen real nodules from a mini
+    annotation DB; brain age: a few dozen small phantom brains), short epochs."""
+    extra = {"lidc": [f"data.annotation_db={lidc_mini_db}"]}
+    return lambda task: [f"task={task}", *TINY_DATA[task], *extra.get(task, []), *_TINY_RUN]
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_for) -> list[str]:
+    """Tiny-run overrides for the default task (LIDC), without the ``task=`` override."""
+    return tiny_for("lidc")[1:]
 
 
 def run_script(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):

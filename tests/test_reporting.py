@@ -51,3 +51,12 @@ def test_summary_uses_last_epoch_and_one_clean_row():
     assert len(table) == 1 + 1 + 4  # header, clean, 2 attacks x 2 eps
     assert "epoch 1" in text
     assert "- pgd10_linf at eps=0.008: accuracy 0.3100 vs 0.9100 clean (34 % survives)" in text
+
+
+def test_sub_metric_families_share_one_png(tmp_path):
+    rows = [{"epoch": 0, "split": "test", "attack": "pgd10_linf", "norm": "linf", "eps": eps, "eps_unit": "range",
+             "metric": metric, "value": value}
+            for eps in (0.0, 0.004) for metric, value in
+            (("age_shift", eps * 100), ("age_shift_lt50", eps * 50), ("age_shift_gt50", eps * 150), ("mae", 5.0))]
+    names = {p.name for p in plot_curves(rows, tmp_path, split="test")}
+    assert names == {"pgd10_linf_age_shift.png", "pgd10_linf_age_shift_by_part.png", "pgd10_linf_mae.png"}

@@ -14,9 +14,11 @@ log = logging.getLogger("medrobust")
 
 def build_data_and_module(cfg: DictConfig):
     """The datamodule and the task module (network inside) from ``cfg.data``, ``cfg.model``, ``cfg.module``."""
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
-    module = instantiate(cfg.module, net=net)
+    # plain lists and dicts, not OmegaConf containers: hyperparameters land in checkpoints, which torch.load
+    # (weights_only) reads back only when they hold plain types
+    datamodule = instantiate(cfg.data, _convert_="all")
+    net = instantiate(cfg.model, _convert_="all")
+    module = instantiate(cfg.module, net=net, _convert_="all")
     return datamodule, module
 
 

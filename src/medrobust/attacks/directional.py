@@ -170,6 +170,9 @@ class Directional(Attack):
     ``"directional_down"`` (one step) or ``"directional_down_pgd10"`` (10 steps; ``x5`` with 5 restarts).
     """
 
+    requires = ("prediction",)  # the task members it reads; RobustnessEvaluation checks them at setup
+    seeks_errors = False  # it shifts predictions, not toward errors: the masking checks leave its curves out
+
     def __init__(self, direction: str = "up", steps: int = 1, rel_step_size: float | None = None,
                  random_start: bool = False, norm: str = "linf", restarts: int = 1, tau: float | None = None,
                  bn_eval: bool = True, dropout_eval: bool = True) -> None:

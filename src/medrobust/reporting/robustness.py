@@ -73,31 +73,48 @@ def curve_series(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int
 
 
 def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "") -> list[Path]:
-    """One PNG per (attack, metric): metric vs eps, one line per epoch. Returns the written paths."""
+    """One PNG per (attack, metric): metric vs eps, one line per epoch. A family of sub-metrics named
+    ``<metric>_<part>`` (the age shift per age band) shares one PNG, ``<attack>_<metric>_by_part.png``: one line
+    per part, at the last epoch. Returns the written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    series = curve_series(rows, split)
     unit = rows[0]["eps_unit"] if rows else "model"
-    for (attack, metric), by_epoch in sorted(curve_series(rows, split).items()):
-        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
-        cmap = plt.get_cmap("viridis")
+    written = []
+    for (attack, metric), by_epoch in sorted(series.items()):
+        family = next((base for a, base in series if a == attack and metric.startswith(base + "_")), None)
+        if family is not None:
+            continue  # drawn with its family below
         epochs = sorted(by_epoch)
-        for i, epoch in enumerate(epochs):
-            eps, values = zip(*by_epoch[epoch])
-            color = cmap(i / max(len(epochs) - 1, 1))
-            ax.plot(eps, values, marker="o", color=color, label=f"epoch {epoch}")
-        ax.set_xlabel(f"eps ({unit} units)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{split}: {metric} under {attack}")
-        if metric in BOUNDED_METRICS:
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2 if len(epochs) > 6 else 1)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}{attack}_{metric}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        cmap = plt.get_cmap("viridis")
+        lines = [(f"epoch {epoch}", by_epoch[epoch], cmap(i / max(len(epochs) - 1, 1))) for i, epoch in enumerate(epochs)]
+        written.append(_plot_lines(lines, out_dir / f"{prefix}{attack}_{metric}.png", metric, unit,
+                                   f"{split}: {metric} under {attack}"))
+        parts = {m[len(metric) + 1:]: series[a, m] for a, m in series if a == attack and m.startswith(metric + "_")}
+        if parts:
+            last = max(epochs)
+            cmap = plt.get_cmap("tab10")
+            lines = [(part, by[last], cmap(i % 10)) for i, (part, by) in enumerate(sorted(parts.items())) if last in by]
+            written.append(_plot_lines(lines, out_dir / f"{prefix}{attack}_{metric}_by_part.png", metric, unit,
+                                       f"{split}: {metric} under {attack}, epoch {last}"))
     return written
+
+
+def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, unit: str, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    for label, points, color in lines:
+        eps, values = zip(*points)
+        ax.plot(eps, values, marker="o", color=color, label=label)
+    ax.set_xlabel(f"eps ({unit} units)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    if metric in BOUNDED_METRICS:
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 BOUNDED_METRICS = {"accuracy", "auroc", "sensitivity", "specificity", "dice"}

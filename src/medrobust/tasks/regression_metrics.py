@@ -46,7 +46,9 @@ class _SumMetric(Metric):
         pred, reference, true = _check_inputs(preds, target)
         keep = self.select(true)
         pred, reference, true = pred[keep].double(), reference[keep].double(), true[keep].double()
-        self.count += keep.sum()
+        # assignments, not +=: states created under inference mode (Lightning's evaluation) are inference
+        # tensors, and the robustness evaluation updates them outside it
+        self.count = self.count + keep.sum()
         for name, value in self.terms(pred, reference, true).items():
             setattr(self, name, getattr(self, name) + value.sum())
 
