@@ -258,7 +258,8 @@ class RobustnessEvaluation(Callback):
     def _write_files(self, trainer: Trainer, split: str) -> None:
         out = self.run_dir(trainer)
         write_csv(self.history, out / "robustness.csv")
-        plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_")
+        plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_",
+                    metrics=getattr(trainer.lightning_module, "curve_metrics", None))
         epoch = self.history[-1]["epoch"]
         log_robustness_to_wandb(trainer.loggers, self.history, split,
                                 flags=[flag.name for flag in self.flags.get((split, epoch), [])])

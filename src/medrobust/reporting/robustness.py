@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -72,12 +73,16 @@ def curve_series(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int
     return {key: {epoch: sorted(points) for epoch, points in by_epoch.items()} for key, by_epoch in series.items()}
 
 
-def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "") -> list[Path]:
+def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "",
+                metrics: Sequence[str] | None = None) -> list[Path]:
     """One PNG per (attack, metric): metric vs eps, one line per epoch. A family of sub-metrics named
     ``<metric>_<part>`` (the age shift per age band) shares one PNG, ``<attack>_<metric>_by_part.png``: one line
-    per part, at the last epoch. Returns the written paths."""
+    per part, at the last epoch. ``metrics``: the metrics (and their families) to draw; ``None``: all.
+    Returns the written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     series = curve_series(rows, split)
+    if metrics is not None:
+        series = {(a, m): by for (a, m), by in series.items() if any(m == k or m.startswith(k + "_") for k in metrics)}
     unit = rows[0]["eps_unit"] if rows else "model"
     written = []
     for (attack, metric), by_epoch in sorted(series.items()):
@@ -111,7 +116,7 @@ def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, 
         ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.14, top=0.9)  # fixed: tight_layout draws twice
     fig.savefig(path)
     plt.close(fig)
     return path

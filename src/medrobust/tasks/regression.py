@@ -25,6 +25,7 @@ class RegressionTask(RobustTask):
     ``|prediction - target| <= tau``; correct_margin: ``tau - |prediction - target|`` (years).
     Metrics: ``accuracy`` (fraction within ``tau``), MAE, RMSE, R^2, and the age shift
     ``|mean(pred_adv - pred_clean)|`` overall and per age band (bands without subjects are skipped).
+    Curve PNGs: accuracy, MAE and the age shift (per band in one PNG); every metric is in robustness.csv.
 
     Args:
         net: ``(B, C, *spatial) -> (B, 1)``, or an embedding with ``net.fuse(embedding, features) -> (B, 1)``.
@@ -38,6 +39,7 @@ class RegressionTask(RobustTask):
     """
 
     outputs_logits = False  # attacks' classification losses (CE, DLR, targeted) do not apply
+    curve_metrics = ("accuracy", "mae", "age_shift")  # the PNGs drawn every epoch; robustness.csv has them all
 
     def __init__(
         self,
