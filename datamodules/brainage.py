@@ -1,0 +1,336 @@
+"""Brain age from 3-D T1 MRI (regression): one LightningDataModule, two sources.
+
+* ``source="phantom"`` (default): synthetic T1 brains built on the MNI152 template that nilearn's wheel
+  ships, ageing like real ones (:mod:`medrobust.data.brain_phantom`); generated once per setting and
+  cached under ``root``;
+* ``source="nifti"``: T1 volumes listed in a participants table in the style of IXI / OpenBHB
+  (:mod:`medrobust.data.brain_nifti`); preprocessed once and cached under ``cache_dir``.
+
+Batches are dicts::
+
+    {"image": float32 (B, 1, X, Y, Z) in [0, 1], RAS voxel order (X: left -> right),
+     "label": float32 (B,) age in years,
+     "features": float32 (B, F) regional volumes, z-scored with the training split's
+                 ``features_mean`` / ``features_std`` (raw mL: ``dataset.volumes_ml``),
+     "subject_id": list[str]}
+
+Features are never lateralised (no left / right volumes), so the left-right flip augmentation leaves
+them valid. A nifti table without volume columns gives ``F = 0`` (``features`` of shape ``(B, 0)``):
+image-only models work, the hybrid image + volume model does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medrobust.data.brain_anatomy import ATLAS_VERSION
+from medrobust.data.intensity import IntensityWindow
+from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
+from medrobust.datamodules.lidc import _check_floats, _check_int
+
+log = logging.getLogger("medrobust")
+
+SOURCES = ("phantom", "nifti")
+SPLITS = ("train", "val", "test")
+PHANTOM_VERSION = 1  # bump when the phantom changes, so old caches miss
+NIFTI_VERSION = 1  # bump when the NIfTI preprocessing changes
+STORED_UNIT = IntensityWindow(0.0, 65535.0, unit="uint16 code")  # how cached NIfTI volumes ([0, 1]) are stored
+
+
+class BrainAgeDataset(Dataset):
+    """Subjects of one split. ``images``: ``(N, X, Y, Z)`` stored values, mapped to [0, 1] per item by
+    ``decode``; ``ages`` ``(N,)`` years; ``volumes_ml`` ``(N, F)`` raw regional volumes; ``label_maps``
+    (phantom only) uint8 ``(N, X, Y, Z)`` tissue labels the images were built from."""
+
+    def __init__(self, images: np.ndarray, ages: np.ndarray, volumes_ml: np.ndarray, subject_ids: Sequence[str],
+                 decode: IntensityWindow, features_mean: np.ndarray, features_std: np.ndarray,
+                 label_maps: np.ndarray | None = None):  # fmt: skip
+        self.images, self.decode, self.label_maps = images, decode, label_maps
+        self.ages = np.asarray(ages, dtype=np.float64)
+        self.volumes_ml = np.asarray(volumes_ml, dtype=np.float64)
+        self.features = ((self.volumes_ml - features_mean) / features_std).astype(np.float32)
+        self.subject_ids = list(subject_ids)
+
+    def __len__(self) -> int:
+        return len(self.ages)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.decode.to_model(self.images[i].astype(np.float32))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "label": torch.tensor(self.ages[i], dtype=torch.float32),
+            "features": torch.from_numpy(self.features[i]),
+            "subject_id": self.subject_ids[i],
+        }
+
+
+def select_subjects(subject_ids: Sequence[str], max_subjects: int | None) -> np.ndarray:
+    """Indices (sorted) of a deterministic, seed-independent subset of ``max_subjects`` subjects."""
+    if max_subjects is None or max_subjects >= len(subject_ids):
+        return np.arange(len(subject_ids))
+    order = sorted(range(len(subject_ids)), key=lambda i: stable_seed("brainage-subset", subject_ids[i]))
+    return np.sort(order[:max_subjects])
+
+
+def split_subjects(ages: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) per subject, stratified by age.
+
+    Subjects are visited from youngest to oldest in blocks of ten (shuffled within a block), each going
+    to the split furthest below its share so far: every split spans the age range, and the counts
+    match the fractions to within a subject.
+    """
+    rng = np.random.default_rng(stable_seed("brainage-split", seed))
+    by_age = np.argsort(ages, kind="stable")
+    order = np.concatenate([rng.permutation(by_age[i : i + 10]) for i in range(0, len(by_age), 10)])
+    fractions = np.asarray(fractions, dtype=np.float64)
+    assignment, filled = np.full(len(ages), -1), np.zeros(3)
+    for seen, i in enumerate(order, start=1):
+        deficit = np.where(fractions > 0, fractions * seen - filled, -np.inf)
+        k = int(np.argmax(deficit))
+        assignment[i], filled[k] = k, filled[k] + 1
+    return assignment
+
+
+class BrainAgeDataModule(L.LightningDataModule):
+    """Age regression from T1 brain MRI, phantom or NIfTI, with regional volumes as side features.
+
+    Args:
+        source: ``"phantom"`` (synthetic, default) or ``"nifti"`` (a participants table and its volumes).
+        root: phantom: folder for the generated cache (default ``data_cache/brainage``); nifti: where
+            relative image paths are looked up first (then next to the table).
+        cache_dir: where caches go; default ``root`` for phantom, ``$XDG_CACHE_HOME/medrobust/brainage``
+            (``~/.cache/...``) for nifti.
+        csv: nifti: the participants table (``.csv`` or ``.tsv``); default ``root/participants.csv``
+            (or ``.tsv``). Columns: see :mod:`medrobust.data.brain_nifti`.
+        image_size: voxels per side of the cubic image.
+        num_subjects: phantom: how many subjects to draw.
+        age_range: phantom: ``(low, high)`` years; ages are uniform in it.
+        split: train / val / test fractions of subjects (age-stratified).
+        seed: phantom drawing, split and augmentation.
+        batch_size, num_workers: of the dataloaders.
+        max_subjects: use a deterministic, seed-independent subset of this many subjects (tests, quick runs).
+        augment: random left-right flips of training batches (brains are nearly symmetric).
+        feature_columns: nifti: the table's regional-volume columns; null: every numeric column other
+            than id, age and path; ``[]``: none.
+        intensity_percentiles: nifti: ``(low, high)`` percentiles of each volume mapped to 0 and 1.
+        spacing_mm: nifti: isotropic voxel size (mm) before padding / cropping to ``image_size``; null:
+            each volume's whole field of view fitted into the cube.
+
+    ``intensity`` maps native units to model units: phantom a.u. ``[0, 1000] -> [0, 1]``; None for nifti,
+    whose volumes are normalised each by its own percentiles (no common native scale; use eps in
+    ``model`` or ``range`` units). ``age_mean`` / ``age_std`` and ``features_mean`` / ``features_std``
+    are the training split's, set in :meth:`setup`.
+    """
+
+    def __init__(
+        self,
+        source: str = "phantom",
+        root: str | None = None,
+        cache_dir: str | None = None,
+        csv: str | None = None,
+        image_size: int = 32,
+        num_subjects: int = 400,
+        age_range: Sequence[float] = (20.0, 90.0),
+        split: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        max_subjects: int | None = None,
+        augment: bool = True,
+        feature_columns: Sequence[str] | None = None,
+        intensity_percentiles: Sequence[float] = (0.5, 99.5),
+        spacing_mm: float | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
+        _check_int("image_size", image_size, 8)
+        _check_int("num_subjects", num_subjects, 3)
+        for key, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0)):
+            _check_int(key, value, minimum)
+        if max_subjects is not None:
+            _check_int("max_subjects", max_subjects, 3)
+        age_range = _check_floats("age_range", age_range, 2)
+        if not 0 <= age_range[0] < age_range[1] <= 150:
+            raise ValueError(f"data.age_range must be (low, high) years with 0 <= low < high <= 150, "
+                             f"got {list(age_range)}")  # fmt: skip
+        split = _check_floats("split", split, 3)
+        if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
+            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        percentiles = _check_floats("intensity_percentiles", intensity_percentiles, 2)
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ValueError(f"data.intensity_percentiles must be (low, high) with 0 <= low < high <= 100, "
+                             f"got {list(percentiles)}")  # fmt: skip
+        if spacing_mm is not None and not (isinstance(spacing_mm, (int, float)) and 0.1 <= spacing_mm <= 20):
+            raise ValueError(f"data.spacing_mm must be null or a number in [0.1, 20] mm, got {spacing_mm!r}")
+        if not isinstance(augment, bool):
+            raise ValueError(f"data.augment must be true or false, got {augment!r}")
+        if feature_columns is not None and (isinstance(feature_columns, str) or
+                                            not all(isinstance(c, str) for c in feature_columns)):  # fmt: skip
+            raise ValueError(f"data.feature_columns must be null or a list of column names, got {feature_columns!r}")
+        self.save_hyperparameters(logger=False)
+
+        self.source, self.image_size, self.num_subjects = source, int(image_size), int(num_subjects)
+        self.age_range, self.split, self.seed, self.max_subjects = age_range, split, int(seed), max_subjects
+        self.batch_size, self.num_workers, self.augment = int(batch_size), int(num_workers), augment
+        self.percentiles, self.spacing_mm = percentiles, None if spacing_mm is None else float(spacing_mm)
+        self.root = str(root) if root is not None else os.path.join("data_cache", "brainage")
+        self.cache_dir = str(cache_dir) if cache_dir is not None else _default_cache_dir(source, self.root)
+        self.input_bounds, self.in_channels, self.spatial_dims = (0.0, 1.0), 1, 3
+        self.table = None
+        if source == "phantom":
+            from medrobust.data.brain_phantom import FEATURE_NAMES, NATIVE_WINDOW
+
+            self.intensity, self.feature_names = NATIVE_WINDOW, list(FEATURE_NAMES)
+        else:
+            from medrobust.data.brain_nifti import participants_table_path, read_participants
+
+            if root is not None and not os.path.isdir(root):
+                raise FileNotFoundError(f"data.root: {str(root)!r} does not exist or is not a folder")
+            csv_path = participants_table_path(csv, root)
+            self.table = read_participants(csv_path, root, None if feature_columns is None else list(feature_columns))
+            self.intensity, self.feature_names = None, list(self.table.feature_names)
+        self.num_features = len(self.feature_names)
+        self.data_train = self.data_val = self.data_test = None
+        self.age_mean = self.age_std = self.features_mean = self.features_std = None
+        self.split_counts: dict[str, int] = {}
+        self._aug_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------------------------ caching
+    def _subject_ids(self) -> list[str]:
+        """All subjects of the source, before ``max_subjects``."""
+        if self.source == "phantom":
+            return [f"sub-{i:05d}" for i in range(self.num_subjects)]
+        return self.table.subject_ids
+
+    def _chosen(self) -> np.ndarray:
+        return select_subjects(self._subject_ids(), self.max_subjects)
+
+    def _settings(self) -> dict:
+        """Everything the cached images depend on."""
+        if self.source == "phantom":
+            return dict(kind="brainage_phantom", version=PHANTOM_VERSION, atlas_version=ATLAS_VERSION, seed=self.seed,
+                        image_size=self.image_size, age_range=self.age_range, num_subjects=self.num_subjects,
+                        max_subjects=self.max_subjects)  # fmt: skip
+        chosen = self._chosen()
+        return dict(kind="brainage_nifti", version=NIFTI_VERSION, image_size=self.image_size,
+                    spacing_mm=self.spacing_mm, percentiles=self.percentiles,
+                    subjects=[self.table.subject_ids[i] for i in chosen],
+                    files=[file_fingerprint(self.table.paths[i]) for i in chosen])  # fmt: skip
+
+    def cache_path(self) -> Path:
+        """The image cache of the current settings (``brainage_<source>_<hash>.npz`` + ``.json``)."""
+        return Path(self.cache_dir) / f"brainage_{self.source}_{settings_key(self._settings())}.npz"
+
+    def _build(self) -> dict[str, np.ndarray]:
+        """Draw (phantom) or read (nifti) the chosen subjects' images and write the cache."""
+        chosen, ids = self._chosen(), self._subject_ids()
+        if self.source == "phantom":
+            from medrobust.data.brain_phantom import generate_subjects
+
+            arrays = generate_subjects([ids[i] for i in chosen], self.seed, self.image_size, self.age_range,
+                                       atlas_dir=self.cache_dir)  # fmt: skip
+        else:
+            from medrobust.data.brain_nifti import read_volumes
+
+            volumes = read_volumes([self.table.paths[i] for i in chosen], self.image_size, self.spacing_mm,
+                                   self.percentiles)  # fmt: skip
+            arrays = {"images": np.rint(STORED_UNIT.to_native(volumes)).astype(np.uint16),
+                      "subject_ids": np.asarray([ids[i] for i in chosen], dtype=str)}  # fmt: skip
+        save_npz_atomic(self.cache_path(), {**self._settings(), "n_subjects": len(chosen)}, **arrays)
+        return arrays
+
+    def prepare_data(self) -> None:
+        """Generate (phantom) or preprocess (nifti) the images once per setting; no-op when cached."""
+        if not self.cache_path().exists():
+            self._build()
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cache, split by subject and standardise features with the training split."""
+        if self.data_train is not None:
+            return
+        arrays = load_npz(self.cache_path()) or self._build()  # setup without prepare_data still works
+        ids = arrays["subject_ids"].tolist()
+        if self.source == "phantom":
+            ages, volumes, label_maps = arrays["ages"], arrays["volumes_ml"], arrays["label_maps"]
+        else:  # ages and volumes from the table, which may have been corrected since the images were cached
+            ages, volumes, label_maps = self.table.ages[self._chosen()], self.table.volumes[self._chosen()], None
+        decode = self.intensity if self.source == "phantom" else STORED_UNIT
+        assign = split_subjects(ages, self.split, self.seed)
+        counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
+        empty = [name for k, name in enumerate(SPLITS) if self.split[k] > 0 and counts[name] == 0]
+        if empty or counts["train"] < 2:
+            raise ValueError(f"data: {len(ids)} subjects are too few for split {list(self.split)} "
+                             f"(counts {counts}); raise data.num_subjects / data.max_subjects")  # fmt: skip
+        train = assign == 0
+        self.age_mean, self.age_std = float(ages[train].mean()), float(max(ages[train].std(), 1e-6))
+        self.features_mean = volumes[train].mean(axis=0).astype(np.float32)
+        std = volumes[train].std(axis=0)
+        self.features_std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant column stays 0
+        sets = []
+        for k in range(3):
+            idx = np.flatnonzero(assign == k)
+            sets.append(BrainAgeDataset(arrays["images"][idx], ages[idx], volumes[idx], [ids[i] for i in idx], decode,
+                                        self.features_mean, self.features_std,
+                                        None if label_maps is None else label_maps[idx]))  # fmt: skip
+        self.data_train, self.data_val, self.data_test = sets
+        self.split_counts = counts
+        log.info(
+            "brain age %s (%d^3): %s subjects; age mean %.1f, sd %.1f years (train); %d features %s",
+            self.source, self.image_size,
+            ", ".join(f"{name} {n} (ages {_age_span(s)})" for (name, n), s in zip(counts.items(), sets)),
+            self.age_mean, self.age_std, self.num_features, self.feature_names,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("BrainAgeDataModule: call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Random left-right flips of training batches, drawn from one generator seeded by ``seed`` and
+        the rank (whatever the number of workers). Features are not lateralised: they stay."""
+        if self.augment and self.trainer is not None and self.trainer.training:
+            if self._aug_generator is None:
+                seed = stable_seed("brainage-augment", self.seed, self.trainer.global_rank)
+                self._aug_generator = torch.Generator().manual_seed(seed)
+            batch = {**batch, "image": flip_left_right(batch["image"], self._aug_generator)}
+        return batch
+
+
+def flip_left_right(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each sample of ``(B, C, X, Y, Z)`` (RAS: X is left -> right) along X with probability 1/2."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.reshape(-1, *[1] * (images.dim() - 1)), images.flip(2), images)
+
+
+def _age_span(dataset: BrainAgeDataset) -> str:
+    return f"{dataset.ages.min():.0f}-{dataset.ages.max():.0f}" if len(dataset) else "-"
+
+
+def _default_cache_dir(source: str, root: str) -> str:
+    if source == "phantom":
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "medrobust", "brainage")
