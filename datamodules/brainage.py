@@ -26,15 +26,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from medrobust.data.brain_anatomy import ATLAS_VERSION
 from medrobust.data.intensity import IntensityWindow
+from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
 from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
-from medrobust.datamodules.lidc import _check_floats, _check_int
 
 log = logging.getLogger("medrobust")
 
@@ -99,7 +98,7 @@ def split_subjects(ages: np.ndarray, fractions: Sequence[float], seed: int) -> n
     return assignment
 
 
-class BrainAgeDataModule(L.LightningDataModule):
+class BrainAgeDataModule(SplitDataModule):
     """Age regression from T1 brain MRI, phantom or NIfTI, with regional volumes as side features.
 
     Args:
@@ -130,6 +129,8 @@ class BrainAgeDataModule(L.LightningDataModule):
     are the training split's, set in :meth:`setup`.
     """
 
+    augment_name = "brainage-augment"
+
     def __init__(
         self,
         source: str = "phantom",
@@ -152,20 +153,20 @@ class BrainAgeDataModule(L.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
-        _check_int("image_size", image_size, 8)
-        _check_int("num_subjects", num_subjects, 3)
+        check_int("image_size", image_size, 8)
+        check_int("num_subjects", num_subjects, 3)
         for key, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0)):
-            _check_int(key, value, minimum)
+            check_int(key, value, minimum)
         if max_subjects is not None:
-            _check_int("max_subjects", max_subjects, 3)
-        age_range = _check_floats("age_range", age_range, 2)
+            check_int("max_subjects", max_subjects, 3)
+        age_range = check_floats("age_range", age_range, 2)
         if not 0 <= age_range[0] < age_range[1] <= 150:
             raise ValueError(f"data.age_range must be (low, high) years with 0 <= low < high <= 150, "
                              f"got {list(age_range)}")  # fmt: skip
-        split = _check_floats("split", split, 3)
+        split = check_floats("split", split, 3)
         if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
-        percentiles = _check_floats("intensity_percentiles", intensity_percentiles, 2)
+        percentiles = check_floats("intensity_percentiles", intensity_percentiles, 2)
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise ValueError(f"data.intensity_percentiles must be (low, high) with 0 <= low < high <= 100, "
                              f"got {list(percentiles)}")  # fmt: skip
@@ -183,7 +184,7 @@ class BrainAgeDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.augment = int(batch_size), int(num_workers), augment
         self.percentiles, self.spacing_mm = percentiles, None if spacing_mm is None else float(spacing_mm)
         self.root = str(root) if root is not None else os.path.join("data_cache", "brainage")
-        self.cache_dir = str(cache_dir) if cache_dir is not None else _default_cache_dir(source, self.root)
+        self.cache_dir = str(cache_dir) if cache_dir is not None else default_cache_dir(source, self.root, "brainage")
         self.input_bounds, self.in_channels, self.spatial_dims = (0.0, 1.0), 1, 3
         self.table = None
         if source == "phantom":
@@ -199,10 +200,8 @@ class BrainAgeDataModule(L.LightningDataModule):
             self.table = read_participants(csv_path, root, None if feature_columns is None else list(feature_columns))
             self.intensity, self.feature_names = None, list(self.table.feature_names)
         self.num_features = len(self.feature_names)
-        self.data_train = self.data_val = self.data_test = None
         self.age_mean = self.age_std = self.features_mean = self.features_std = None
         self.split_counts: dict[str, int] = {}
-        self._aug_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------------------------ caching
     def _subject_ids(self) -> list[str]:
@@ -291,33 +290,8 @@ class BrainAgeDataModule(L.LightningDataModule):
             self.age_mean, self.age_std, self.num_features, self.feature_names,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("BrainAgeDataModule: call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Random left-right flips of training batches, drawn from one generator seeded by ``seed`` and
-        the rank (whatever the number of workers). Features are not lateralised: they stay."""
-        if self.augment and self.trainer is not None and self.trainer.training:
-            if self._aug_generator is None:
-                seed = stable_seed("brainage-augment", self.seed, self.trainer.global_rank)
-                self._aug_generator = torch.Generator().manual_seed(seed)
-            batch = {**batch, "image": flip_left_right(batch["image"], self._aug_generator)}
-        return batch
-
+    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return flip_left_right(images, generator)
 
 def flip_left_right(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flip each sample of ``(B, C, X, Y, Z)`` (RAS: X is left -> right) along X with probability 1/2."""
@@ -327,10 +301,3 @@ def flip_left_right(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def _age_span(dataset: BrainAgeDataset) -> str:
     return f"{dataset.ages.min():.0f}-{dataset.ages.max():.0f}" if len(dataset) else "-"
-
-
-def _default_cache_dir(source: str, root: str) -> str:
-    if source == "phantom":
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "medrobust", "brainage")

@@ -19,10 +19,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from medrobust.data.intensity import IntensityWindow
 from medrobust.data.lidc_annotations import (
@@ -33,6 +32,7 @@ from medrobust.data.lidc_annotations import (
     nodule_label,
     read_slice_positions,
 )
+from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
 from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
 
 log = logging.getLogger("medrobust")
@@ -116,7 +116,7 @@ def split_patients(patient_ids: Sequence[str], labels: np.ndarray, fractions: Se
     return assignment
 
 
-class LIDCDataModule(L.LightningDataModule):
+class LIDCDataModule(SplitDataModule):
     """Benign vs malignant LIDC nodules as 2-D slices or 3-D patches, phantom or DICOM.
 
     Args:
@@ -135,6 +135,8 @@ class LIDCDataModule(L.LightningDataModule):
         max_nodules: use a deterministic subset of this many nodules (quick runs and tests).
         augment: random flips and 90-degree in-plane rotations of training batches.
     """
+
+    augment_name = "lidc-augment"
 
     def __init__(
         self,
@@ -159,18 +161,18 @@ class LIDCDataModule(L.LightningDataModule):
             raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
         if spatial_dims not in (2, 3):
             raise ValueError(f"data.spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        _check_int("patch_size", patch_size, 8)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
+        check_int("patch_size", patch_size, 8)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
         if max_nodules is not None:
-            _check_int("max_nodules", max_nodules, 2)
+            check_int("max_nodules", max_nodules, 2)
         if not (isinstance(spacing_mm, (int, float)) and 0.1 <= spacing_mm <= 10):
             raise ValueError(f"data.spacing_mm must be a number in [0.1, 10] mm, got {spacing_mm!r}")
-        hu_window = _check_floats("hu_window", hu_window, 2)
+        hu_window = check_floats("hu_window", hu_window, 2)
         if not hu_window[1] > hu_window[0]:
             raise ValueError(f"data.hu_window must be (low, high) with high > low, got {list(hu_window)}")
-        split = _check_floats("split", split, 3)
+        split = check_floats("split", split, 3)
         if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
         check_label_rule(label_rule)
@@ -190,14 +192,12 @@ class LIDCDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.max_nodules, self.augment = max_nodules, augment
         self.root = str(root) if root is not None else os.path.join("data_cache", "lidc")
-        self.cache_dir = str(cache_dir) if cache_dir is not None else _default_cache_dir(source, self.root)
+        self.cache_dir = str(cache_dir) if cache_dir is not None else default_cache_dir(source, self.root, "lidc")
         self.annotation_db = annotation_db
         self.intensity = IntensityWindow(hu_window[0], hu_window[1], unit="HU")
         self.input_bounds = (0.0, 1.0)
         self.num_classes, self.in_channels, self.class_names = 2, 1, ["benign", "malignant"]
-        self.data_train = self.data_val = self.data_test = None
         self.split_counts: dict[str, list[int]] = {}
-        self._aug_generator: torch.Generator | None = None
         self._settings_cache: dict | None = None
 
     # ------------------------------------------------------------------------------------ caching
@@ -281,37 +281,8 @@ class LIDCDataModule(L.LightningDataModule):
             "; ".join(f"{n} {sum(c)} (benign {c[0]}, malignant {c[1]})" for n, c in self.split_counts.items()),
         )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("LIDCDataModule: call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
-
-    # ------------------------------------------------------------------------------------ augmentation
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Random flips / in-plane 90-degree rotations of training batches, on the batch's device.
-
-        Done here rather than in the dataset so the draws come from one generator seeded by
-        ``seed`` (and the rank), whatever the number of workers.
-        """
-        if self.augment and self.trainer is not None and self.trainer.training:
-            if self._aug_generator is None:
-                seed = stable_seed("lidc-augment", self.seed, self.trainer.global_rank)
-                self._aug_generator = torch.Generator().manual_seed(seed)
-            batch = {**batch, "image": augment_batch(batch["image"], self._aug_generator)}
-        return batch
-
+    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augment_batch(images, generator)
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random flips of every spatial axis and a random in-plane rot90: ``(B, C, *spatial)``."""
@@ -326,25 +297,3 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     for r in (1, 2, 3):
         rotated = torch.where(k == r, torch.rot90(out, r, dims=(-2, -1)), rotated)
     return rotated
-
-
-def _default_cache_dir(source: str, root: str) -> str:
-    if source == "phantom":
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "medrobust", "lidc")
-
-
-def _check_int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_floats(key: str, value, n: int) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"data.{key} must be a list of {n} numbers, got {value!r}") from None
-    if len(out) != n:
-        raise ValueError(f"data.{key} must be a list of {n} numbers, got {list(out)}")
-    return out
