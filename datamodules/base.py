@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medrobust.data.patches import stable_seed
+from medrobust.data.patches import load_npz, stable_seed
 
 
 class SplitDataModule(L.LightningDataModule):
     """Loaders over ``data_train`` / ``data_val`` / ``data_test`` and batch augmentation on the device.
 
-    Subclasses set ``data_*`` in ``setup``, the attributes ``seed``, ``batch_size``, ``num_workers``,
-    ``augment``, and implement :meth:`augment_images`. ``augment_name`` keys the augmentation's seed.
+    Subclasses set ``data_*`` in ``setup`` (from :meth:`cached_arrays`), the attributes ``seed``, ``batch_size``,
+    ``num_workers``, ``augment``, and implement :meth:`cache_path`, :meth:`_build` and :meth:`augment_images`.
+    ``augment_name`` keys the augmentation's seed.
     """
 
     augment_name = "augment"
@@ -28,6 +30,22 @@ class SplitDataModule(L.LightningDataModule):
 
     def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- the on-disk cache of one setting: subclasses implement cache_path() and _build() -> arrays
+    def cache_path(self) -> Path:
+        raise NotImplementedError
+
+    def _build(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Generate (phantom) or read (real source) the data once per setting; a no-op when cached."""
+        if not self.cache_path().exists():
+            self._build()
+
+    def cached_arrays(self) -> dict[str, np.ndarray]:
+        """The cache's arrays; built now when missing, so ``setup`` without ``prepare_data`` still works."""
+        return load_npz(self.cache_path()) or self._build()
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if dataset is None:

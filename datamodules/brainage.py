@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from medrobust.data.brain_anatomy import ATLAS_VERSION
 from medrobust.data.intensity import IntensityWindow
 from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
-from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
+from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
 
 log = logging.getLogger("medrobust")
 
@@ -247,17 +247,12 @@ class BrainAgeDataModule(SplitDataModule):
         save_npz_atomic(self.cache_path(), {**self._settings(), "n_subjects": len(chosen)}, **arrays)
         return arrays
 
-    def prepare_data(self) -> None:
-        """Generate (phantom) or preprocess (nifti) the images once per setting; no-op when cached."""
-        if not self.cache_path().exists():
-            self._build()
-
     # ------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         """Load the cache, split by subject and standardise features with the training split."""
         if self.data_train is not None:
             return
-        arrays = load_npz(self.cache_path()) or self._build()  # setup without prepare_data still works
+        arrays = self.cached_arrays()
         ids = arrays["subject_ids"].tolist()
         if self.source == "phantom":
             ages, volumes, label_maps = arrays["ages"], arrays["volumes_ml"], arrays["label_maps"]

@@ -33,7 +33,7 @@ from medrobust.data.lidc_annotations import (
     read_slice_positions,
 )
 from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
-from medrobust.data.patches import file_fingerprint, load_npz, save_npz_atomic, settings_key, stable_seed
+from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
 
 log = logging.getLogger("medrobust")
 
@@ -257,16 +257,11 @@ class LIDCDataModule(SplitDataModule):
         save_npz_atomic(self.cache_path(), {**self._settings(), "n_nodules": len(nodules)}, **arrays)
         return arrays
 
-    def prepare_data(self) -> None:
-        """Generate (phantom) or read (dicom) the patches once per setting; no-op when cached."""
-        if not self.cache_path().exists():
-            self._build()
-
     def setup(self, stage: str | None = None) -> None:
         """Load the cache and build the patient-level train / val / test datasets."""
         if self.data_train is not None:
             return
-        arrays = load_npz(self.cache_path()) or self._build()  # setup without prepare_data still works
+        arrays = self.cached_arrays()
         assign = split_patients(arrays["patient_ids"], arrays["labels"], self.split, self.seed)
         sets = []
         for k, name in enumerate(SPLITS):
