@@ -30,6 +30,7 @@ class HybridRegressor(nn.Module):
         embed_dim: size of the image embedding.
         hidden: width of the fusion head's hidden layer.
         dropout: dropout in the image CNN's head and in the fusion head.
+        strided_stem: see :class:`~medrobust.models.SmallCNN`.
     """
 
     def __init__(
@@ -41,11 +42,12 @@ class HybridRegressor(nn.Module):
         embed_dim: int = 16,
         hidden: int = 32,
         dropout: float = 0.0,
+        strided_stem: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim < 1 or hidden < 1:
             raise ValueError(f"embed_dim and hidden must be >= 1, got {embed_dim!r} and {hidden!r}")
-        self.image_net = SmallCNN(spatial_dims, in_channels, embed_dim, tuple(channels), dropout)
+        self.image_net = SmallCNN(spatial_dims, in_channels, embed_dim, tuple(channels), dropout, strided_stem)
         self.embed_dim, self.hidden, self.dropout = embed_dim, hidden, dropout
         self.num_features: int | None = None
         self.head: nn.Module | None = None
