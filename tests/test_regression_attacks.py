@@ -315,3 +315,25 @@ def test_cuda_with_batches_from_a_cpu_loader():
                                          bounds=(0.0, 1.0))
     assert x_adv.is_cuda and torch.allclose(predict(model, x_adv) - predict(model, x),
                                             torch.full((x.shape[0],), -expected, device="cuda", dtype=x.dtype))
+
+
+def test_directional_curve_shifts_every_sample_at_every_eps():
+    """Through attack_curve (what the robustness evaluation calls), samples the task already gets wrong are
+    shifted too, and each eps is attacked on its own: the shift of a linear model is exactly eps * ||w||_1."""
+    from medrobust.attacks.curve import attack_curve
+    from medrobust.tasks import RegressionTask
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(27, 1))
+    task = RegressionTask(net, tau=1.0, target_mean=0.0, target_std=1.0).eval()
+    x = torch.randn(8, 1, 3, 3, 3)
+    with torch.no_grad():
+        clean = task.prediction(task(x), {})
+    batch = {"image": x, "label": clean + torch.linspace(-3, 3, 8)}  # most samples already wrong
+    eps_values = [0.01, 0.02, 0.04]
+    points = attack_curve(Directional("up"), task, x, batch, task, eps_values=eps_values, bounds=None)
+    w1 = net[1].weight.detach().abs().sum()
+    for eps, x_adv in zip(eps_values, points):
+        with torch.no_grad():
+            shift = task.prediction(task(x_adv), batch) - clean
+        assert torch.allclose(shift, eps * w1 * torch.ones(8), rtol=1e-4)

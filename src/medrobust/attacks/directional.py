@@ -190,6 +190,11 @@ class Directional(Attack):
         self.name = f"directional_{direction}" + (f"_pgd{self.steps}" if iterative else "") + (
             f"x{self.restarts}" if self.restarts > 1 else "")
 
+    def curve(self, model, x: Tensor, batch, objective, *, eps_values, bounds) -> list[Tensor]:
+        """The attack at each eps on every sample, independently. A shift is not an error: a sample the task
+        already gets wrong still has its prediction moved, so the survivors-only curve does not apply."""
+        return [self(model, x, batch, objective, eps=eps, bounds=bounds) for eps in eps_values]
+
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return directional_attack(model, x, batch, objective, threat=threat, direction=self.direction,
                                   steps=self.steps, rel_step_size=self.rel_step_size,

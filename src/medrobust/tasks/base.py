@@ -75,8 +75,8 @@ class RobustTask(L.LightningModule):
         self.input_bounds = tuple(input_bounds) if input_bounds is not None else None
         self.intensity = None
         self.train_objective: TrainObjective = clean_objective
-        self.val_metrics = metric_collection(self.robust_metrics(), prefix="val/")
-        self.test_metrics = metric_collection(self.robust_metrics(), prefix="test/")
+        self.val_metrics = metric_collection(self.clean_metrics(), prefix="val/")
+        self.test_metrics = metric_collection(self.clean_metrics(), prefix="test/")
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Any:
@@ -93,6 +93,11 @@ class RobustTask(L.LightningModule):
 
     def robust_metrics(self) -> dict:
         raise NotImplementedError
+
+    def clean_metrics(self) -> dict:
+        """The metrics of the plain validation / test loops: ``robust_metrics`` without those that compare an
+        adversarial prediction with the clean one (always 0 on clean images)."""
+        return self.robust_metrics()
 
     def metric_inputs(self, output: Any, batch: dict, reference: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(preds, target)`` for the metrics; ``reference`` is the clean output for the same images when

@@ -113,6 +113,9 @@ class RegressionTask(RobustTask):
     def robust_metrics(self) -> dict:
         return regression_metrics(self.tau, self.bands)
 
+    def clean_metrics(self) -> dict:
+        return {name: metric for name, metric in self.robust_metrics().items() if not name.startswith("age_shift")}
+
     def metric_inputs(self, output, batch: dict, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
         pred = self.prediction(output, batch)
         reference_pred = pred if reference is None else self.prediction(reference, batch)
