@@ -247,15 +247,22 @@ class BestTracker:
         self.loss = torch.full((x.shape[0],), float("-inf"), dtype=dtype, device=x.device)
         self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-    def update(self, idx: Tensor, x_adv: Tensor, loss: Tensor, correct: Tensor) -> None:
-        """Offer points ``x_adv`` of samples ``idx`` (indices into the full batch) with their loss / correctness."""
+    def update(self, idx: Tensor, x_adv: Tensor, loss: Tensor, correct: Tensor) -> Tensor:
+        """Offer points ``x_adv`` of samples ``idx`` (indices into the full batch) with their loss / correctness.
+
+        Returns which of them were taken ``(n,)``: for a sample not yet fooled, whether its loss rose to a new best.
+        """
         loss = loss.detach().to(self.loss.dtype)
         better = loss > self.loss[idx]
         take = (~self.success[idx] & (~correct | better)) if self.prefer_success else better
-        chosen = idx[take]
-        self.x_adv[chosen] = x_adv[take].detach()
-        self.loss[chosen] = loss[take]
-        self.success[chosen] = ~correct[take]
+        if bool(take.all()):  # the common case while the loss climbs: one copy, no masked gather
+            chosen, x_adv, loss, correct = idx, x_adv, loss, correct
+        else:
+            chosen, x_adv, loss, correct = idx[take], x_adv[take], loss[take], correct[take]
+        self.x_adv[chosen] = x_adv.detach()
+        self.loss[chosen] = loss
+        self.success[chosen] = ~correct
+        return take
 
     def result(self) -> AttackResult:
         return AttackResult(self.x_adv, self.success, self.loss)

@@ -14,6 +14,7 @@ from medrobust.attacks._engine import (
     WorkingSet,
     attack_session,
     ascent_step,
+    index_batch,
     loss_and_grad,
     objective_values,
     per_sample_step,
@@ -21,7 +22,7 @@ from medrobust.attacks._engine import (
     start_point,
 )
 from medrobust.attacks.base import Attack, check_at_least, check_positive
-from medrobust.attacks.threat import ThreatModel, check_norm, constrain
+from medrobust.attacks.threat import ThreatModel, batch_view, check_norm, constrain, linf_box
 
 REL_STEP = 2.5  # default step: 2.5 eps / steps (Madry et al.), enough to cross the ball and come back
 
@@ -42,6 +43,7 @@ def pgd_attack(
     bn_eval: bool = True,
     dropout_eval: bool = True,
     return_result: bool = False,
+    start: Tensor | None = None,
 ) -> Tensor | AttackResult:
     """Projected gradient ascent on ``objective.attack_loss`` inside the threat model.
 
@@ -61,10 +63,18 @@ def pgd_attack(
             wrong at ``x`` are done at once and return ``x``); done samples leave the working batch, so the
             forwards shrink with the survivors. Returns the first fooling point per sample, else the
             highest-loss point. ``False`` (adversarial training): every sample runs every step of every
-            restart and the highest-loss point visited (start points, iterates and the final point) is
-            returned, fooling or not.
+            restart and the highest-loss point visited is returned, fooling or not.
         bn_eval / dropout_eval: see :func:`~medrobust.attacks._engine.attack_session`.
         return_result: return an :class:`AttackResult` (``x_adv``, per-sample ``success``, ``loss``).
+        start: where the first run starts ``(B, C, *spatial)`` (e.g. a minimum-norm attack's point), moved
+            into the threat model; later restarts start as ``random_start`` says. The clean point is then
+            not checked: the caller starting there knows its samples.
+
+    Points are judged on the forward each gradient step makes anyway. The last iterate, one step past the
+    last judged point, costs a forward of its own only where that matters: with ``return_result``, before
+    another restart, and for samples whose loss already fell below an earlier point's. A sample whose loss
+    was still rising at the last step returns the last iterate unjudged, as plain PGD does; it is never
+    worse than plain PGD's answer, and a sample it fools is still counted by whoever evaluates the output.
 
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
@@ -79,13 +89,18 @@ def pgd_attack(
         work = WorkingSet.full(x, batch, eps, step)
         if threat.max_eps() == 0:
             return _finish(tracker, model, objective, work, return_result)
-        if early_stop and random_start:  # without a random start the first step sees the clean point anyway
+        if start is not None:
+            start, _ = prepare(start.to(x), {})
+            start = constrain(x, start, threat.norm, eps, threat.bounds)
+        if early_stop and random_start and start is None:  # else the first step sees the clean point anyway
             work = _drop_fooled_at_clean(tracker, model, objective, work)
-        for _ in range(restarts if random_start else 1):
+        runs = restarts if random_start else 1
+        for run in range(runs):
             if len(work) == 0:
                 break
-            _run(model, objective, work, threat, tracker, steps=steps, random_start=random_start,
-                 early_stop=early_stop)
+            first = start if start is not None and run == 0 else start_point(work.x, threat, work.eps, random_start)
+            _run(model, objective, work, threat, tracker, first, steps=steps, early_stop=early_stop,
+                 judge_last=return_result or run + 1 < runs)
             if early_stop:
                 work = work.keep(~tracker.success[work.idx])
     result = tracker.result()
@@ -108,22 +123,39 @@ def _finish(tracker: BestTracker, model, objective, work: WorkingSet, return_res
     return tracker.x_adv
 
 
-def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestTracker, *,
-         steps: int, random_start: bool, early_stop: bool) -> None:
-    """One PGD run over the working set, offering every visited point to ``tracker``."""
-    x_adv = start_point(work.x, threat, work.eps, random_start)
+def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestTracker, x_adv: Tensor, *,
+         steps: int, early_stop: bool, judge_last: bool) -> None:
+    """One PGD run over the working set from ``x_adv``, offering every judged point to ``tracker``."""
+    box = linf_box(work.x, work.eps, threat.bounds) if threat.norm == "linf" else None
     for _ in range(steps):
         loss, grad, correct = loss_and_grad(model, objective, x_adv, work.batch)
-        tracker.update(work.idx, x_adv, loss, correct)
-        x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step), threat.norm, work.eps,
-                          threat.bounds)
+        rising = tracker.update(work.idx, x_adv, loss, correct)
+        if box is None:
+            x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step), threat.norm, work.eps,
+                              threat.bounds)
+        else:  # Linf: the sign step and the precomputed box, one clamp
+            x_adv = torch.clamp(torch.addcmul(x_adv, batch_view(work.step, x_adv), grad.sign()), *box)
         if early_stop and not bool(correct.all()):
-            work, x_adv = work.keep(correct), x_adv[correct]
+            work, x_adv, rising = work.keep(correct), x_adv[correct], rising[correct]
+            box = None if box is None else (box[0][correct], box[1][correct])
             if len(work) == 0:
                 return
-    with torch.no_grad():  # the last iterate has not been looked at yet
-        loss, correct = objective_values(model, objective, x_adv, work.batch)
-    tracker.update(work.idx, x_adv, loss, correct)
+    _offer_last_iterate(model, objective, work, tracker, x_adv, judge=torch.ones_like(rising) if judge_last
+                        else ~rising)
+
+
+def _offer_last_iterate(model, objective, work: WorkingSet, tracker: BestTracker, x_last: Tensor,
+                        judge: Tensor) -> None:
+    """Judge the last iterate with one forward on the samples ``judge`` marks; the others take it unjudged
+    (their recorded loss and success stay the previous point's, which only an AttackResult would show)."""
+    trusted = ~judge
+    if bool(trusted.any()):
+        tracker.x_adv[work.idx[trusted]] = x_last[trusted]
+    if bool(judge.any()):
+        batch = work.batch if bool(judge.all()) else index_batch(work.batch, judge, batch_size=len(work))
+        with torch.no_grad():
+            loss, correct = objective_values(model, objective, x_last[judge], batch)
+        tracker.update(work.idx[judge], x_last[judge], loss, correct)
 
 
 class PGD(Attack):
@@ -156,8 +188,12 @@ class PGD(Attack):
         self.dropout_eval = dropout_eval
         self.name = f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
 
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
+    def attack(self, model, x, batch, objective, *, threat: ThreatModel, start: Tensor | None = None) -> Tensor:
         return pgd_attack(model, x, batch, objective, threat=threat, steps=self.steps,
                           rel_step_size=self.rel_step_size, random_start=self.random_start,
                           restarts=self.restarts, early_stop=self.early_stop, bn_eval=self.bn_eval,
-                          dropout_eval=self.dropout_eval)
+                          dropout_eval=self.dropout_eval, start=start)
+
+    def attack_from(self, start: Tensor, model, x, batch, objective, *, eps, bounds) -> Tensor:
+        """As a call, with the first run started from ``start`` ``(B, C, *spatial)`` (moved into the ball)."""
+        return self.attack(model, x, batch, objective, threat=ThreatModel(self.norm, eps, bounds), start=start)

@@ -110,6 +110,19 @@ def constrain(x: Tensor, x_adv: Tensor, norm: str, eps: Tensor, bounds: Bounds |
     return clamp_bounds(x + project(x_adv - x, norm, eps), bounds)
 
 
+def linf_box(x: Tensor, eps: Tensor, bounds: Bounds | None) -> tuple[Tensor, Tensor]:
+    """The Linf threat model as per-element limits ``(low, high)``, each like ``x`` ``(B, C, *spatial)``.
+
+    The allowed set is the box ``[max(x - eps, low_bound), min(x + eps, high_bound)]``, so an attack that
+    computes it once constrains every step with one clamp (the same point :func:`constrain` gives).
+    """
+    e = batch_view(eps, x)
+    low, high = x - e, x + e
+    if bounds is not None:
+        low, high = low.clamp_min(bounds[0]), high.clamp_max(bounds[1])
+    return low, high
+
+
 def random_in_ball(like: Tensor, norm: str, eps: Tensor) -> Tensor:
     """A uniform sample from the ball of radius ``eps`` ``(B,)``, shaped like ``like`` ``(B, C, *spatial)``.
 
