@@ -38,7 +38,7 @@ from medrobust.attacks.threat import (
     lp_norm,
 )
 
-INIT_TRIALS = 10  # bisection steps shrinking a starting point towards x (adv_lib's FMN init)
+LINE_SEARCH_STEPS = 4  # regula falsi steps shrinking a given starting point towards x (adv_lib bisects 10 times)
 
 
 # -- shared by the minimum-norm attacks ----------------------------------------------------------------
@@ -150,8 +150,9 @@ def fmn_attack(
             runner-up class and can settle on that class's boundary when another one is nearer (10-30 % too
             far on multi-class linear models); DeepFool's multi-class step picks the nearest class. ``None``:
             the paper's start, ``x``. A tensor ``(B, C, *spatial)``: given starting points (adv_lib's
-            ``starting_points``); those that fool the model are used. A used start is first shrunk towards
-            ``x`` by bisection (10 forwards) and then sets the initial eps.
+            ``starting_points``); those that fool the model are used, first shrunk towards ``x`` by a line
+            search (6 forwards). A used start sets the initial eps; DeepFool's norms also tell which samples
+            are wrong at ``x``, so those never enter FMN's loop.
         return_norms: also return the norms ``(B,)``.
         bn_eval / dropout_eval: see :func:`~medrobust.attacks._engine.attack_session`.
 
@@ -167,14 +168,15 @@ def fmn_attack(
     alpha_final = alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
     gamma_init, gamma_final = _check_gamma("gamma_init", gamma_init), _check_gamma("gamma_final", gamma_final)
     margin = MarginObjective(objective)
-    start = init
+    start, start_norms = init, None
     if isinstance(init, str):
         if init != "deepfool":
             raise ValueError(f"init must be 'deepfool', None or starting points (B, C, *spatial); got {init!r}")
         from medrobust.attacks.deepfool import deepfool_attack  # deepfool.py imports this module's helpers
 
-        start = deepfool_attack(model, x, batch, objective, bounds=bounds, norm=norm, bn_eval=bn_eval,
-                                dropout_eval=dropout_eval)
+        # its norms say which points fool (finite) and which samples are wrong at x (0): no forward to re-check
+        start, start_norms = deepfool_attack(model, x, batch, objective, bounds=bounds, norm=norm,
+                                             return_norms=True, bn_eval=bn_eval, dropout_eval=dropout_eval)
     elif init is not None and (not isinstance(init, Tensor) or init.shape != x.shape):
         raise ValueError(f"starting points must have the images' shape {tuple(x.shape)}, got "
                          f"{tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__}")
@@ -185,8 +187,8 @@ def fmn_attack(
         cap = norm_cap(x, norm, bounds, max_eps)
         # FMN's step is common to all samples; WorkingSet.step is unused
         work = WorkingSet.full(x, batch, eps=cap, step=torch.zeros_like(cap))
-        delta, epsilon, found = _start(model, margin, work, start, norm, tracker)
-        for i in range(steps):
+        work, delta, epsilon, found = _start(model, margin, work, start, start_norms, norm, tracker)
+        for i in range(steps if len(work) else 0):
             cosine = (1 + math.cos(math.pi * i / steps)) / 2
             alpha = alpha_final + (alpha_init - alpha_final) * cosine
             gamma = gamma_final + (gamma_init - gamma_final) * cosine
@@ -220,28 +222,65 @@ def fmn_attack(
     return (x_adv, -tracker.loss) if return_norms else x_adv
 
 
-def _start(model, margin, work: WorkingSet, start: Tensor | None, norm: str, tracker: BestTracker):
-    """FMN's initial ``(delta, epsilon, found)`` per sample of ``work``: ``(0, inf, False)``, or where ``start``
-    fools the model within the norm cap, the start bisected towards ``x`` (still fooling), its norm, ``True``.
+def _start(model, margin, work: WorkingSet, start: Tensor | None, start_norms: Tensor | None, norm: str,
+           tracker: BestTracker):
+    """FMN's working set and initial ``(delta, epsilon, found)`` per sample.
+
+    Without ``start``: every sample, ``(0, inf, False)``. From DeepFool (``start_norms`` given: finite where its
+    point fools, 0 where the model is wrong at ``x``): samples wrong at ``x`` are recorded at norm 0 and leave;
+    a fooling point within the norm cap is used as it is (DeepFool stops just past its boundary estimate) and
+    sets ``(delta, its norm, True)``; elsewhere ``(0, inf, False)``. Given points: one forward finds which fool,
+    and those are first shrunk towards ``x`` (:func:`_line_search`, still fooling).
     """
     delta = torch.zeros_like(work.x)
     epsilon = torch.full_like(work.eps, math.inf)
     if start is None:
-        return delta, epsilon, torch.zeros_like(epsilon, dtype=torch.bool)
+        return work, delta, epsilon, torch.zeros_like(epsilon, dtype=torch.bool)
     start, _ = prepare(start.to(work.x), {})
-    with torch.no_grad():
-        _, correct = objective_values(model, margin, start, work.batch)
-        usable = ~correct & (lp_norm(start - work.x, norm) <= work.eps)
-        sub, direction = work.keep(usable), (start - work.x)[usable]
-        low, high = torch.zeros_like(sub.eps), torch.ones_like(sub.eps)
-        for _ in range(INIT_TRIALS if len(sub) else 0):  # the line from x to the start: high always fools
-            mid = (low + high) / 2
-            _, correct = objective_values(model, margin, sub.x + batch_view(mid, sub.x) * direction, sub.batch)
-            low, high = torch.where(correct, mid, low), torch.where(correct, high, mid)
-    delta[usable] = batch_view(high, direction) * direction
+    direction = start - work.x
+    given = start_norms is None
+    if given:
+        with torch.no_grad():
+            _, correct = objective_values(model, margin, start, work.batch)
+        start_norms = torch.where(correct, math.inf, lp_norm(direction, norm))
+    fools = torch.isfinite(start_norms) & (lp_norm(direction, norm) <= work.eps)
+    wrong_at_x = fools & (start_norms == 0)
+    offer_smallest(tracker, work.idx, work.x, torch.zeros_like(work.eps), wrong_at_x)
+    usable = fools & ~wrong_at_x
+    scale = usable.to(work.eps.dtype)
+    if given and bool(usable.any()):
+        scale[usable] = _line_search(model, margin, work.keep(usable), direction[usable])
+    delta = batch_view(scale, direction) * direction
     norms = lp_norm(delta, norm)
     offer_smallest(tracker, work.idx, work.x + delta, norms, usable)
-    return delta, torch.where(usable, norms, epsilon), usable
+    keep = ~wrong_at_x
+    return work.keep(keep), delta[keep], torch.where(usable, norms, epsilon)[keep], usable[keep]
+
+
+def _line_search(model, margin, sub: WorkingSet, direction: Tensor) -> Tensor:
+    """Per sample, a ``t`` in (0, 1] with ``x + t * direction`` still fooling, as small as a few forwards find.
+
+    Regula falsi on the margin along the segment (``t = 0`` right, ``t = 1`` fooling), Illinois-style: an end
+    kept twice running has its margin halved, so both ends close in. Each point is aimed a hair past the
+    chord's zero, so on a linear margin the first one already fools at the boundary. Returns the fooling end.
+    """
+    low, high = torch.zeros_like(sub.eps), torch.ones_like(sub.eps)
+    with torch.no_grad():
+        m_low = objective_values(model, margin, sub.x, sub.batch)[0].to(low).clamp_min(0)
+        m_high = objective_values(model, margin, sub.x + direction, sub.batch)[0].to(low).clamp_max(0)
+        kept_high = torch.zeros_like(low, dtype=torch.bool)  # whether the last step kept the fooling end
+        for i in range(LINE_SEARCH_STEPS):
+            zero = low + (high - low) * m_low / (m_low - m_high).clamp_min(torch.finfo(low.dtype).tiny)
+            t = torch.minimum(zero + 1e-3 * (high - low), high)
+            m, correct = objective_values(model, margin, sub.x + batch_view(t, sub.x) * direction, sub.batch)
+            m = m.to(low)
+            if i > 0:  # Illinois: halve the margin of an end kept twice running
+                m_high = torch.where(correct & kept_high, m_high / 2, m_high)
+                m_low = torch.where(~correct & ~kept_high, m_low / 2, m_low)
+            low, m_low = torch.where(correct, t, low), torch.where(correct, m.clamp_min(0), m_low)
+            high, m_high = torch.where(correct, high, t), torch.where(correct, m_high, m.clamp_max(0))
+            kept_high = correct
+    return high
 
 
 def _check_gamma(name: str, gamma: float) -> float:
