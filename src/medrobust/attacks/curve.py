@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from medrobust.attacks._engine import index_batch, objective_values
+from medrobust.attacks.threat import batch_view, constrain, lp_norm
 
 
 def _eps_size(eps: float | Tensor) -> float:
@@ -65,3 +66,75 @@ def attack_curve(
             fooled[idx] = ~correct
         points.append(current.clone())
     return points
+
+
+def verified_curve(
+    verify: Callable | None,
+    model: Callable,
+    x: Tensor,
+    batch: Mapping,
+    objective: Any,
+    *,
+    eps_values: Sequence[float | Tensor],
+    bounds: tuple[float, float] | None,
+    known: tuple[Tensor, Tensor],
+    norm: str,
+) -> tuple[list[Tensor], Tensor]:
+    """Adversarial images ``(B, C, *spatial)`` for each of ``eps_values`` from minimum-norm points, the radii's
+    verdicts checked by ``verify`` from the largest eps down; and the radii ``(B,)``, lowered to the norm of
+    any fooling point the verification found inside one.
+
+    A sample is fooled at every eps >= its radius by its minimum-norm point. Below the radius it is robust by the
+    radius, an upper bound only: ``verify`` attacks it at the largest such eps, started from the minimum-norm
+    point moved into that ball (``verify.attack_from``, where the attack has it). If that fools, the point found
+    stands for that eps and the next smaller eps is tried from it; if not, the sample stands at that eps and at
+    every smaller one, each a ball inside the one searched (its point there: the last attacked point moved into
+    the smaller ball). One verification per sample, plus one per eps its radius was too large for.
+
+    Args:
+        verify: a fixed-eps attack, ``verify(model, x, batch, objective, *, eps, bounds)``; ``None``: the radii
+            alone, samples they call robust stay at ``x``.
+        eps_values: non-decreasing eps (per sample, for ``(B,)`` tensors), in model units.
+        known: ``(x_min, radii)`` from a minimum-norm attack in ``norm``.
+    """
+    x_min, radii = known[0].detach(), known[1].detach().clone()
+    table = _eps_table(eps_values, x)  # (levels, B)
+    levels, samples = table.shape
+    rows = torch.arange(samples, device=x.device)
+    found_level = (radii.to(table)[None] > table).sum(0)  # the first eps the minimum-norm point fits in
+    found_point = x_min.clone()  # per sample, the fooling point for found_level and above
+    last_point = x.detach().clone() if verify is None else x_min.clone()  # the point the levels below move into
+    level = found_level - 1  # the eps to verify next
+    pending = (level >= 0) & (table[level.clamp_min(0), rows] > 0) & (verify is not None)
+    while bool(pending.any()):
+        idx = pending.nonzero().flatten()
+        sub_batch = index_batch(batch, idx, batch_size=samples)
+        x_adv = _attack_from(verify, found_point[idx], model, x[idx], sub_batch, objective,
+                             eps=table[level[idx], idx], bounds=bounds)
+        with torch.no_grad():
+            _, correct = objective_values(model, objective, x_adv, sub_batch)
+        fooled, held = idx[~correct], idx[correct]
+        found_level[fooled], found_point[fooled] = level[fooled], x_adv[~correct]
+        radii[fooled] = torch.minimum(radii[fooled], lp_norm(x_adv[~correct] - x[fooled], norm).to(radii))
+        last_point[held], level[held] = x_adv[correct], -1
+        level[fooled] -= 1
+        pending = (level >= 0) & (table[level.clamp_min(0), rows] > 0)
+    return [torch.where(batch_view(found_level <= j, x), found_point, constrain(x, last_point, norm, table[j], bounds))
+            for j in range(levels)], radii
+
+
+def _eps_table(eps_values: Sequence[float | Tensor], x: Tensor) -> Tensor:
+    """eps per level and sample ``(levels, B)``, checked non-decreasing for every sample."""
+    table = torch.stack([torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
+                         for eps in eps_values])
+    if bool((table[1:] < table[:-1]).any()):
+        raise ValueError(f"a verified curve needs eps non-decreasing for every sample, got {list(eps_values)}")
+    return table
+
+
+def _attack_from(attack: Callable, start: Tensor, model, x: Tensor, batch, objective, *, eps, bounds) -> Tensor:
+    """``attack`` started from ``start`` where it can be (``attack.attack_from``), else from its own start."""
+    attack_from = getattr(attack, "attack_from", None)
+    if attack_from is None:
+        return attack(model, x, batch, objective, eps=eps, bounds=bounds)
+    return attack_from(start, model, x, batch, objective, eps=eps, bounds=bounds)
