@@ -114,6 +114,8 @@ def test_bounds_and_ball_respected(shape, norm, bounds):
         FGSM(norm, random_start=True)(model, x, {"label": labels}, ClassifierObjective(), eps=eps, bounds=bounds),
         pgd(model, x, labels, eps=eps, norm=norm, bounds=bounds, steps=5, restarts=2),
         PGD(norm, steps=5)(model, x, {"label": labels}, ClassifierObjective(), eps=eps, bounds=bounds),
+        PGD(norm, steps=2).attack_from(x + 10, model, x, {"label": labels}, ClassifierObjective(), eps=eps,
+                                       bounds=bounds),  # a start far outside the ball and the bounds
     ]
     for x_adv in runs:
         assert x_adv.dtype == x.dtype and x_adv.shape == x.shape and not x_adv.requires_grad
@@ -303,3 +305,74 @@ def test_single_logit_classifier():
     assert not correct(model, x_adv, labels).any()
     x_adv = pgd(f_only, x, labels.double(), eps=0.99 * radius["linf"], bounds=None)
     assert correct(model, x_adv, labels).all()
+
+
+class Bump(nn.Module):
+    """Logits ``[0, -|sum(x)|]``: the loss of label 0 peaks where ``sum(x) = 0``, so large steps overshoot the
+    peak and the loss falls and rises again (the label stays right: ``-|.| <= 0``)."""
+
+    def forward(self, x):
+        f = -x.flatten(1).sum(1).abs()
+        return torch.stack([torch.zeros_like(f), f], 1)
+
+
+def test_last_iterate_costs_a_forward_only_where_the_loss_turned_down():
+    """Without early stopping: where the loss rose at the last step, the last iterate is returned unjudged (as
+    plain PGD returns it); elsewhere one forward, on just those samples, compares it with the best point."""
+    peaks = torch.tensor([0.5, 1.9, 3.1, 4.45, 5.3, 7.0, 9.5, 2.2], dtype=torch.float64)  # sum(x) to climb
+    model, x = Bump(), (-peaks / 4)[:, None, None, None].expand(8, 1, 2, 2).clone()
+    batch, objective, steps, step = {"label": torch.zeros(8, dtype=torch.long)}, ClassifierObjective(), 4, 0.3
+    points, losses = [x], []  # the plain loop: sign steps from x (the ball, radius 100, never binds)
+    for _ in range(steps + 1):
+        leaf = points[-1].clone().requires_grad_(True)
+        loss = objective.attack_loss(model(leaf), batch)
+        losses.append(loss.detach())
+        points.append(points[-1] + step * torch.autograd.grad(loss.sum(), leaf)[0].sign())
+    losses, points = torch.stack(losses), torch.stack(points[:-1])  # (steps + 1, B): x_0 .. x_T
+    best = losses[:steps].argmax(0)  # the best point the gradient steps judged (first of equals)
+    rising = best == steps - 1
+    last_wins = losses[steps] > losses[best, torch.arange(8)]
+    expected = torch.where((rising | last_wins)[:, None, None, None], points[steps], points[best, torch.arange(8)])
+    assert rising.any() and (~rising).any()
+    counting = CountingModel(model)
+    x_adv = pgd_attack(counting, x, batch, objective, threat=ThreatModel("linf", 100.0, None), steps=steps,
+                       step_size=step, random_start=False, early_stop=False)
+    assert torch.equal(x_adv, expected)
+    assert counting.sizes == [8] * steps + [int((~rising).sum())]
+    counting = CountingModel(model)  # an AttackResult reports every returned point's loss: all are judged
+    result = pgd_attack(counting, x, batch, objective, threat=ThreatModel("linf", 100.0, None), steps=steps,
+                        step_size=step, random_start=False, early_stop=False, return_result=True)
+    assert counting.sizes == [8] * (steps + 1)
+    assert torch.equal(result.loss, torch.maximum(losses[steps], losses[best, torch.arange(8)]))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_warm_start_is_moved_into_the_ball_and_a_fooling_start_is_kept(norm):
+    model, x, labels, radius = binary_problem((10, 1, 3, 4))
+    f = model(x)[:, 1].detach()
+    w = model.weight[1].detach().reshape(x.shape[1:])
+    toward = -torch.sign(f)[:, None, None, None] * (w.sign() if norm == "linf" else w / w.norm())
+    far = x + 3 * radius[norm][:, None, None, None] * toward  # fools, 3x outside the radius
+    eps = 1.01 * radius[norm]
+    counting = CountingModel(model)
+    x_adv = pgd_attack(counting, x, {"label": labels}, ClassifierObjective(), threat=ThreatModel(norm, eps, None),
+                       steps=5, start=far)
+    assert (lp_norm(x_adv - x, norm) <= eps * (1 + 1e-9)).all()
+    assert not correct(model, x_adv, labels).any()
+    assert counting.sizes == [10]  # the start, moved onto the ball's edge along the best direction, fools at once
+    below = pgd_attack(model, x, {"label": labels}, ClassifierObjective(), start=far,
+                       threat=ThreatModel(norm, 0.99 * radius[norm], None), steps=5)
+    assert correct(model, below, labels).all()
+    assert (lp_norm(below - x, norm) <= 0.99 * radius[norm] * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("bounds", [(-0.5, 1.2), None])
+def test_linf_box_clamp_is_the_projection(bounds):
+    from medrobust.attacks.threat import constrain, linf_box
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 2, 3, 4, dtype=torch.float64)
+    eps = torch.rand(6, dtype=torch.float64) * 0.5
+    x_adv = x + torch.randn_like(x)
+    low, high = linf_box(x, eps, bounds)
+    assert torch.allclose(torch.clamp(x_adv, low, high), constrain(x, x_adv, "linf", eps, bounds), atol=1e-15)

@@ -328,6 +328,29 @@ def test_finished_samples_leave_the_batch():
     sizes = CountingModel(model)
     deepfool_attack(sizes, x, {"label": labels}, OBJ, bounds=None)
     assert sizes.sizes == [6, 4]  # DeepFool: one jump fools a linear model, then nothing is left
+    sizes = CountingModel(model)
+    x_adv, norms = fmn_attack(sizes, x, {"label": labels}, OBJ, bounds=None, steps=4, return_norms=True)
+    # DeepFool's norms tell FMN which samples are wrong at x and which starts fool: no forward re-checks them
+    assert sizes.sizes == [6, 4] + [4] * 5 and torch.equal(norms[:2], torch.zeros(2, dtype=norms.dtype))
+    assert torch.equal(x_adv[:2], x[:2])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_given_starting_points_are_shrunk_to_the_boundary(norm):
+    """A fooling start 3x past the boundary along the best direction: the line search brings it back to the
+    radius (a linear margin: its first chord lands there), before any FMN step could."""
+    model, x, labels, radius = linear_binary((12, 1, 3, 4))
+    w = model[1].weight[1].detach().reshape(x.shape[1:])
+    with torch.no_grad():
+        f = model(x)[:, 1]
+    toward = -torch.sign(f)[:, None, None, None] * (w.sign() if norm == "linf" else w / w.norm())
+    start = x + 3 * radius[norm][:, None, None, None] * toward
+    counting = CountingModel(model)
+    x_adv, norms = fmn_attack(counting, x, {"label": labels}, OBJ, bounds=None, norm=norm, steps=1, init=start,
+                              alpha_init=1e-6, return_norms=True)
+    assert_radius(norms, radius[norm], 0.005)
+    assert wrong(model, x_adv, labels).all()
+    assert len(counting.sizes) == 1 + 2 + 4 + 2  # which starts fool, the segment's ends, the search, FMN's step
 
 
 def test_bad_arguments_quote_the_value():
