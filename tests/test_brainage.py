@@ -18,10 +18,10 @@ from medrobust.runner import build_data_and_module
 
 def test_a_few_epochs_beat_predicting_the_mean_age(data_dir, tmp_path):
     cfg = compose_config("train", ["task=brainage", "data.num_subjects=160", "data.image_size=16",
-                                   "data.batch_size=16", "model.dropout=0.0"], tmp_path)
+                                   "data.batch_size=16", "model.dropout=0.0", "trainer.max_epochs=8"], tmp_path)
     datamodule, module = build_data_and_module(cfg)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=8, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.trainer.max_epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(0)
     trainer.fit(module, datamodule=datamodule)
     module.eval()
