@@ -255,13 +255,12 @@ class BestTracker:
         loss = loss.detach().to(self.loss.dtype)
         better = loss > self.loss[idx]
         take = (~self.success[idx] & (~correct | better)) if self.prefer_success else better
-        if bool(take.all()):  # the common case while the loss climbs: one copy, no masked gather
-            chosen, x_adv, loss, correct = idx, x_adv, loss, correct
-        else:
-            chosen, x_adv, loss, correct = idx[take], x_adv[take], loss[take], correct[take]
-        self.x_adv[chosen] = x_adv.detach()
-        self.loss[chosen] = loss
-        self.success[chosen] = ~correct
+        if not bool(take.all()):  # all taken is the common case while the loss climbs: no gathers then
+            rows = take.nonzero().flatten()
+            idx, x_adv, loss, correct = idx[rows], x_adv[rows], loss[rows], correct[rows]
+        self.x_adv[idx] = x_adv.detach()
+        self.loss[idx] = loss
+        self.success[idx] = ~correct
         return take
 
     def result(self) -> AttackResult:
@@ -286,9 +285,11 @@ class WorkingSet:
         return self.idx.shape[0]
 
     def keep(self, mask: Tensor) -> "WorkingSet":
-        """Only the samples where ``mask`` ``(n,)`` is true (the batch dict indexed with :func:`index_batch`)."""
-        batch = index_batch(self.batch, mask, batch_size=len(self))
-        tensors = {f.name: getattr(self, f.name)[mask] for f in fields(self) if f.name != "batch"}
+        """Only the samples ``mask`` picks: a bool mask ``(n,)`` or row indices (the batch dict indexed with
+        :func:`index_batch`)."""
+        rows = mask.nonzero().flatten() if mask.dtype == torch.bool else mask  # one sync for every field
+        batch = index_batch(self.batch, rows, batch_size=len(self))
+        tensors = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "batch"}
         return WorkingSet(batch=batch, **tensors)
 
 

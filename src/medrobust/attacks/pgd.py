@@ -136,8 +136,9 @@ def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestT
         else:  # Linf: the sign step and the precomputed box, one clamp
             x_adv = torch.clamp(torch.addcmul(x_adv, batch_view(work.step, x_adv), grad.sign()), *box)
         if early_stop and not bool(correct.all()):
-            work, x_adv, rising = work.keep(correct), x_adv[correct], rising[correct]
-            box = None if box is None else (box[0][correct], box[1][correct])
+            rows = correct.nonzero().flatten()
+            work, x_adv, rising = work.keep(rows), x_adv[rows], rising[rows]
+            box = None if box is None else (box[0][rows], box[1][rows])
             if len(work) == 0:
                 return
     _offer_last_iterate(model, objective, work, tracker, x_adv, judge=torch.ones_like(rising) if judge_last
