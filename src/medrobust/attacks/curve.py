@@ -2,7 +2,10 @@
 
 A point found at a smaller eps lies inside every larger ball, so a sample fooled at eps_i keeps that point
 for all eps_j > eps_i and is not attacked again: the curve is monotone by construction and the cost of each
-further eps scales with the samples still standing.
+further eps scales with the samples still standing (:func:`attack_curve`).
+
+From a minimum-norm attack's points the order turns around (:func:`verified_curve`): a sample is checked at the
+largest eps its radius calls robust, and a failed attack there stands for every smaller ball inside it.
 """
 
 from __future__ import annotations

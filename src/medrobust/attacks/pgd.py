@@ -70,11 +70,12 @@ def pgd_attack(
             into the threat model; later restarts start as ``random_start`` says. The clean point is then
             not checked: the caller starting there knows its samples.
 
-    Points are judged on the forward each gradient step makes anyway. The last iterate, one step past the
-    last judged point, costs a forward of its own only where that matters: with ``return_result``, before
-    another restart, and for samples whose loss already fell below an earlier point's. A sample whose loss
-    was still rising at the last step returns the last iterate unjudged, as plain PGD does; it is never
-    worse than plain PGD's answer, and a sample it fools is still counted by whoever evaluates the output.
+    Points are judged (loss, correctness) on the forward each gradient step makes anyway. The last iterate,
+    one step past the last judged point, costs a forward of its own only where that matters: with
+    ``return_result``, before another restart, and for samples whose loss already fell below an earlier
+    point's. A sample whose loss was still rising at the last step returns the last iterate unjudged, as
+    plain PGD does: no sample ends below its run's last iterate, and whoever evaluates the output (a suite,
+    a curve) still counts a sample that point fools.
 
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
@@ -92,7 +93,7 @@ def pgd_attack(
         if start is not None:
             start, _ = prepare(start.to(x), {})
             start = constrain(x, start, threat.norm, eps, threat.bounds)
-        if early_stop and random_start and start is None:  # else the first step sees the clean point anyway
+        if early_stop and random_start and start is None:  # from x, the first step judges the clean point
             work = _drop_fooled_at_clean(tracker, model, objective, work)
         runs = restarts if random_start else 1
         for run in range(runs):
