@@ -318,6 +318,6 @@ class FMN(MinimumNormAttack):
 
     def minimal(self, model, x, batch, objective, *, bounds, max_eps=None) -> tuple[Tensor, Tensor]:
         return fmn_attack(model, x, batch, objective, bounds=bounds, norm=self.norm, steps=self.steps,
-                          init=self.init, alpha_init=self.alpha_init, alpha_final=self.alpha_final, gamma_init=self.gamma_init,
-                          gamma_final=self.gamma_final, max_eps=max_eps, return_norms=True,
-                          bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
+                          init=self.init, alpha_init=self.alpha_init, alpha_final=self.alpha_final,
+                          gamma_init=self.gamma_init, gamma_final=self.gamma_final, max_eps=max_eps,
+                          return_norms=True, bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
