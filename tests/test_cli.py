@@ -67,12 +67,18 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
     assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags",
                                 "sample"]
     assert got == pytest.approx(want)
-    # the gradient-masking verdict is on the run's overview page (summary), "none" for this normal model
-    summaries = sorted((run_dir / "wandb").glob("offline-run-*/files/wandb-summary.json"))
-    assert summaries, "no W&B summary written"
-    summary = json.loads(summaries[-1].read_text())
-    assert summary["robustness/val_masking_flags"] == "none"
-    assert summary["robustness/test_masking_flags"] == "none"
+    # the gradient-masking verdict of each split's last evaluation, as robustness.csv has it (offline runs keep
+    # the W&B summary in their binary log; the flags table is the file they write)
+    for split in ("val", "test"):
+        flag_tables = sorted((run_dir / "wandb").glob(f"offline-run-*/files/media/table/robustness/"
+                                                      f"{split}_flags_table_*.table.json"),
+                             key=lambda p: int(p.name.split("_")[-2]))  # the step the table was logged at
+        assert flag_tables, f"no {split} flags table written"
+        last = max(r["epoch"] for r in rows if r["split"] == split)
+        flags = {r["flags"] for r in rows if r["split"] == split and r["epoch"] == last}
+        assert len(flags) == 1
+        expected = [[flag] for flag in flags.pop().split(";") if flag] or [["none"]]
+        assert json.loads(flag_tables[-1].read_text())["data"] == expected
 
 
 def test_eval_attacks_a_checkpoint_into_its_own_run_dir(tiny, trained_run, tmp_path):

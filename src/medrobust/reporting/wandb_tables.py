@@ -9,7 +9,8 @@ def log_robustness_to_wandb(loggers, rows: list[dict], split: str, flags: list[s
     """Log to every ``WandbLogger`` among ``loggers``; a no-op when W&B is not a logger of this run.
 
     ``flags``: the gradient-masking flags of this evaluation; they go to the run summary
-    (``robustness/<split>_masking_flags``, ``"none"`` when clean) so a flagged run says so on its overview page."""
+    (``robustness/<split>_masking_flags``, ``"none"`` when clean) so a flagged run says so on its overview page,
+    and to the table ``robustness/<split>_flags_table``."""
     from lightning.pytorch.loggers import WandbLogger
 
     wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger)]
@@ -27,6 +28,8 @@ def log_robustness_to_wandb(loggers, rows: list[dict], split: str, flags: list[s
             xs=xs, ys=ys, keys=[f"epoch {epoch}" for epoch in epochs],
             title=f"{split}: {metric} vs eps ({attack})", xname="eps",
         )
+    # the flags as a table too: its media file is on disk in offline runs, where the summary is not
+    payload[f"robustness/{split}_flags_table"] = wandb.Table(columns=["flag"], data=[[f] for f in flags] or [["none"]])
     for logger in wandb_loggers:
         logger.experiment.log(payload)
         logger.experiment.summary[f"robustness/{split}_masking_flags"] = ";".join(flags) or "none"
