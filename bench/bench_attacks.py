@@ -40,13 +40,13 @@ def reference_pgd(model, x, y, eps, steps, alpha):
 
 
 def timed_in_turns(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Best wall time and last result of each function over ``repeats`` rounds, the functions run in turns so
-    that load changes on a shared machine hit all of them alike."""
+    """Best wall time and last result of each function over ``repeats`` rounds, the functions run in turns (in
+    reverse order every other round) so that load changes on a shared machine hit all of them alike."""
     best, results = {name: float("inf") for name in fns}, {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name in list(fns) if round_ % 2 == 0 else list(fns)[::-1]:
             start = time.perf_counter()
-            results[name] = fn()
+            results[name] = fns[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best, results
 
