@@ -70,8 +70,8 @@ def pgd(
     """PGD on a plain classifier: ``model(images (B, C, *spatial)) -> logits``, ``labels (B,)``.
 
     ``step_size`` is absolute (default ``2.5 * eps / steps``); ``bounds=None`` for unbounded inputs. By
-    default (``early_stop=False``) every sample runs all steps and the highest-loss point is returned, as
-    most PGD libraries do; ``early_stop=True`` returns the first misclassified point per sample and skips
+    default (``early_stop=False``) every sample runs all steps and the last iterate is returned, or an
+    earlier higher-loss iterate where the loss fell at the end; ``early_stop=True`` returns the first misclassified point per sample and skips
     the work on samples already fooled (faster for evaluation).
     """
     return pgd_attack(model, images, {"label": labels}, ClassifierObjective(),
