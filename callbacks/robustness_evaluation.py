@@ -179,8 +179,7 @@ class RobustnessEvaluation(Callback):
 
     def _masking_flags(self, pl_module, rows: list[dict], split: str) -> list:
         # the checks assume each attack tries to make samples wrong: not corruptions, not prediction shifts
-        adversarial = {label for label, attack in self.attacks.items()
-                       if attack.norm != "none" and getattr(attack, "seeks_errors", True)}
+        adversarial = {label for label, attack in self.attacks.items() if getattr(attack, "seeks_errors", True)}
         black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
         flags = check_rows([row for row in rows if row["attack"] in adversarial],
                            attack_order=[label for label in self.attacks if label in adversarial], black_box=black_box)

@@ -27,8 +27,8 @@ from medrobust.reporting import format_eps  # noqa: E402
 
 log = logging.getLogger("medrobust")
 
-KEYS = ("epoch", "direction", "eps", "eps_unit", "eps_model", "group_size", "repeat", "fit_shift",
-        "heldout_shift", "heldout_correct")
+RESULT_KEYS = ("group_size", "repeat", "fit_shift", "heldout_shift", "heldout_correct")  # universal_shift's
+KEYS = ("epoch", "direction", "eps", "eps_unit", "eps_model", *RESULT_KEYS)
 
 
 class UniversalShiftEvaluation(Callback):
@@ -99,7 +99,7 @@ class UniversalShiftEvaluation(Callback):
                         direction=direction, group_sizes=self.group_sizes, repeats=self.repeats,
                         epochs=self.epochs, seed=self.seed, device=pl_module.device)
                     rows += [{"epoch": epoch, "direction": direction, "eps": eps, "eps_unit": self.eps_unit,
-                              "eps_model": row["eps"], **{k: row[k] for k in KEYS[5:]}} for row in found]
+                              "eps_model": row["eps"], **{k: row[k] for k in RESULT_KEYS}} for row in found]
         pl_module.train(was_training)
         self.rows = rows
         self._log(trainer)

@@ -131,6 +131,7 @@ class Corruption(Attack):
     """
 
     norm = "none"
+    seeks_errors = False  # a fixed transform per severity: curves take each severity alone, masking checks skip it
 
     def __init__(self, seed: int | None = 0, scale: float = 1.0) -> None:
         """``scale``: severity per unit of eps, so corruptions of different kinds share one eps list

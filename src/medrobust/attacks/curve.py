@@ -33,21 +33,19 @@ def attack_curve(
     *,
     eps_values: Sequence[float | Tensor],
     bounds: tuple[float, float] | None,
-    known: tuple[Tensor, Tensor] | None = None,
 ) -> list[Tensor]:
     """Adversarial images ``(B, C, *spatial)`` for each of ``eps_values`` (same order as given).
 
     Args:
         attack: an attack object, ``attack(model, x, batch, objective, *, eps, bounds)``; one with its own
             ``curve`` method (e.g. a minimum-norm attack that reads every eps off one run) is asked for that;
-            a corruption (``norm == "none"``) is applied at each severity independently.
+            one that does not seek errors (``attack.seeks_errors`` false: corruptions, prediction shifts) is
+            applied at each eps on every sample independently, since there is no worst case to keep.
         eps_values: non-decreasing eps, each a float or a per-sample ``(B,)`` tensor, in model units.
-        known: ``(x_min, radii)`` from a minimum-norm attack: a sample takes its known point, unattacked, from
-            the first eps its radius fits in.
     """
-    if known is None and hasattr(attack, "curve"):
+    if hasattr(attack, "curve"):
         return attack.curve(model, x, batch, objective, eps_values=eps_values, bounds=bounds)
-    if getattr(attack, "norm", None) == "none":  # corruptions: each severity on its own, no worst case to keep
+    if not getattr(attack, "seeks_errors", True):
         return [attack(model, x, batch, objective, eps=eps, bounds=bounds) for eps in eps_values]
     sizes = [_eps_size(eps) for eps in eps_values]
     if sizes != sorted(sizes):
@@ -56,9 +54,6 @@ def attack_curve(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     points = []
     for eps in eps_values:
-        if known is not None:
-            fits = ~fooled & (known[1] <= eps)
-            current[fits], fooled = known[0][fits], fooled | fits
         if _eps_size(eps) > 0 and not bool(fooled.all()):
             idx = (~fooled).nonzero().flatten()
             sub_batch = index_batch(batch, idx, batch_size=x.shape[0])

@@ -171,7 +171,9 @@ class Directional(Attack):
     """
 
     requires = ("prediction",)  # the task members it reads; RobustnessEvaluation checks them at setup
-    seeks_errors = False  # it shifts predictions, not toward errors: the masking checks leave its curves out
+    # it shifts predictions, not toward errors: every sample is attacked at every eps (a sample the task already
+    # gets wrong still has its prediction moved), and the masking checks leave its curves out
+    seeks_errors = False
 
     def __init__(self, direction: str = "up", steps: int = 1, rel_step_size: float | None = None,
                  random_start: bool = False, norm: str = "linf", restarts: int = 1, tau: float | None = None,
@@ -189,11 +191,6 @@ class Directional(Attack):
         iterative = self.steps > 1 or self.restarts > 1
         self.name = f"directional_{direction}" + (f"_pgd{self.steps}" if iterative else "") + (
             f"x{self.restarts}" if self.restarts > 1 else "")
-
-    def curve(self, model, x: Tensor, batch, objective, *, eps_values, bounds) -> list[Tensor]:
-        """The attack at each eps on every sample, independently. A shift is not an error: a sample the task
-        already gets wrong still has its prediction moved, so the survivors-only curve does not apply."""
-        return [self(model, x, batch, objective, eps=eps, bounds=bounds) for eps in eps_values]
 
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return directional_attack(model, x, batch, objective, threat=threat, direction=self.direction,
