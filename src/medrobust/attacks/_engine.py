@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from medrobust.attacks._frozen_norm import frozen_norm_gradients
 from medrobust.attacks.base import check_positive
 from medrobust.attacks.threat import ThreatModel, ascent_direction, batch_view, constrain, random_in_ball
 
@@ -117,6 +118,8 @@ def attack_session(model: Callable, *, bn_eval: bool = True, dropout_eval: bool 
       misclassified stays misclassified;
     - parameters' ``requires_grad`` switched off, so no graph is built for them (their ``.grad`` is never
       touched anyway);
+    - batch norm layers on running statistics back-propagate with one multiply
+      (:func:`~medrobust.attacks._frozen_norm.frozen_norm_gradients`; same outputs, far cheaper backward);
     - on exit, every submodule's ``training`` flag and every ``requires_grad`` flag are put back as they were.
 
     A plain callable that is not an ``nn.Module`` (nor a bound method of one) only gets the grad modes.
@@ -137,7 +140,8 @@ def attack_session(model: Callable, *, bn_eval: bool = True, dropout_eval: bool 
                     m.training = False
             for p in frozen:
                 p.requires_grad_(False)
-            yield
+            with frozen_norm_gradients(module):
+                yield
         finally:
             for p in frozen:
                 p.requires_grad_(True)
