@@ -358,7 +358,7 @@ def test_names_and_bad_arguments_quote_the_value():
         (lambda: APGD(rho=1.5), "rho.*1.5"),
         (lambda: APGD(n_target_classes=0), "n_target_classes.*0"),
         (lambda: APGD(norm="l1"), "'l1'"),
-        (lambda: Square(norm="l2"), "linf' only.*'l2'"),
+        (lambda: Square(norm="l2"), "Square.*'l2'.*'linf'"),
         (lambda: Square(queries=0), "queries.*0"),
         (lambda: Square(p_init=0), "p_init.*0"),
     ]

@@ -20,7 +20,7 @@ def test_batch_view_matches_rank(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_projection_and_random_start_stay_in_per_sample_ball(shape, norm):
     torch.manual_seed(0)
     eps = torch.linspace(0.0, 1.0, shape[0], dtype=torch.float64)
@@ -39,7 +39,7 @@ def test_constrain_clamps_into_bounds_and_stays_in_ball():
     x = torch.rand(8, 1, 4, 4, dtype=torch.float64) * 4 - 1  # inside (-1, 3)
     far = x + torch.randn_like(x) * 10
     eps = torch.full((8,), 0.5, dtype=torch.float64)
-    for norm in ("linf", "l2"):
+    for norm in ("linf", "l2", "l1"):
         x_adv = constrain(x, far, norm, eps, (-1.0, 3.0))
         assert x_adv.min() >= -1 and x_adv.max() <= 3
         assert (lp_norm(x_adv - x, norm) <= 0.5 + 1e-12).all()

@@ -102,16 +102,18 @@ def test_linear_multiclass_pgd_breaks_just_above_the_pairwise_radius(norm):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("bounds", [(-1.0, 3.0), None])
 def test_bounds_and_ball_respected(shape, norm, bounds):
     torch.manual_seed(0)
     model, _, labels, _ = binary_problem(shape)
     x = torch.rand(shape, dtype=torch.float64) * 4 - 1
-    eps = 0.7 if norm == "linf" else 3.0
-    runs = [
+    eps = {"linf": 0.7, "l2": 3.0, "l1": 6.0}[norm]
+    runs = [] if norm == "l1" else [  # FGSM has no L1 form
         fgsm(model, x, labels, eps=eps, norm=norm, bounds=bounds),
         FGSM(norm, random_start=True)(model, x, {"label": labels}, ClassifierObjective(), eps=eps, bounds=bounds),
+    ]
+    runs += [
         pgd(model, x, labels, eps=eps, norm=norm, bounds=bounds, steps=5, restarts=2),
         PGD(norm, steps=5)(model, x, {"label": labels}, ClassifierObjective(), eps=eps, bounds=bounds),
         PGD(norm, steps=2).attack_from(x + 10, model, x, {"label": labels}, ClassifierObjective(), eps=eps,
@@ -268,7 +270,9 @@ def test_bad_hyperparameters_quote_the_value():
         (lambda: PGD(steps=0), "steps.*0"),
         (lambda: PGD(restarts=0), "restarts.*0"),
         (lambda: PGD(rel_step_size=-0.5), "rel_step_size.*-0.5"),
-        (lambda: PGD(norm="l1"), "'l1'.*'linf', 'l2'"),
+        (lambda: PGD(norm="l3"), "'l3'.*'linf', 'l2', 'l1'"),
+        (lambda: PGD(norm="l1", l1_sparsity=0), "l1_sparsity.*0"),
+        (lambda: FGSM(norm="l1"), "FGSM does not define norm 'l1'"),
         (lambda: FGSM(rel_step_size=0), "rel_step_size.*0"),
         (lambda: FGSM(norm="L2"), "'L2'"),
     ]

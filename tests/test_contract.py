@@ -53,13 +53,14 @@ def test_config_composes_instantiates_and_fits(tiny_for, task, adv, evaluation, 
     if evaluation != "none":
         assert (Path(tmp_path) / "robustness.csv").is_file()
         assert (Path(tmp_path) / "summary.md").is_file()
-    if evaluation == "curve":  # the minimum-norm suite's per-sample radii (robustness.csv rows) and histogram
+    if evaluation.startswith("curve"):  # the minimum-norm suite's per-sample radii (robustness.csv rows), histogram
         rows = read_csv(Path(tmp_path) / "robustness.csv")
         radii = [r for r in rows if r["metric"] == "radius" and r["split"] == "test"]
         evaluated = min(cfg.data.batch_size, len(datamodule.data_test))  # test_max_batches=1
         assert len(radii) == len({r["sample"] for r in radii}) == evaluated
         assert all(r["value"] >= 0 for r in radii) and all(r["eps"] == "" for r in radii)
-        assert (Path(tmp_path) / "curves" / "test_fmn-curve_linf_radii.png").is_file()
+        norm = cfg.eval.attacks.curve.minimum_norm.norm
+        assert (Path(tmp_path) / "curves" / f"test_fmn-curve_{norm}_radii.png").is_file()
 
 
 def test_a_regression_only_evaluation_on_a_classifier_fails_at_setup(tiny_for, tmp_path):

@@ -22,7 +22,8 @@ from medrobust.attacks.threat import lp_norm
 from test_attacks import CountingModel
 
 SHAPES = [(12, 1, 4, 5), (12, 1, 3, 4, 5)]  # 2-D and 3-D
-DUAL = {"linf": 1, "l2": 2}  # minimal Linf perturbation of a linear f: |f| / ||w||_1; L2: |f| / ||w||_2
+# the minimal perturbation of a linear f is |f| / ||w||_dual: Linf -> L1, L2 -> L2, L1 -> Linf
+DUAL = {"linf": 1, "l2": 2, "l1": float("inf")}
 WIDE = (-10.0, 10.0)  # bounds that never bind for x ~ N(0, 1) and the radii here
 OBJ = ClassifierObjective()
 
@@ -77,7 +78,7 @@ def wrong(model, x, labels):
 
 # -- exact radii ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("bounds", [None, WIDE])
 def test_fmn_and_deepfool_linear_binary(shape, norm, bounds):
     model, x, labels, radius = linear_binary(shape)
@@ -92,7 +93,7 @@ def test_fmn_and_deepfool_linear_binary(shape, norm, bounds):
     assert wrong(model, x_adv, labels).all()
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fmn_and_deepfool_linear_multiclass(norm):
     model, x, labels, radius = linear_multiclass((16, 2, 3, 3))
     _, norms = fmn_attack(model, x, {"label": labels}, OBJ, bounds=None, norm=norm, return_norms=True)
@@ -355,7 +356,7 @@ def test_given_starting_points_are_shrunk_to_the_boundary(norm):
 
 def test_bad_arguments_quote_the_value():
     cases = [
-        (lambda: FMN(norm="l1"), "'l1'"),
+        (lambda: FMN(norm="l0"), "'l0'"),
         (lambda: FMN(steps=0), "steps.*0"),
         (lambda: FMN(gamma_init=1.5), "gamma_init.*1.5"),
         (lambda: DeepFool(overshoot=-0.1), "overshoot.*-0.1"),

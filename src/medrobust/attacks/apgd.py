@@ -33,7 +33,7 @@ from medrobust.attacks._engine import (
 from medrobust.attacks.base import Attack, check_at_least
 from medrobust.attacks.losses import LossFallbackWarning, check_logits, cross_entropy_loss, dlr_loss
 from medrobust.attacks.losses import targeted_dlr_loss, with_loss
-from medrobust.attacks.threat import ThreatModel, batch_view, check_norm, constrain
+from medrobust.attacks.threat import DENSE_NORMS, ThreatModel, batch_view, check_norm, constrain
 
 LOSSES = ("ce", "dlr", "margin", "default")
 TARGETED_LOSSES = ("dlr", "ce")
@@ -131,6 +131,7 @@ def apgd_attack(
     check_at_least("steps", steps, 1)
     check_at_least("restarts", restarts, 1)
     check_at_least("n_target_classes", n_target_classes, 1)
+    check_norm(threat.norm, DENSE_NORMS, "APGD")
     rho, loss = check_rho(rho), check_loss(loss, targeted)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval), seeded(seed, x.device):
         x, batch = prepare(x, batch)
@@ -292,7 +293,7 @@ class APGD(Attack):
     def __init__(self, norm: str = "linf", steps: int = 100, loss: str | None = None, restarts: int = 1,
                  targeted: bool = False, n_target_classes: int = 9, rho: float = 0.75, early_stop: bool = True,
                  seed: int | None = None, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
+        self.norm = check_norm(norm, DENSE_NORMS, "APGD")
         self.steps = check_at_least("steps", steps, 1)
         self.targeted = bool(targeted)
         self.loss = check_loss(loss, self.targeted)

@@ -69,7 +69,8 @@ def pgd(
 ) -> Tensor:
     """PGD on a plain classifier: ``model(images (B, C, *spatial)) -> logits``, ``labels (B,)``.
 
-    ``step_size`` is absolute (default ``2.5 * eps / steps``); ``bounds=None`` for unbounded inputs. By
+    ``norm``: ``"linf"``, ``"l2"`` or ``"l1"``. ``step_size`` is absolute (default ``2.5 * eps / steps``);
+    ``bounds=None`` for unbounded inputs. By
     default (``early_stop=False``) every sample runs all steps and the last iterate is returned, or an
     earlier higher-loss iterate where the loss fell at the end; ``early_stop=True`` returns the first misclassified point per sample and skips
     the work on samples already fooled (faster for evaluation).
@@ -103,7 +104,7 @@ def minimal_perturbation(
     bounds: tuple[float, float] | None = (0.0, 1.0),
     steps: int = 100,
 ) -> Tensor:
-    """Per-sample robustness radius ``(B,)`` of a plain classifier, found by FMN.
+    """Per-sample robustness radius ``(B,)`` of a plain classifier in ``norm`` (``linf``, ``l2``, ``l1``), found by FMN.
 
     The norm of the smallest adversarial perturbation FMN finds for ``images`` ``(B, C, *spatial)``: ``0``
     where the clean image is already misclassified, ``inf`` where none was found (e.g. the bounds leave no

@@ -22,6 +22,12 @@ def check_positive(name: str, value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def check_fraction(name: str, value: float) -> float:
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 class Attack:
     """Base of the configurable attacks: hyperparameters at construction, ``eps`` and ``bounds`` per call.
 

@@ -27,7 +27,7 @@ from medrobust.attacks._engine import (
     prepare,
 )
 from medrobust.attacks.base import Attack, check_at_least, check_positive
-from medrobust.attacks.threat import ThreatModel, ascent_direction, batch_view, check_norm, constrain, lp_norm
+from medrobust.attacks.threat import DENSE_NORMS, ThreatModel, ascent_direction, batch_view, check_norm, constrain, lp_norm
 
 TARGETS = ("random", "next", "nearest")
 _TARGET = "_dag_target"  # the per-pixel targets travel in the batch dict, so WorkingSet indexes them too
@@ -150,6 +150,7 @@ def dag_attack(
     """
     steps = check_at_least("steps", steps, 1)
     gamma = check_positive("gamma", gamma)
+    check_norm(threat.norm, DENSE_NORMS, "DAG")
     if not 0.0 <= float(stop_fraction) < 1.0:
         raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction!r}")
     dense = _DenseAdversary(objective, label_key, float(stop_fraction), early_stop)
@@ -217,7 +218,7 @@ class DAG(Attack):
     def __init__(self, norm: str = "linf", steps: int = 50, gamma: float = 0.5, target: str | None = None,
                  stop_fraction: float = 0.0, early_stop: bool = True, label_key: str = "label",
                  seed: int | None = None, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
+        self.norm = check_norm(norm, DENSE_NORMS, "DAG")
         self.steps = check_at_least("steps", steps, 1)
         self.gamma = check_positive("gamma", gamma)
         if target is not None and target not in TARGETS:

@@ -20,7 +20,16 @@ from medrobust.attacks._engine import (
 from medrobust.attacks.base import check_at_least
 from medrobust.attacks.fmn import MinimumNormAttack, dual_norm, offer_smallest
 from medrobust.attacks.losses import classification_margin
-from medrobust.attacks.threat import Bounds, batch_view, check_bounds, check_norm, clamp_bounds, lp_norm
+from medrobust.attacks.threat import (
+    Bounds,
+    ascent_direction,
+    batch_view,
+    check_bounds,
+    check_norm,
+    clamp_bounds,
+    lp_norm,
+    room_along,
+)
 
 PUSH = 1e-4  # DeepFool's push past the linearized boundary (added to |f|, as the original code)
 
@@ -60,7 +69,8 @@ def deepfool_attack(
         batch: the batch dict the objective reads; its ``"image"`` is not used.
         objective: has ``correct_margin(output, batch) -> (B,)`` and ``is_correct(output, batch) -> (B,)``.
         bounds: ``(low, high)`` of valid inputs, or ``None`` (required: never assumed).
-        norm: ``"l2"`` or ``"linf"``.
+        norm: ``"l2"``, ``"linf"`` or ``"l1"`` (the step to the linearized boundary in that norm: along ``w``,
+            along ``sign(w)``, or on the one free coordinate of largest ``|w_i|``).
         steps: at most this many linearization steps (one forward + one backward per candidate class each).
         overshoot: relative push past the boundary estimate.
         num_classes: candidate classes of the multi-class form, counting the label (>= 2); ``None``: all.
@@ -99,7 +109,7 @@ def deepfool_attack(
             keep = correct  # fooled samples are done: their steps were not computed
             work, r_total, f, w = work.keep(keep), r_total[keep], f[keep], w[keep]
             candidates = None if candidates is None else candidates[keep]
-            r_total = r_total + _step(f, w, norm)
+            r_total = r_total + _step(f, w, norm, room_along(x_adv[keep], w, bounds))
             x_adv = clamp_bounds(work.x + (1 + overshoot) * r_total, bounds)
     x_adv = tracker.x_adv
     return (x_adv, -tracker.loss) if return_norms else x_adv
@@ -150,8 +160,16 @@ def _nearest_boundary(output, value, leaf, active, candidates, batch, label_key,
     return best_f, best_w
 
 
-def _step(f: Tensor, w: Tensor, norm: str) -> Tensor:
-    """The smallest step zeroing the linearization ``f + <w, r>`` (plus DeepFool's push), ``(B, C, *spatial)``."""
+def _step(f: Tensor, w: Tensor, norm: str, room: Tensor | None) -> Tensor:
+    """The smallest step zeroing the linearization ``f + <w, r>`` (plus DeepFool's push), ``(B, C, *spatial)``.
+
+    L1: all of it on the coordinate of largest ``|w_i|`` that still has ``room`` (not at a bound it would be
+    pushed against, where clamping would undo the step and DeepFool would stall).
+    """
+    if norm == "l1":
+        free = w if room is None else w.masked_fill(room <= 0, 0)
+        size = (f.abs() + PUSH) / lp_norm(free, "linf").clamp_min(1e-12)
+        return batch_view(size, w) * ascent_direction(free, "l1")
     size = (f.abs() + PUSH) / dual_norm(w, norm).clamp_min(1e-12)
     if norm == "linf":
         return batch_view(size, w) * w.sign()

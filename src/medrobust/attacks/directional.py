@@ -24,7 +24,7 @@ from medrobust.attacks._engine import attack_session, objective_values, prepare
 from medrobust.attacks.base import Attack, check_at_least, check_positive
 from medrobust.attacks.fgsm import fgsm_attack
 from medrobust.attacks.pgd import pgd_attack
-from medrobust.attacks.threat import ThreatModel, check_norm
+from medrobust.attacks.threat import DENSE_NORMS, ThreatModel, check_norm
 
 DIRECTIONS = {"up": 1, "down": -1}
 CLEAN_KEY = "_clean_prediction"  # where the clean predictions ride along in the batch (indexed with it)
@@ -183,7 +183,7 @@ class Directional(Attack):
         self.steps = check_at_least("steps", steps, 1)
         self.rel_step_size = check_positive("rel_step_size", rel_step_size)
         self.random_start = bool(random_start)
-        self.norm = check_norm(norm)
+        self.norm = check_norm(norm, DENSE_NORMS, "Directional")
         self.restarts = check_at_least("restarts", restarts, 1)
         self.tau = check_positive("tau", tau)
         self.bn_eval = bn_eval

@@ -16,7 +16,7 @@ from medrobust.attacks._engine import (
     start_point,
 )
 from medrobust.attacks.base import Attack, check_positive
-from medrobust.attacks.threat import ThreatModel, check_norm, constrain
+from medrobust.attacks.threat import DENSE_NORMS, ThreatModel, check_norm, constrain
 
 RS_STEP = 1.25  # Wong et al.: step 1.25 eps from a uniform random start
 
@@ -51,6 +51,7 @@ def fgsm_attack(
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds. No extra forward is
         spent checking it: FGSM costs one forward and one backward.
     """
+    check_norm(threat.norm, DENSE_NORMS, "FGSM")
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         x, batch = prepare(x, batch)
         eps = threat.eps_for(x)
@@ -77,7 +78,7 @@ class FGSM(Attack):
 
     def __init__(self, norm: str = "linf", random_start: bool = False, rel_step_size: float | None = None,
                  bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
+        self.norm = check_norm(norm, DENSE_NORMS, "FGSM")
         self.random_start = bool(random_start)
         self.rel_step_size = check_positive("rel_step_size", rel_step_size)
         self.bn_eval = bn_eval

@@ -1,5 +1,5 @@
 """Minimum-norm attacks' common interface, and FMN (Pintor et al., "Fast Minimum-norm Adversarial Attacks
-through Adaptive Norm Constraints", NeurIPS 2021) in Linf and L2.
+through Adaptive Norm Constraints", NeurIPS 2021) in Linf, L2 and L1.
 
 A minimum-norm attack answers "how far is each sample from being wrong?": per sample, the smallest
 perturbation it finds that makes ``objective.is_correct`` false, and that perturbation's norm (its estimate of
@@ -42,12 +42,15 @@ LINE_SEARCH_STEPS = 4  # regula falsi steps shrinking a given starting point tow
 
 
 # -- shared by the minimum-norm attacks ----------------------------------------------------------------
+DUAL = {"linf": "l1", "l2": "l2", "l1": "linf"}
+
+
 def dual_norm(grad: Tensor, norm: str) -> Tensor:
-    """Per-sample dual norm ``(B,)`` of ``grad`` ``(B, C, *spatial)``: L1 for Linf, L2 for L2.
+    """Per-sample dual norm ``(B,)`` of ``grad`` ``(B, C, *spatial)``: L1 for Linf, L2 for L2, Linf for L1.
 
     The distance from ``x`` to the zero set of a linear ``f`` is ``|f(x)| / ||grad f||_dual``.
     """
-    return grad.flatten(1).abs().sum(dim=1) if norm == "linf" else lp_norm(grad, "l2")
+    return lp_norm(grad, DUAL[norm])
 
 
 def norm_cap(x: Tensor, norm: str, bounds: Bounds | None, max_eps: float | Tensor | None) -> Tensor:
@@ -137,7 +140,7 @@ def fmn_attack(
         objective: has ``correct_margin(output, batch) -> (B,)`` (> 0 exactly where ``is_correct``) and
             ``is_correct(output, batch) -> (B,)``, which decides success.
         bounds: ``(low, high)`` of valid inputs, or ``None`` when unbounded (required: never assumed).
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (the ball's projection: clipping, scaling, soft thresholding).
         steps: gradient steps (one forward + backward each, on the samples still under attack).
         alpha_init / alpha_final: step length in model units (L2 length of the step, for both norms, as the
             paper); ``alpha_final`` defaults to ``alpha_init / 100``. The paper's 1.0 suits ``[0, 1]``-scaled

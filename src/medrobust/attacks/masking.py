@@ -95,7 +95,7 @@ def probe_model(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, n
 def _large_eps(x: Tensor, norm: str, bounds: tuple[float, float] | None) -> float:
     span = (bounds[1] - bounds[0]) if bounds is not None else 10 * float(x.std())
     linf = span / 2 if bounds is not None else span
-    return linf if norm == "linf" else linf * x[0].numel() ** 0.5
+    return linf * {"linf": 1.0, "l2": x[0].numel() ** 0.5, "l1": float(x[0].numel())}[norm]
 
 
 def _same(a: Any, b: Any) -> bool:

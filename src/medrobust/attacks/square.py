@@ -21,7 +21,7 @@ from torch import Tensor
 
 from medrobust.attacks._engine import AttackResult, BestTracker, WorkingSet, attack_session, objective_values, prepare
 from medrobust.attacks.apgd import seeded
-from medrobust.attacks.base import Attack, check_at_least
+from medrobust.attacks.base import Attack, check_at_least, check_fraction
 from medrobust.attacks.losses import with_loss
 from medrobust.attacks.threat import ThreatModel, batch_view, check_norm, clamp_bounds
 
@@ -96,12 +96,9 @@ def square_attack(
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
     """
-    if threat.norm != "linf":
-        raise ValueError(f"square_attack supports norm 'linf' only (the L2 variant is not implemented), "
-                         f"got {threat.norm!r}")
+    check_norm(threat.norm, ("linf",), "Square (its L2 variant is not implemented)")
     check_at_least("queries", queries, 1)
-    if not 0.0 < float(p_init) <= 1.0:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    check_fraction("p_init", p_init)
     if x.ndim < 3:
         raise ValueError(f"square_attack needs images (B, C, *spatial), got shape {tuple(x.shape)}")
     if not callable(getattr(objective, "correct_margin", None)):
@@ -169,13 +166,9 @@ class Square(Attack):
 
     def __init__(self, norm: str = "linf", queries: int = 1000, p_init: float = 0.8, seed: int | None = 0,
                  early_stop: bool = True, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        if check_norm(norm) != "linf":
-            raise ValueError(f"Square supports norm 'linf' only (the L2 variant is not implemented), got {norm!r}")
-        self.norm = norm
+        self.norm = check_norm(norm, ("linf",), "Square (its L2 variant is not implemented)")
         self.queries = check_at_least("queries", queries, 1)
-        if not 0.0 < float(p_init) <= 1.0:
-            raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-        self.p_init = float(p_init)
+        self.p_init = check_fraction("p_init", p_init)
         self.seed = seed
         self.early_stop = bool(early_stop)
         self.bn_eval = bn_eval

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from medrobust.attacks._engine import attack_session, index_batch, loss_and_grad, prepare
 from medrobust.attacks.base import Attack, check_at_least, check_positive
-from medrobust.attacks.threat import ThreatModel, ascent_direction, check_norm, clamp_bounds, project
+from medrobust.attacks.threat import DENSE_NORMS, ThreatModel, ascent_direction, check_norm, clamp_bounds, project
 
 REL_STEP = 0.5  # first-epoch step: eps / 2, decayed linearly over the epochs (sums to > eps for 1 batch/epoch)
 MOMENTUM = 0.9  # averages the minibatch gradients, whose signs are noisy where images disagree
@@ -97,6 +97,7 @@ def fit_universal_perturbation(
         ``||delta||_norm <= eps``.
     """
     threat = ThreatModel(norm, eps, bounds)  # validates norm, eps and bounds with the usual messages
+    check_norm(norm, DENSE_NORMS, "the universal perturbation")
     epochs = check_at_least("epochs", epochs, 1)
     if not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -164,7 +165,7 @@ class UniversalPerturbation(Attack):
     def __init__(self, norm: str = "linf", epochs: int = 5, rel_step_size: float | None = None,
                  batch_size: int | None = None, momentum: float = MOMENTUM, bn_eval: bool = True,
                  dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
+        self.norm = check_norm(norm, DENSE_NORMS, "the universal perturbation")
         self.epochs = check_at_least("epochs", epochs, 1)
         self.rel_step_size = check_positive("rel_step_size", rel_step_size)
         self.batch_size = None if batch_size is None else check_at_least("batch_size", batch_size, 1)
