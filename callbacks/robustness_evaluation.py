@@ -182,7 +182,8 @@ class RobustnessEvaluation(Callback):
         adversarial = {label for label, attack in self.attacks.items() if getattr(attack, "seeks_errors", True)}
         black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
         flags = check_rows([row for row in rows if row["attack"] in adversarial],
-                           attack_order=[label for label in self.attacks if label in adversarial], black_box=black_box)
+                           attack_order=[label for label in self.attacks if label in adversarial
+                                         and not getattr(self.attacks[label], "targeted", False)], black_box=black_box)
         flags += [MaskingFlag("black_box_wins", message) for attack in self.attacks.values()
                   if hasattr(attack, "black_box_wins") for message in attack.black_box_wins()]
         if split in self.probe_splits and self._probe_batch is not None and adversarial:

@@ -22,12 +22,13 @@ from medrobust.attacks.dag import DAG, dag_attack
 from medrobust.attacks.deepfool import DeepFool, deepfool_attack
 from medrobust.attacks.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
-from medrobust.attacks.losses import dlr_loss, margin_loss, targeted_dlr_loss, with_loss
+from medrobust.attacks.losses import TargetedObjective, dlr_loss, margin_loss, targeted_dlr_loss, with_loss
 from medrobust.attacks.pgd import PGD, pgd_attack
 from medrobust.attacks.curve import attack_curve
 from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
 from medrobust.attacks.suites import SUITES, Cascade, MinimumNormCurve, build_suite, robust_accuracy
 from medrobust.attacks.square import Square, square_attack
+from medrobust.attacks.targeted import Targeted, pick_targets
 from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
 from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
 from medrobust.attacks.directional import Directional, ShiftObjective, directional_attack, with_clean_prediction
@@ -63,6 +64,8 @@ __all__ = [
     "PGD",
     "RicianNoise",
     "Square",
+    "Targeted",
+    "TargetedObjective",
     "ThreatModel",
     "UniversalPerturbation",
     "apgd_attack",
@@ -81,6 +84,7 @@ __all__ = [
     "minimal_perturbation",
     "pgd",
     "pgd_attack",
+    "pick_targets",
     "resolve_eps",
     "square_attack",
     "targeted_dlr_loss",

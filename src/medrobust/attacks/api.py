@@ -5,15 +5,16 @@ The task modules are objectives themselves; a bare ``nn.Module`` classifier gets
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from medrobust.attacks.fgsm import fgsm_attack
 from medrobust.attacks.fmn import fmn_attack
-from medrobust.attacks.losses import classification_margin
+from medrobust.attacks.losses import TargetedObjective, classification_margin
 from medrobust.attacks.pgd import pgd_attack
+from medrobust.attacks.targeted import TARGET_KEY
 from medrobust.attacks.threat import ThreatModel
 
 
@@ -66,6 +67,7 @@ def pgd(
     restarts: int = 1,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     early_stop: bool = False,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """PGD on a plain classifier: ``model(images (B, C, *spatial)) -> logits``, ``labels (B,)``.
 
@@ -73,9 +75,11 @@ def pgd(
     ``bounds=None`` for unbounded inputs. By
     default (``early_stop=False``) every sample runs all steps and the last iterate is returned, or an
     earlier higher-loss iterate where the loss fell at the end; ``early_stop=True`` returns the first misclassified point per sample and skips
-    the work on samples already fooled (faster for evaluation).
+    the work on samples already fooled (faster for evaluation). ``targets`` ``(B,)``: a targeted attack, each
+    sample pushed towards its target class (done once the model predicts it).
     """
-    return pgd_attack(model, images, {"label": labels}, ClassifierObjective(),
+    batch, objective = _batch_and_objective(labels, targets)
+    return pgd_attack(model, images, batch, objective,
                       threat=ThreatModel(norm, eps, bounds), steps=steps, step_size=step_size,
                       random_start=random_start, restarts=restarts, early_stop=early_stop)
 
@@ -103,13 +107,21 @@ def minimal_perturbation(
     norm: str = "linf",
     bounds: tuple[float, float] | None = (0.0, 1.0),
     steps: int = 100,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """Per-sample robustness radius ``(B,)`` of a plain classifier in ``norm`` (``linf``, ``l2``, ``l1``), found by FMN.
 
     The norm of the smallest adversarial perturbation FMN finds for ``images`` ``(B, C, *spatial)``: ``0``
     where the clean image is already misclassified, ``inf`` where none was found (e.g. the bounds leave no
-    room). Robust accuracy at ``eps`` is ``(radii > eps).float().mean()``.
+    room). Robust accuracy at ``eps`` is ``(radii > eps).float().mean()``. With ``targets`` ``(B,)``: the
+    smallest perturbation that makes the model predict each sample's target class (0 where it already does).
     """
-    _, norms = fmn_attack(model, images, {"label": labels}, ClassifierObjective(), bounds=bounds, norm=norm,
-                          steps=steps, return_norms=True)
+    batch, objective = _batch_and_objective(labels, targets)
+    _, norms = fmn_attack(model, images, batch, objective, bounds=bounds, norm=norm, steps=steps, return_norms=True)
     return norms
+
+
+def _batch_and_objective(labels: Tensor, targets: Tensor | None) -> tuple[dict, Any]:
+    if targets is None:
+        return {"label": labels}, ClassifierObjective()
+    return {"label": labels, TARGET_KEY: targets}, TargetedObjective(TARGET_KEY)
