@@ -11,23 +11,18 @@ from torch import nn
 from medrobust.attacks import FMN, PGD, ClassifierObjective, Targeted, TargetedObjective, minimal_perturbation, pgd
 from medrobust.attacks import pick_targets
 from medrobust.attacks.threat import lp_norm
+from test_minimal_norm import linear_multiclass
 
 K, SHAPE = 4, (10, 2, 3, 3)
 
 
-def problem(seed=3):
-    g = torch.Generator().manual_seed(seed)
-    d = int(np.prod(SHAPE[1:]))
-    weight = torch.randn(K, d, generator=g, dtype=torch.float64)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(d, K, bias=False, dtype=torch.float64))
-    with torch.no_grad():
-        model[1].weight.copy_(weight)
-    x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+def problem():
+    """A linear 4-class model (as the minimum-norm tests use), its weights and clean logits, and per sample
+    the least likely class as the target: several boundaries away, not just the runner-up."""
+    model, x, labels, _ = linear_multiclass(SHAPE, k=K)
     with torch.no_grad():
         logits = model(x)
-    labels = logits.argmax(1)
-    least = logits.argmin(1)  # a target several boundaries away, not just the runner-up
-    return model, weight.numpy(), x, logits.numpy(), labels, least
+    return model, model[1].weight.detach().numpy(), x, logits.numpy(), labels, logits.argmin(1)
 
 
 def exact_radius(weight, logits, target, norm) -> float:
