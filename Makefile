@@ -1,6 +1,6 @@
 # make test   set up .venv from scratch (CPU torch, no torchvision) and run the test suite
 # make demo   set up and run `python train.py task=lidc adv=pgd` on the embedded LIDC phantom
-# make bench  set up and print the benchmark ratios (training cost, attack engine)
+# make bench  set up and print the benchmark ratios (training cost, attack engine, attack memory)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,5 +24,7 @@ demo: setup
 	$(PY) train.py task=lidc adv=pgd
 
 bench: setup
-	$(PY) bench/bench_training.py
+	$(PY) bench/bench_training.py --epochs 4
+	$(PY) bench/bench_training.py --task brainage --epochs 4
 	$(PY) bench/bench_attacks.py
+	$(PY) bench/bench_attack_memory.py
