@@ -50,6 +50,17 @@ def test_same_outputs_and_input_gradient_as_native_batch_norm(spatial_dims):
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
 
 
+def test_float64_models_keep_float64_gradients():
+    torch.manual_seed(0)
+    net = bn_net(3).double()
+    x = torch.rand((3, 1) + (6,) * 3, dtype=torch.float64)
+    batch = {"label": torch.randint(0, 3, (3,))}
+    _, grad_ref = native_loss_and_grad(net, x, batch)
+    with attack_session(net):
+        _, grad, _ = loss_and_grad(net, ClassifierObjective(), x, batch)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-15)
+
+
 def test_layers_get_their_forward_back_and_train_mode_layers_are_left_alone():
     net = bn_net(2)
     net[1].train()  # a layer on batch statistics: its gradient couples samples, not a per-channel scale

@@ -18,6 +18,7 @@ from medrobust.attacks import (
     Square,
     ThreatModel,
     deepfool_attack,
+    directional_attack,
     fgsm_attack,
     fmn_attack,
     minimal_perturbation,
@@ -92,6 +93,16 @@ def test_l1_projection_inside_the_box_is_the_euclidean_one(seed):
         np.testing.assert_allclose(z[i].flatten().numpy(), qp_projection(y, float(eps[i]), lo, hi), atol=1e-6)
     assert (lp_norm(z, "l1") <= eps * (1 + 1e-9)).all()
     assert (x + z).min() >= 0 and (x + z).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_l1_projections_of_half_precision_images_stay_inside_the_ball(dtype):
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 70, 32, 32).to(dtype)  # 71680 voxels: half-precision sums would overrun eps
+    delta = torch.randn(x.shape).to(dtype)
+    assert lp_norm(project(delta, "l1", torch.tensor([17.95])).float(), "l1") <= 17.95
+    moved = constrain(x, x + delta, "l1", torch.tensor([5.0]), BOX) - x
+    assert moved.dtype == dtype and 4.95 <= lp_norm(moved.float(), "l1") <= 5.0 * 1.001  # + the bound snap
 
 
 def test_l1_ball_projection_is_soft_thresholding():
@@ -173,6 +184,8 @@ def test_attacks_without_an_l1_form_refuse_it_by_name():
     cases = [(lambda: FGSM("l1"), "FGSM"), (lambda: APGD("l1"), "APGD"), (lambda: DAG("l1"), "DAG"),
              (lambda: Square("l1"), "Square"),
              (lambda: fgsm_attack(model, x, {"label": labels}, OBJ, threat=ThreatModel("l1", 0.1, BOX)), "FGSM"),
+             (lambda: directional_attack(model, x, {"label": labels}, OBJ, threat=ThreatModel("l1", 0.1, BOX)),
+              "directional_attack"),
              (lambda: robust_accuracy(model, x, labels, eps=0.1, norm="l1", suite="standard"), "APGD")]
     for make, who in cases:
         with pytest.raises(ValueError, match=rf"{who}.*'l1'|'l1'.*{who}"):

@@ -106,3 +106,34 @@ def test_fmn_class_accepts_a_targeted_objective():
     radius = torch.tensor([exact_radius(weight, logits[i], int(targets[i]), "l2") for i in range(len(x))],
                           dtype=torch.float64)
     assert ((norms / radius - 1).abs() <= 0.02).all()
+
+
+def test_a_wrong_sample_whose_label_is_the_target_is_never_corrected():
+    model = nn.Sequential(nn.Flatten(), nn.Identity())  # logits = the 3 inputs
+    x = torch.tensor([[[0.4, 0.6, 0.1]], [[0.2, 0.7, 0.1]]])
+    labels = torch.tensor([0, 1])  # sample 0 is wrong (predicts 1); sample 1 is right
+    x_adv = Targeted(PGD(steps=20), target=0)(model, x, {"label": labels}, ClassifierObjective(), eps=0.3, bounds=None)
+    assert torch.equal(x_adv[0], x[0])  # aiming it at its own label would fix the model's error
+    assert model(x_adv[1:]).argmax(1).item() == 0  # the other one is pushed to the target
+    margin = TargetedObjective().correct_margin(model(x), {"label": labels, "target": torch.tensor([0, 0])})
+    assert margin[0] == 0 and margin[1] > 0  # "already there" for the minimum-norm attacks: radius 0
+
+
+def test_targets_come_from_eval_mode_without_moving_batch_norm_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 3)).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x, labels = torch.rand(5, 1, 4, 4), torch.randint(0, 3, (5,))
+    Targeted(PGD(steps=2))(net, x, {"label": labels}, ClassifierObjective(), eps=0.05, bounds=(0.0, 1.0))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items()) and net.training
+
+
+def test_attacks_on_their_own_loss_and_regression_labels_are_refused():
+    from medrobust.attacks import APGD
+
+    with pytest.raises(ValueError, match="apgd.*'ce'.*loss='default'"):
+        Targeted(APGD())
+    assert Targeted(APGD(loss="default")).name == "apgd-to-least-likely"
+    with pytest.raises(ValueError, match=r"integer class labels.*61.5"):
+        pick_targets(torch.randn(3, 1), torch.tensor([61.5, 70.2, 45.0]), "least_likely")
+    assert Targeted.requires == ("num_classes",)

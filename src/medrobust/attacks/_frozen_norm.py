@@ -23,9 +23,10 @@ class _FrozenNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: _BatchNorm) -> Tensor:
-        scale = torch.rsqrt(layer.running_var.float() + layer.eps)
+        dtype = torch.promote_types(layer.running_var.dtype, torch.float32)  # float64 models keep float64
+        scale = torch.rsqrt(layer.running_var.to(dtype) + layer.eps)
         if layer.weight is not None:
-            scale = scale * layer.weight.float()
+            scale = scale * layer.weight.to(dtype)
         ctx.save_for_backward(scale)
         return type(layer).forward(layer, x)
 

@@ -141,6 +141,7 @@ def directional_attack(
     """
     check_at_least("steps", steps, 1)
     check_at_least("restarts", restarts, 1)
+    check_norm(threat.norm, DENSE_NORMS, "directional_attack")
     shift = ShiftObjective(objective, direction, tau)
     session = {"bn_eval": bn_eval, "dropout_eval": dropout_eval}
     if steps == 1 and restarts == 1:

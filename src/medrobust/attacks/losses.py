@@ -131,11 +131,13 @@ class TargetedObjective:
     - ``correct_margin``: ``max_{j != t} z_j - z_t``, > 0 exactly where ``is_correct``, so minimum-norm attacks
       (FMN, DeepFool, C&W) find the smallest perturbation that makes the model predict ``t``.
 
-    A sample whose target is already its clean prediction is done at once: attacks return it unchanged.
+    A sample whose target is already its clean prediction is done at once: attacks return it unchanged. So is
+    one whose target is its own label (when the batch has ``label_key``): aiming it there could only *correct* a
+    wrong prediction, which no attack may do.
     """
 
-    def __init__(self, target_key: str = "target") -> None:
-        self.target_key = target_key
+    def __init__(self, target_key: str = "target", label_key: str = "label") -> None:
+        self.target_key, self.label_key = target_key, label_key
 
     def _target(self, batch: dict) -> Tensor:
         if self.target_key not in batch:
@@ -147,7 +149,12 @@ class TargetedObjective:
         return -cross_entropy_loss(output, self._target(batch))
 
     def correct_margin(self, output: Tensor, batch: dict) -> Tensor:
-        return -classification_margin(output, self._target(batch))
+        target = self._target(batch)
+        margin = -classification_margin(output, target)
+        labels = batch.get(self.label_key)
+        if isinstance(labels, Tensor) and labels.shape == target.shape:
+            margin = torch.where(target.long() == labels.long(), torch.zeros_like(margin), margin)
+        return margin
 
     def is_correct(self, output: Tensor, batch: dict) -> Tensor:
         return self.correct_margin(output, batch) > 0

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from medrobust.attacks._engine import attack_session
 from medrobust.attacks.base import Attack
 from medrobust.attacks.losses import TargetedObjective, check_logits
 from medrobust.attacks.threat import ThreatModel
@@ -29,6 +30,9 @@ def pick_targets(logits: Tensor, labels: Tensor, target: int | str) -> Tensor:
     or the likeliest class other than the label (``runner_up``)."""
     k = check_logits(logits, "a targeted attack")
     k = 2 if k == 1 else k
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise ValueError(f"a targeted attack needs integer class labels, got {labels[:4].tolist()} (a regression "
+                         f"target?); shift a regressor's prediction with the directional attack instead")
     if isinstance(target, str):
         if target not in TARGET_RULES:
             raise ValueError(f"target must be a class index or one of {TARGET_RULES}, got {target!r}")
@@ -48,23 +52,30 @@ class Targeted(Attack):
     accuracy than the untargeted attacks' is expected, not a sign of masking.
 
     Args:
-        attack: a fixed-eps attack working through an objective (PGD, FGSM, APGD, FMN, ...).
+        attack: a fixed-eps attack that climbs the objective's own loss (PGD, FGSM, FMN, APGD with
+            ``loss="default"``, ...).
         target: a class index, ``"least_likely"`` or ``"runner_up"`` (the same on binary tasks).
         label_key: where the batch keeps the labels.
     """
 
     targeted = True
+    requires = ("num_classes",)  # classifiers only; RobustnessEvaluation checks it at setup
 
     def __init__(self, attack: Attack, target: int | str = "least_likely", label_key: str = "label") -> None:
         if isinstance(target, str) and target not in TARGET_RULES:
             raise ValueError(f"target must be a class index or one of {TARGET_RULES}, got {target!r}")
+        if getattr(attack, "loss", "default") != "default":  # APGD with its own CE / DLR on the label
+            raise ValueError(f"Targeted needs an attack that climbs the objective's own loss; {attack.name} "
+                             f"climbs loss={attack.loss!r} against the label (give it loss='default')")
         self.inner, self.target, self.label_key = attack, target, label_key
         self.norm = attack.norm
         aim = target.replace("_", "-") if isinstance(target, str) else f"class{target}"
         self.name = f"{attack.name}-to-{aim}"
 
     def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
-        with torch.no_grad():
+        session = {key: getattr(self.inner, key) for key in ("bn_eval", "dropout_eval") if hasattr(self.inner, key)}
+        with attack_session(model, **session), torch.no_grad():  # eval-mode layers: no statistics move
             targets = pick_targets(model(x).float(), batch[self.label_key], self.target)
         aimed = {**batch, TARGET_KEY: targets}
-        return self.inner(model, x, aimed, TargetedObjective(TARGET_KEY), eps=threat.eps, bounds=threat.bounds)
+        objective = TargetedObjective(TARGET_KEY, self.label_key)
+        return self.inner(model, x, aimed, objective, eps=threat.eps, bounds=threat.bounds)

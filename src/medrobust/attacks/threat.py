@@ -132,9 +132,22 @@ def project(delta: Tensor, norm: str, eps: Tensor) -> Tensor:
     if norm == "linf":
         return torch.maximum(torch.minimum(delta, e), -e)
     if norm == "l1":
-        return _project_l1(delta, _per_sample(eps, delta))
+        wide = _accumulating(delta)  # sorted cumulative sums: half precision would overrun eps
+        return _project_l1(delta.to(wide), _rounding_safe(eps, delta).to(wide)).to(delta.dtype)
     factor = (eps / lp_norm(delta, "l2").clamp_min(_tiny(delta))).clamp(max=1.0)
     return delta * batch_view(factor, delta)
+
+
+def _accumulating(t: Tensor) -> torch.dtype:
+    """float32 for half-precision tensors (sums over many voxels), else their own dtype."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _rounding_safe(eps: float | Tensor, like: Tensor) -> Tensor:
+    """Per-sample eps, shrunk by one ulp of a half-precision ``like``: rounding each coordinate of a projection
+    computed in float32 back to half precision then cannot push the sum past eps."""
+    eps = _per_sample(eps, like)
+    return eps * (1 - torch.finfo(like.dtype).eps) if _accumulating(like) != like.dtype else eps
 
 
 def _per_sample(eps: float | Tensor, like: Tensor) -> Tensor:
@@ -190,8 +203,10 @@ def constrain(x: Tensor, x_adv: Tensor, norm: str, eps: Tensor, bounds: Bounds |
     projection onto ball and box together instead (:func:`_project_l1_box`), so no budget is lost to clamping.
     """
     if norm == "l1" and bounds is not None:
+        wide = _accumulating(x)
         low, high = bounds[0] - x, bounds[1] - x
-        delta = _project_l1_box(x_adv - x, _per_sample(eps, x), low, high)
+        delta = _project_l1_box((x_adv - x).to(wide), _rounding_safe(eps, x).to(wide), low.to(wide),
+                                high.to(wide)).to(x.dtype)
         # coordinates given all their room land exactly on the bound (x + (high - x) can round below it), so
         # attacks see them as blocked there
         return torch.where(delta >= high, bounds[1], torch.where(delta <= low, bounds[0], x + delta))
