@@ -24,7 +24,15 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from medrobust.attacks._frozen_norm import frozen_norm_gradients
 from medrobust.attacks.base import check_positive
-from medrobust.attacks.threat import ThreatModel, ascent_direction, batch_view, constrain, random_in_ball
+from medrobust.attacks.threat import (
+    ThreatModel,
+    ascent_direction,
+    batch_view,
+    constrain,
+    random_in_ball,
+    room_along,
+    sparse_l1_step,
+)
 
 Index = slice | Tensor | list | int
 
@@ -216,8 +224,14 @@ def per_sample_step(step_size: float | Tensor | None, rel_step_size: float | Non
     return torch.full_like(eps, check_positive("step_size", step_size))
 
 
-def ascent_step(x_adv: Tensor, grad: Tensor, norm: str, step: Tensor) -> Tensor:
-    """One steepest-ascent step of size ``step`` ``(B,)`` in the geometry of ``norm`` (not yet projected)."""
+def ascent_step(x_adv: Tensor, grad: Tensor, norm: str, step: Tensor, *, l1_width: int = 1,
+                bounds: tuple[float, float] | None = None) -> Tensor:
+    """One steepest-ascent step of size ``step`` ``(B,)`` in the geometry of ``norm`` (not yet projected).
+
+    L1: spread over the ``l1_width`` coordinates of largest gradient, none moved past ``bounds``
+    (:func:`~medrobust.attacks.threat.sparse_l1_step`)."""
+    if norm == "l1":
+        return x_adv + sparse_l1_step(grad, step, l1_width, room_along(x_adv, grad, bounds))
     return x_adv + batch_view(step, x_adv) * ascent_direction(grad, norm)
 
 

@@ -37,8 +37,6 @@ from medrobust.attacks.threat import (
     check_norm,
     constrain,
     linf_box,
-    room_along,
-    sparse_l1_step,
 )
 
 L1_SPARSITY = 0.01  # the first L1 step moves 1 % of the coordinates (SLIDE's 99th percentile)
@@ -155,8 +153,8 @@ def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestT
         loss, grad, correct = loss_and_grad(model, objective, x_adv, work.batch)
         rising = tracker.update(work.idx, x_adv, loss, correct)
         if threat.norm == "l1":
-            step = sparse_l1_step(grad, work.step, widths[i], room_along(x_adv, grad, threat.bounds))
-            x_adv = constrain(work.x, x_adv + step, "l1", work.eps, threat.bounds)
+            x_adv = constrain(work.x, ascent_step(x_adv, grad, "l1", work.step, l1_width=widths[i],
+                                                  bounds=threat.bounds), "l1", work.eps, threat.bounds)
         elif box is None:
             x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step), threat.norm, work.eps,
                               threat.bounds)
