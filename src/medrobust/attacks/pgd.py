@@ -31,13 +31,7 @@ from medrobust.attacks._engine import (
     start_point,
 )
 from medrobust.attacks.base import Attack, check_at_least, check_fraction, check_positive
-from medrobust.attacks.threat import (
-    ThreatModel,
-    batch_view,
-    check_norm,
-    constrain,
-    linf_box,
-)
+from medrobust.attacks.threat import ThreatModel, batch_view, check_norm, constrain, linf_box
 
 L1_SPARSITY = 0.01  # the first L1 step moves 1 % of the coordinates (SLIDE's 99th percentile)
 REL_STEP = 2.5  # default step: 2.5 eps / steps (Madry et al.), enough to cross the ball and come back
@@ -152,12 +146,9 @@ def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestT
     for i in range(steps):
         loss, grad, correct = loss_and_grad(model, objective, x_adv, work.batch)
         rising = tracker.update(work.idx, x_adv, loss, correct)
-        if threat.norm == "l1":
-            x_adv = constrain(work.x, ascent_step(x_adv, grad, "l1", work.step, l1_width=widths[i],
-                                                  bounds=threat.bounds), "l1", work.eps, threat.bounds)
-        elif box is None:
-            x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step), threat.norm, work.eps,
-                              threat.bounds)
+        if box is None:  # L2, L1: step, then back into ball and bounds
+            x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step, l1_width=widths[i],
+                                                  bounds=threat.bounds), threat.norm, work.eps, threat.bounds)
         else:  # Linf: the sign step and the precomputed box, one clamp
             x_adv = torch.clamp(torch.addcmul(x_adv, batch_view(work.step, x_adv), grad.sign()), *box)
         if early_stop and not bool(correct.all()):

@@ -25,6 +25,12 @@ TARGET_RULES = ("least_likely", "runner_up")
 TARGET_KEY = "target"
 
 
+def _check_rule(target: int | str) -> int | str:
+    if isinstance(target, str) and target not in TARGET_RULES:
+        raise ValueError(f"target must be a class index or one of {TARGET_RULES}, got {target!r}")
+    return target
+
+
 def pick_targets(logits: Tensor, labels: Tensor, target: int | str) -> Tensor:
     """Target class per sample ``(B,)`` from clean ``logits`` ``(B, K)``: a fixed class, the least likely class,
     or the likeliest class other than the label (``runner_up``)."""
@@ -33,9 +39,7 @@ def pick_targets(logits: Tensor, labels: Tensor, target: int | str) -> Tensor:
     if labels.is_floating_point() and not bool((labels == labels.round()).all()):
         raise ValueError(f"a targeted attack needs integer class labels, got {labels[:4].tolist()} (a regression "
                          f"target?); shift a regressor's prediction with the directional attack instead")
-    if isinstance(target, str):
-        if target not in TARGET_RULES:
-            raise ValueError(f"target must be a class index or one of {TARGET_RULES}, got {target!r}")
+    if isinstance(_check_rule(target), str):
         if k == 2:  # binary: the only other class, whatever the rule
             return 1 - labels.long()
         masked = logits.detach().scatter(1, labels.long()[:, None], float("inf" if target == "least_likely" else "-inf"))
@@ -62,8 +66,7 @@ class Targeted(Attack):
     requires = ("num_classes",)  # classifiers only; RobustnessEvaluation checks it at setup
 
     def __init__(self, attack: Attack, target: int | str = "least_likely", label_key: str = "label") -> None:
-        if isinstance(target, str) and target not in TARGET_RULES:
-            raise ValueError(f"target must be a class index or one of {TARGET_RULES}, got {target!r}")
+        _check_rule(target)
         if getattr(attack, "loss", "default") != "default":  # APGD with its own CE / DLR on the label
             raise ValueError(f"Targeted needs an attack that climbs the objective's own loss; {attack.name} "
                              f"climbs loss={attack.loss!r} against the label (give it loss='default')")

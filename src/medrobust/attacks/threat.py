@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 NORMS = ("linf", "l2", "l1")
-DENSE_NORMS = ("linf", "l2")
-L1_BISECTION_STEPS = 40  # theta of the L1-ball-and-box projection to 2^-40 of the largest coordinate  # what attacks without an L1 form (FGSM, APGD, DAG, ...) take
+DENSE_NORMS = ("linf", "l2")  # what attacks without an L1 form (FGSM, APGD, DAG, ...) take
+L1_BISECTION_STEPS = 40  # theta of the L1-ball-and-box projection to 2^-40 of the largest coordinate
 EPS_UNITS = ("model", "native", "range")
 
 Bounds = tuple[float, float]
@@ -133,7 +133,7 @@ def project(delta: Tensor, norm: str, eps: Tensor) -> Tensor:
         return torch.maximum(torch.minimum(delta, e), -e)
     if norm == "l1":
         wide = _accumulating(delta)  # sorted cumulative sums: half precision would overrun eps
-        return _project_l1(delta.to(wide), _rounding_safe(eps, delta).to(wide)).to(delta.dtype)
+        return _project_l1(delta.to(wide), _rounding_safe(eps, delta)).to(delta.dtype)
     factor = (eps / lp_norm(delta, "l2").clamp_min(_tiny(delta))).clamp(max=1.0)
     return delta * batch_view(factor, delta)
 
@@ -144,14 +144,11 @@ def _accumulating(t: Tensor) -> torch.dtype:
 
 
 def _rounding_safe(eps: float | Tensor, like: Tensor) -> Tensor:
-    """Per-sample eps, shrunk by one ulp of a half-precision ``like``: rounding each coordinate of a projection
-    computed in float32 back to half precision then cannot push the sum past eps."""
-    eps = _per_sample(eps, like)
-    return eps * (1 - torch.finfo(like.dtype).eps) if _accumulating(like) != like.dtype else eps
-
-
-def _per_sample(eps: float | Tensor, like: Tensor) -> Tensor:
-    return torch.as_tensor(eps, dtype=like.dtype, device=like.device).expand(like.shape[0])
+    """Per-sample eps in the accumulating dtype, shrunk by one ulp of a half-precision ``like``: rounding each
+    coordinate of a projection computed in float32 back to half precision then cannot push the sum past eps."""
+    wide = _accumulating(like)
+    eps = torch.as_tensor(eps, dtype=wide, device=like.device).expand(like.shape[0])
+    return eps * (1 - torch.finfo(like.dtype).eps) if wide != like.dtype else eps
 
 
 def _project_l1(delta: Tensor, eps: Tensor) -> Tensor:
@@ -179,13 +176,15 @@ def _project_l1_box(delta: Tensor, eps: Tensor, low: Tensor, high: Tensor) -> Te
     clip takes back, which is what makes plain L1 attacks weak inside a box (Croce & Hein, 2021).
     """
     size, room = delta.abs(), torch.where(delta > 0, high, -low).clamp_min(0)
-    spent = lambda theta: torch.minimum((size - theta).clamp_min(0), room).flatten(1).sum(dim=1)  # noqa: E731
-    e = eps
-    lo = torch.zeros_like(e)
-    hi = torch.where(spent(batch_view(lo, delta)) > e, size.flatten(1).amax(dim=1), lo)
+
+    def spent(theta: Tensor) -> Tensor:  # the L1 norm the threshold theta (B,) leaves
+        return torch.minimum((size - batch_view(theta, delta)).clamp_min(0), room).flatten(1).sum(dim=1)
+
+    lo = torch.zeros_like(eps)
+    hi = torch.where(spent(lo) > eps, size.flatten(1).amax(dim=1), lo)
     for _ in range(L1_BISECTION_STEPS):
         mid = (lo + hi) / 2
-        over = spent(batch_view(mid, delta)) > e
+        over = spent(mid) > eps
         lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
     return delta.sign() * torch.minimum((size - batch_view(hi, delta)).clamp_min(0), room)
 
@@ -205,8 +204,7 @@ def constrain(x: Tensor, x_adv: Tensor, norm: str, eps: Tensor, bounds: Bounds |
     if norm == "l1" and bounds is not None:
         wide = _accumulating(x)
         low, high = bounds[0] - x, bounds[1] - x
-        delta = _project_l1_box((x_adv - x).to(wide), _rounding_safe(eps, x).to(wide), low.to(wide),
-                                high.to(wide)).to(x.dtype)
+        delta = _project_l1_box((x_adv - x).to(wide), _rounding_safe(eps, x), low.to(wide), high.to(wide)).to(x.dtype)
         # coordinates given all their room land exactly on the bound (x + (high - x) can round below it), so
         # attacks see them as blocked there
         return torch.where(delta >= high, bounds[1], torch.where(delta <= low, bounds[0], x + delta))
