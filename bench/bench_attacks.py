@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from medrobust.attacks import PGD
-from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.suites import curve_suite
+from medrobust.evaluation.curve import attack_curve
+from medrobust.evaluation.suites import curve_suite
 from medrobust.config import compose_config
 from medrobust.runner import build_data_and_module
 

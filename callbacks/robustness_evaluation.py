@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 
 from medrobust.attacks import EPS_UNITS, resolve_eps
-from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
+from medrobust.evaluation.curve import attack_curve
+from medrobust.evaluation.masking import MaskingFlag, check_rows, probe_model
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows

@@ -2,7 +2,7 @@
 
 At test time (the weights under test), for each eps and direction, one universal perturbation is fitted on
 groups of growing size drawn from the validation split and applied to the test split, which it never saw
-(:func:`medrobust.attacks.universal_shift`, after Li et al., Neurocomputing 2020). Rank 0 does the work on the
+(:func:`medrobust.attacks.regression.universal_shift.universal_shift`, after Li et al., Neurocomputing 2020). Rank 0 does the work on the
 whole splits (the datamodule's own loaders, not the sharded ones) and writes ``universal.csv``,
 ``curves/test_universal_shift.png`` and a section of ``summary.md``; logged scalars go to every logger.
 """

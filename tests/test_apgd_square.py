@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from medrobust.attacks import PGD, ClassifierObjective, ThreatModel
-from medrobust.attacks._engine import loss_and_grad
-from medrobust.attacks.apgd import APGD, apgd_attack
-from medrobust.attacks.losses import LossFallbackWarning, classification_margin, dlr_loss, margin_loss
-from medrobust.attacks.losses import targeted_dlr_loss, with_loss
-from medrobust.attacks.square import Square, p_selection, random_windows
-from medrobust.attacks.threat import lp_norm
+from medrobust.attacks.core.session import loss_and_grad
+from medrobust.attacks.gradient.apgd import APGD, apgd_attack
+from medrobust.losses.classification import LossFallbackWarning, classification_margin, dlr_loss, margin_loss
+from medrobust.losses.classification import targeted_dlr_loss
+from medrobust.attacks.core.objectives import with_loss
+from medrobust.attacks.black_box.square import Square, p_selection, random_windows
+from medrobust.attacks.core.threat import lp_norm
 from test_attacks import CountingModel
 
 SHAPES = [(16, 1, 4, 5), (16, 1, 3, 4, 5)]  # 2-D and 3-D

@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medrobust.attacks import FGSM, PGD, ClassifierObjective
-from medrobust.attacks.curve import attack_curve
+from medrobust.attacks import FGSM, PGD, Attack, ClassifierObjective
+from medrobust.evaluation.curve import attack_curve
 from test_attacks import binary_problem, correct
 
 
-class CountingAttack:
+class CountingAttack(Attack):
     """An attack that records how many samples it is asked to attack."""
 
     def __init__(self, attack):
-        self.attack, self.samples = attack, 0
+        self.inner, self.samples, self.name, self.norm = attack, 0, attack.name, attack.norm
 
     def __call__(self, model, x, batch, objective, *, eps, bounds):
         self.samples += x.shape[0]
-        return self.attack(model, x, batch, objective, eps=eps, bounds=bounds)
+        return self.inner(model, x, batch, objective, eps=eps, bounds=bounds)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -1,4 +1,4 @@
-"""Threat model geometry, eps units and batch indexing (medrobust.attacks.threat / _engine)."""
+"""Threat model geometry, eps units and batch indexing (medrobust.attacks.core)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medrobust.attacks import ThreatModel, batch_view, index_batch, resolve_eps
-from medrobust.attacks.threat import constrain, lp_norm, project, random_in_ball
+from medrobust.attacks.core.threat import constrain, lp_norm, project, random_in_ball
 from medrobust.data.intensity import IntensityWindow
 
 SHAPES = [(6, 2, 5, 7), (6, 1, 3, 4, 5)]  # (B, C, H, W) and (B, C, D, H, W)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from medrobust.attacks import FGSM, PGD, ClassifierObjective, ThreatModel, fgsm, fgsm_attack, pgd, pgd_attack
-from medrobust.attacks.threat import lp_norm
+from medrobust.attacks.core.threat import lp_norm
 
 SHAPES = [(12, 1, 4, 5), (12, 1, 3, 4, 5)]  # 2-D and 3-D
 DUAL = {"linf": 1, "l2": 2}  # the minimal Linf perturbation of a linear model is |f| / ||w||_1; L2: / ||w||_2
@@ -372,7 +372,7 @@ def test_warm_start_is_moved_into_the_ball_and_a_fooling_start_is_kept(norm):
 
 @pytest.mark.parametrize("bounds", [(-0.5, 1.2), None])
 def test_linf_box_clamp_is_the_projection(bounds):
-    from medrobust.attacks.threat import constrain, linf_box
+    from medrobust.attacks.core.threat import constrain, linf_box
 
     torch.manual_seed(0)
     x = torch.rand(6, 2, 3, 4, dtype=torch.float64)

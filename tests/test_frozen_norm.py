@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from medrobust.attacks import ClassifierObjective
-from medrobust.attacks._engine import attack_session, loss_and_grad
-from medrobust.attacks._frozen_norm import frozen_norm_gradients
+from medrobust.attacks.core.session import attack_session, loss_and_grad
+from medrobust.attacks.core.frozen_norm import frozen_norm_gradients
 
 
 def bn_net(spatial_dims: int) -> nn.Module:

@@ -25,8 +25,8 @@ from medrobust.attacks import (
     pgd,
     robust_accuracy,
 )
-from medrobust.attacks.suites import curve_suite
-from medrobust.attacks.threat import constrain, lp_norm, project
+from medrobust.evaluation.suites import curve_suite
+from medrobust.attacks.core.threat import constrain, lp_norm, project
 
 OBJ = ClassifierObjective()
 SHAPES = [(12, 1, 6, 8), (12, 1, 4, 6, 8), (12, 1, 8, 16, 16)]  # 2-D, 3-D, and 3-D wide enough for sparse steps

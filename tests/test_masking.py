@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from medrobust.attacks import ClassifierObjective
-from medrobust.attacks.masking import check_rows, probe_model
+from medrobust.evaluation.masking import check_rows, probe_model
 from test_attacks import binary_problem
 
 
@@ -78,7 +78,7 @@ def test_row_checks():
 
 def test_cascade_reports_a_black_box_stage_that_breaks_what_white_box_could_not():
     from medrobust.attacks import PGD, Square
-    from medrobust.attacks.suites import Cascade
+    from medrobust.evaluation.suites import Cascade
 
     model, x, batch = _problem()
     objective = ClassifierObjective()

@@ -18,7 +18,7 @@ from medrobust.attacks import (
     fmn_attack,
     minimal_perturbation,
 )
-from medrobust.attacks.threat import lp_norm
+from medrobust.attacks.core.threat import lp_norm
 from test_attacks import CountingModel
 
 SHAPES = [(12, 1, 4, 5), (12, 1, 3, 4, 5)]  # 2-D and 3-D

@@ -19,7 +19,8 @@ from medrobust.attacks import (
     universal_shift,
     with_clean_prediction,
 )
-from medrobust.attacks.threat import lp_norm
+from medrobust.attacks.core.threat import lp_norm
+from medrobust.attacks.regression.directional import CLEAN_KEY
 
 SHAPES = [(6, 1, 4, 5), (6, 1, 3, 4, 5)]  # 2-D and 3-D
 DUAL = {"linf": 1, "l2": 2}  # the largest w . delta over ||delta||_p <= eps is eps * ||w||_dual
@@ -150,7 +151,7 @@ def test_cw_l2_on_a_shift_target_finds_the_minimal_perturbation():
     model, x, batch, w = problem((4, 1, 3, 4, 5))
     tau = 0.5
     shifted = with_clean_prediction(model, x, batch, AbsError())
-    assert torch.equal(shifted["_clean_prediction"], predict(model, x)) and list(batch) == ["label"]
+    assert torch.equal(shifted[CLEAN_KEY], predict(model, x)) and list(batch) == ["label"]
     # lr in input units (bounds=None): Adam moves each voxel ~lr per step, so lr must be well below the minimal
     # perturbation per voxel (here ~0.008) for the norm to come out within 1 %
     _, norms = cw_l2_attack(model, x, shifted, ShiftObjective(AbsError(), "down", tau=tau), bounds=None,
@@ -320,7 +321,7 @@ def test_cuda_with_batches_from_a_cpu_loader():
 def test_directional_curve_shifts_every_sample_at_every_eps():
     """Through attack_curve (what the robustness evaluation calls), samples the task already gets wrong are
     shifted too, and each eps is attacked on its own: the shift of a linear model is exactly eps * ||w||_1."""
-    from medrobust.attacks.curve import attack_curve
+    from medrobust.evaluation.curve import attack_curve
     from medrobust.tasks import RegressionTask
 
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from medrobust.attacks import FGSM, FMN, PGD, ClassifierObjective
-from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.suites import Cascade, MinimumNormCurve
+from medrobust.evaluation.curve import attack_curve
+from medrobust.evaluation.suites import Cascade, MinimumNormCurve
 from test_attacks import binary_problem, correct
 
 
@@ -76,7 +76,7 @@ def test_minimum_norm_curve_is_exact_on_a_linear_model():
 @pytest.mark.parametrize("suite", ["quick", "standard", "curve"])
 def test_robust_accuracy_on_a_linear_model_with_known_radii(suite):
     """Every suite breaks exactly the samples whose radius is below eps (Linf, known answer)."""
-    from medrobust.attacks.suites import robust_accuracy
+    from medrobust.evaluation.suites import robust_accuracy
 
     torch.manual_seed(0)
     model, x, labels, radius = binary_problem((32, 1, 4, 5))
@@ -88,7 +88,7 @@ def test_robust_accuracy_on_a_linear_model_with_known_radii(suite):
 
 
 def test_standard_suite_is_at_least_as_strong_as_quick():
-    from medrobust.attacks.suites import robust_accuracy
+    from medrobust.evaluation.suites import robust_accuracy
 
     model = _small_cnn(1)
     x = torch.rand(48, 1, 8, 8)
@@ -103,7 +103,7 @@ def test_standard_suite_is_at_least_as_strong_as_quick():
 def test_curve_suite_is_never_weaker_than_cold_pgd(seed):
     """The `curve` suite as configured (a short FMN run, 3 PGD steps warm-started from its points) against cold
     PGD-10 at every eps: never a sample fewer fooled, on small CNNs."""
-    from medrobust.attacks.suites import curve_suite
+    from medrobust.evaluation.suites import curve_suite
 
     model = _small_cnn(seed)
     torch.manual_seed(100 + seed)
@@ -173,7 +173,7 @@ def test_verification_goes_down_where_the_radius_was_too_large():
 
 
 def test_verified_curve_needs_eps_non_decreasing_per_sample():
-    from medrobust.attacks.curve import verified_curve
+    from medrobust.evaluation.curve import verified_curve
 
     model, x, labels, radius = binary_problem((4, 1, 2, 2))
     eps = [torch.tensor([0.1, 0.2, 0.1, 0.1]), torch.tensor([0.2, 0.1, 0.2, 0.2])]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.suites import build_suite
+from medrobust.evaluation.curve import attack_curve
+from medrobust.evaluation.suites import build_suite
 from medrobust.tasks import RegressionTask
 
 SUITES = ("quick", "standard", "curve")

@@ -10,7 +10,7 @@ from torch import nn
 
 from medrobust.attacks import FMN, PGD, ClassifierObjective, Targeted, TargetedObjective, minimal_perturbation, pgd
 from medrobust.attacks import pick_targets
-from medrobust.attacks.threat import lp_norm
+from medrobust.attacks.core.threat import lp_norm
 from test_minimal_norm import linear_multiclass
 
 K, SHAPE = 4, (10, 2, 3, 3)

@@ -19,8 +19,8 @@ from medrobust.attacks import (
     dag_attack,
     fit_universal_perturbation,
 )
-from medrobust.attacks.corruptions import bias_field
-from medrobust.attacks.threat import lp_norm
+from medrobust.evaluation.corruptions import bias_field
+from medrobust.attacks.core.threat import lp_norm
 
 SHAPES = [(6, 2, 10, 12), (4, 1, 6, 7, 8)]  # 2-D and 3-D
 

@@ -1,4 +1,11 @@
-"""Adversarial attacks: pure torch, Lightning-free, any rank ``(B, C, *spatial)``.
+"""Adversarial attacks: pure torch, Lightning-free, any rank ``(B, C, *spatial)``, one folder per family.
+
+- ``core``: the threat model, the model session, batches, best-point tracking, objective adapters, the
+  :class:`Attack` base class (what an attack declares);
+- ``gradient``: FGSM, PGD, APGD; ``minimum_norm``: FMN, DeepFool, C&W; ``black_box``: Square;
+  ``group``: universal perturbations;
+- task families, for attacks that only make sense there: ``classification`` (targeted attacks, the
+  convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG).
 
 Functional form (adv_lib style)::
 
@@ -10,89 +17,60 @@ where ``objective`` has ``attack_loss(output, batch) -> (B,)`` and ``is_correct(
     PGD(norm="linf", steps=10)(model, x, batch, objective, eps=eps, bounds=bounds)
 
 and a convenience form for plain classifiers: ``pgd(model, images, labels, eps=...)``.
+
+Curves, suites, masking checks, corruptions and eps units live in :mod:`medrobust.evaluation`; their names
+are also reachable here, as they were before the split.
 """
 
-from medrobust.attacks._engine import AttackResult, index_batch
-from medrobust.attacks.base import Attack
-from medrobust.attacks.apgd import APGD, apgd_attack
-from medrobust.attacks.api import ClassifierObjective, fgsm, minimal_perturbation, pgd
-from medrobust.attacks.corruptions import CORRUPTIONS, BiasField, Corruption, GaussianBlur, GaussianNoise, RicianNoise
-from medrobust.attacks.cw import CWL2, cw_l2_attack
-from medrobust.attacks.dag import DAG, dag_attack
-from medrobust.attacks.deepfool import DeepFool, deepfool_attack
-from medrobust.attacks.fgsm import FGSM, fgsm_attack
-from medrobust.attacks.fmn import FMN, MinimumNormAttack, fmn_attack
-from medrobust.attacks.losses import TargetedObjective, dlr_loss, margin_loss, targeted_dlr_loss, with_loss
-from medrobust.attacks.pgd import PGD, pgd_attack
-from medrobust.attacks.curve import attack_curve
-from medrobust.attacks.masking import MaskingFlag, check_rows, probe_model
-from medrobust.attacks.suites import SUITES, Cascade, MinimumNormCurve, build_suite, robust_accuracy
-from medrobust.attacks.square import Square, square_attack
-from medrobust.attacks.targeted import Targeted, pick_targets
-from medrobust.attacks.threat import EPS_UNITS, NORMS, ThreatModel, batch_view, resolve_eps
-from medrobust.attacks.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
-from medrobust.attacks.directional import Directional, ShiftObjective, directional_attack, with_clean_prediction
-from medrobust.attacks.universal_shift import DEFAULT_GROUP_SIZES, universal_shift
+from importlib import import_module
+
+from medrobust.attacks.black_box.square import Square, square_attack
+from medrobust.attacks.classification.api import fgsm, minimal_perturbation, pgd
+from medrobust.attacks.classification.objectives import ClassifierObjective, TargetedObjective
+from medrobust.attacks.classification.targeted import Targeted, pick_targets
+from medrobust.attacks.core.base import Attack, CurveAttack
+from medrobust.attacks.core.batch import index_batch
+from medrobust.attacks.core.objectives import with_loss
+from medrobust.attacks.core.threat import NORMS, ThreatModel, batch_view
+from medrobust.attacks.core.tracking import AttackResult
+from medrobust.attacks.gradient.apgd import APGD, apgd_attack
+from medrobust.attacks.gradient.fgsm import FGSM, fgsm_attack
+from medrobust.attacks.gradient.pgd import PGD, pgd_attack
+from medrobust.attacks.group.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
+from medrobust.attacks.minimum_norm.base import MinimumNormAttack
+from medrobust.attacks.minimum_norm.cw import CWL2, cw_l2_attack
+from medrobust.attacks.minimum_norm.deepfool import DeepFool, deepfool_attack
+from medrobust.attacks.minimum_norm.fmn import FMN, fmn_attack
+from medrobust.attacks.regression.directional import Directional, ShiftObjective, directional_attack, with_clean_prediction
+from medrobust.attacks.regression.universal_shift import DEFAULT_GROUP_SIZES, universal_shift
+from medrobust.attacks.segmentation.dag import DAG, dag_attack
+from medrobust.losses.classification import dlr_loss, margin_loss, targeted_dlr_loss
+
+# names that moved to medrobust.evaluation, resolved on first use: the evaluation imports the attacks, so an
+# eager import here would be circular
+_EVALUATION = {
+    "attack_curve": "curve", "Cascade": "suites", "MinimumNormCurve": "suites", "SUITES": "suites",
+    "build_suite": "suites", "robust_accuracy": "suites", "MaskingFlag": "masking", "check_rows": "masking",
+    "probe_model": "masking", "CORRUPTIONS": "corruptions", "BiasField": "corruptions", "Corruption": "corruptions",
+    "GaussianBlur": "corruptions", "GaussianNoise": "corruptions", "RicianNoise": "corruptions",
+    "EPS_UNITS": "eps_units", "resolve_eps": "eps_units",
+}
+
+
+def __getattr__(name: str):
+    if name in _EVALUATION:
+        return getattr(import_module(f"medrobust.evaluation.{_EVALUATION[name]}"), name)
+    raise AttributeError(f"module 'medrobust.attacks' has no attribute {name!r}")
+
 
 __all__ = [
-    "Cascade",
-    "MaskingFlag",
-    "MinimumNormCurve",
-    "SUITES",
-    "attack_curve",
-    "build_suite",
-    "check_rows",
-    "probe_model",
-    "robust_accuracy",
-    "APGD",
-    "Attack",
-    "AttackResult",
-    "BiasField",
-    "CORRUPTIONS",
-    "CWL2",
-    "ClassifierObjective",
-    "Corruption",
-    "DAG",
-    "DeepFool",
-    "EPS_UNITS",
-    "FGSM",
-    "FMN",
-    "GaussianBlur",
-    "GaussianNoise",
-    "MinimumNormAttack",
-    "NORMS",
-    "PGD",
-    "RicianNoise",
-    "Square",
-    "Targeted",
-    "TargetedObjective",
-    "ThreatModel",
-    "UniversalPerturbation",
-    "apgd_attack",
-    "apply_universal",
-    "batch_view",
-    "cw_l2_attack",
-    "dag_attack",
-    "deepfool_attack",
-    "dlr_loss",
-    "fgsm",
-    "fgsm_attack",
-    "fit_universal_perturbation",
-    "fmn_attack",
-    "index_batch",
-    "margin_loss",
-    "minimal_perturbation",
-    "pgd",
-    "pgd_attack",
-    "pick_targets",
-    "resolve_eps",
-    "square_attack",
-    "targeted_dlr_loss",
-    "with_loss",
-    "DEFAULT_GROUP_SIZES",
-    "Directional",
-    "ShiftObjective",
-    "directional_attack",
-    "universal_shift",
-    "with_clean_prediction",
+    "APGD", "Attack", "AttackResult", "BiasField", "CORRUPTIONS", "CWL2", "Cascade", "ClassifierObjective",
+    "Corruption", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS", "FGSM", "FMN",
+    "GaussianBlur", "GaussianNoise", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS", "PGD",
+    "RicianNoise", "SUITES", "ShiftObjective", "Square", "Targeted", "TargetedObjective", "ThreatModel",
+    "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve", "batch_view", "build_suite",
+    "check_rows", "cw_l2_attack", "dag_attack", "deepfool_attack", "directional_attack", "dlr_loss", "fgsm",
+    "fgsm_attack", "fit_universal_perturbation", "fmn_attack", "index_batch", "margin_loss", "minimal_perturbation",
+    "pgd", "pgd_attack", "pick_targets", "probe_model", "resolve_eps", "robust_accuracy", "square_attack",
+    "targeted_dlr_loss", "universal_shift", "with_clean_prediction", "with_loss",
 ]

@@ -15,7 +15,7 @@ from torchmetrics.classification import (
     MulticlassSpecificity,
 )
 
-from medrobust.attacks.losses import classification_margin
+from medrobust.losses.classification import classification_margin
 from medrobust.tasks.base import RobustTask
 
 

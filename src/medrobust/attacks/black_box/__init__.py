@@ -1,0 +1,1 @@
+"""Black-box attacks: forwards and scores only (Square)."""

@@ -1,0 +1,1 @@
+"""Attacks and objectives that only make sense for classifiers: targeted attacks, plain-classifier forms."""

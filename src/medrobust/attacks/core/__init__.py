@@ -1,0 +1,1 @@
+"""The engine every attack is built on: threat model, session, batches, tracking, objectives, base class."""

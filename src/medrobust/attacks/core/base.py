@@ -1,0 +1,120 @@
+"""What an attack declares (its base classes) and the argument checks attacks share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+from torch import Tensor
+
+from medrobust.attacks.core.threat import ThreatModel
+
+
+def check_at_least(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value: float | None) -> float | None:
+    if value is not None and not float(value) > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return None if value is None else float(value)
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+class Perturbation:
+    """What an evaluation applies to images at a strength ``eps``: an attack, or a corruption.
+
+    Declared here, with their defaults, is everything the evaluation, the curves and the masking checks read
+    off one; a subclass overrides what differs (class attributes, or hooks):
+
+    - ``name`` (str) and ``norm`` (``"linf"``, ``"l2"``, ``"l1"``; ``"none"`` for corruptions): its label
+      ``<name>_<norm>`` in tables and curves;
+    - ``seeks_errors`` (True): it tries to make samples wrong (``is_correct`` false). ``False`` (corruptions,
+      prediction shifts): curves apply it at each eps on every sample alone, the masking checks skip it;
+    - ``black_box`` (False): forwards and scores only; the masking checks flag it beating white-box attacks;
+    - ``targeted`` (False): it pushes samples towards chosen classes, so it stays out of the masking checks'
+      strength order (a targeted attack is not a weaker untargeted one);
+    - ``climbs_own_loss`` (False): it climbs a loss of its own on the labels instead of the objective's
+      ``attack_loss`` (APGD with ``loss="ce"``); a wrapper that swaps the objective cannot steer it;
+    - ``bn_eval`` / ``dropout_eval`` (True): normalization and dropout layers in eval mode while it runs
+      (:func:`~medrobust.attacks.core.session.attack_session`);
+    - ``requires`` (()): task-module members it needs beyond the task contract (``("prediction",)``), checked
+      when an evaluation is set up;
+    - ``reset_stats()`` / ``black_box_wins()``: running tallies over an evaluation (cascades keep them) and the
+      messages they raise; by default none.
+    """
+
+    name: str
+    norm: str
+    seeks_errors: bool = True
+    black_box: bool = False
+    targeted: bool = False
+    climbs_own_loss: bool = False
+    bn_eval: bool = True
+    dropout_eval: bool = True
+    requires: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``<name>_<norm>``: the attack column of tables, curves and W&B keys."""
+        return f"{self.name}_{self.norm}"
+
+    def __call__(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+                 eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
+        """Perturbed images ``(B, C, *spatial)`` for ``x`` at strength ``eps`` (float or ``(B,)``, model units)."""
+        raise NotImplementedError
+
+    def reset_stats(self) -> None:
+        """Zero any running tallies before an evaluation (none by default)."""
+
+    def black_box_wins(self) -> list[str]:
+        """Messages for black-box parts that broke what white-box parts left standing (none by default)."""
+        return []
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if key != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class Attack(Perturbation):
+    """Base of the configurable attacks: hyperparameters at construction, ``eps`` and ``bounds`` per call.
+
+    Subclasses set ``name`` and ``norm`` and implement :meth:`attack` (the functional form); the capabilities
+    they declare are listed on :class:`Perturbation`.
+    """
+
+    def __call__(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+                 eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
+        """Adversarial images ``(B, C, *spatial)`` for ``x``; ``eps`` in model units, float or ``(B,)``."""
+        return self.attack(model, x, batch, objective, threat=ThreatModel(self.norm, eps, bounds))
+
+    def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
+        raise NotImplementedError
+
+    def attack_from(self, start: Tensor, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+                    eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
+        """As a call, started from ``start`` ``(B, C, *spatial)`` where the attack can warm-start (PGD); by
+        default the start is ignored."""
+        return self(model, x, batch, objective, eps=eps, bounds=bounds)
+
+
+class CurveAttack(Attack):
+    """An attack that reads a whole robustness curve off one run (a minimum-norm attack's radii).
+
+    The evaluation asks it for :meth:`curve` instead of attacking at each eps; after each call ``last_radii``
+    holds the per-sample radii ``(B,)`` it found (``inf`` where none), which the evaluation writes out.
+    """
+
+    last_radii: Tensor | None = None
+
+    def curve(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+              eps_values: Sequence[float | Tensor], bounds: tuple[float, float] | None) -> list[Tensor]:
+        """Adversarial images ``(B, C, *spatial)`` for each of ``eps_values`` (non-decreasing)."""
+        raise NotImplementedError

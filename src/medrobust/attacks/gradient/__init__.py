@@ -1,0 +1,1 @@
+"""Gradient attacks with a fixed eps: FGSM, PGD, APGD."""

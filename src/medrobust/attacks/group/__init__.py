@@ -1,0 +1,1 @@
+"""Group attacks: one perturbation for many images (universal perturbations)."""

@@ -1,0 +1,1 @@
+"""Attacks on dense per-voxel outputs (DAG)."""

@@ -1,0 +1,1 @@
+"""Defences: the training objectives AdversarialTraining installs on a task module."""
