@@ -53,21 +53,40 @@ def attack_session(model: Callable, *, bn_eval: bool = True, dropout_eval: bool 
         if module is None:
             yield
             return
-        modes = [(m, m.training) for m in module.modules()]
         frozen = [p for p in module.parameters() if p.requires_grad]
-        try:
-            for m in module.modules():
-                if (bn_eval and isinstance(m, _NormBase)) or (dropout_eval and isinstance(m, _DropoutNd)):
-                    m.training = False
-            for p in frozen:
-                p.requires_grad_(False)
-            with frozen_norm_gradients(module):
-                yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            for m, mode in modes:
-                m.training = mode
+        with kept_modes(module):
+            try:
+                for m in module.modules():
+                    if (bn_eval and isinstance(m, _NormBase)) or (dropout_eval and isinstance(m, _DropoutNd)):
+                        m.training = False
+                for p in frozen:
+                    p.requires_grad_(False)
+                with frozen_norm_gradients(module):
+                    yield
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+
+
+@contextmanager
+def kept_modes(module: nn.Module) -> Iterator[nn.Module]:
+    """Every submodule's ``training`` flag put back exactly as it was when the block exits, exceptions included."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, its modes restored on exit (:func:`kept_modes`): the one way
+    callbacks run an attack or a check on a model that may be training (an attack that raises must not leave
+    a training run in eval mode)."""
+    with kept_modes(module):
+        module.eval()
+        yield module
 
 
 # -- the objective in fp32 ---------------------------------------------------------------------------
