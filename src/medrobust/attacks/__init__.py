@@ -41,7 +41,12 @@ from medrobust.attacks.minimum_norm.base import MinimumNormAttack
 from medrobust.attacks.minimum_norm.cw import CWL2, cw_l2_attack
 from medrobust.attacks.minimum_norm.deepfool import DeepFool, deepfool_attack
 from medrobust.attacks.minimum_norm.fmn import FMN, fmn_attack
-from medrobust.attacks.regression.directional import Directional, ShiftObjective, directional_attack, with_clean_prediction
+from medrobust.attacks.regression.directional import (
+    Directional,
+    ShiftObjective,
+    directional_attack,
+    with_clean_prediction,
+)
 from medrobust.attacks.regression.universal_shift import DEFAULT_GROUP_SIZES, universal_shift
 from medrobust.attacks.segmentation.dag import DAG, dag_attack
 from medrobust.losses.classification import dlr_loss, margin_loss, targeted_dlr_loss

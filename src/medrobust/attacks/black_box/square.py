@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_fraction
+from medrobust.attacks.core.base import Attack, check_at_least, check_fraction, without_early_stop
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.objectives import negative_margin
 from medrobust.attacks.core.seeding import seeded
@@ -172,6 +172,9 @@ class Square(Attack):
         self.early_stop = bool(early_stop)
         self.bn_eval = bn_eval
         self.dropout_eval = dropout_eval
+
+    def full_budget(self) -> "Square":
+        return without_early_stop(self)
 
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return square_attack(model, x, batch, objective, threat=threat, queries=self.queries, p_init=self.p_init,

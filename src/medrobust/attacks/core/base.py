@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -71,6 +72,12 @@ class Perturbation:
         """Perturbed images ``(B, C, *spatial)`` for ``x`` at strength ``eps`` (float or ``(B,)``, model units)."""
         raise NotImplementedError
 
+    def full_budget(self) -> "Perturbation | None":
+        """This attack spending its whole budget on every sample and returning, per sample, the highest-loss
+        point it visits: the worst case that continuous metrics (MAE, Dice, AUROC) are read at. ``None`` (the
+        default) where it has no such mode; curves then read those metrics at its own points and say so."""
+        return None
+
     def reset_stats(self) -> None:
         """Zero any running tallies before an evaluation (none by default)."""
 
@@ -81,6 +88,13 @@ class Perturbation:
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if key != "name")
         return f"{type(self).__name__}({args})"
+
+
+def without_early_stop(attack: "Attack") -> "Attack":
+    """A copy of ``attack`` with ``early_stop=False`` (its full-budget form, for attacks that stop early)."""
+    copy = _copy.copy(attack)
+    copy.early_stop = False
+    return copy
 
 
 class Attack(Perturbation):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least
+from medrobust.attacks.core.base import Attack, check_at_least, without_early_stop
 from medrobust.attacks.core.batch import TARGET_KEY, prepare
 from medrobust.attacks.core.objectives import negative_margin, with_loss
 from medrobust.attacks.core.seeding import seeded
@@ -285,6 +285,9 @@ class APGD(Attack):
             self.name = "apgd-t" if self.loss == "dlr" else "apgd-t-ce"
         else:
             self.name = "apgd" if self.loss == "default" else f"apgd-{self.loss}"
+
+    def full_budget(self) -> "APGD":
+        return without_early_stop(self)
 
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return apgd_attack(model, x, batch, objective, threat=threat, steps=self.steps, loss=self.loss,

@@ -80,6 +80,9 @@ class FGSM(Attack):
         self.dropout_eval = dropout_eval
         self.name = "fgsm_rs" if self.random_start else "fgsm"
 
+    def full_budget(self) -> "FGSM":
+        return self  # one step from each sample: its one point is its whole budget
+
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return fgsm_attack(model, x, batch, objective, threat=threat, random_start=self.random_start,
                            rel_step_size=self.rel_step_size, bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)

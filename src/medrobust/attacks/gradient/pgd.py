@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_fraction, check_positive
+from medrobust.attacks.core.base import Attack, check_at_least, check_fraction, check_positive, without_early_stop
 from medrobust.attacks.core.batch import index_batch, prepare
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.steps import ascent_step, per_sample_step, start_point
@@ -204,6 +204,9 @@ class PGD(Attack):
         self.dropout_eval = dropout_eval
         self.l1_sparsity = check_fraction("l1_sparsity", l1_sparsity)
         self.name = f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+
+    def full_budget(self) -> "PGD":
+        return without_early_stop(self)
 
     def attack(self, model, x, batch, objective, *, threat: ThreatModel, start: Tensor | None = None) -> Tensor:
         return pgd_attack(model, x, batch, objective, threat=threat, steps=self.steps,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_positive
+from medrobust.attacks.core.base import Attack, check_at_least, check_positive, without_early_stop
 from medrobust.attacks.core.batch import attack_key, prepare
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.threat import (
@@ -235,6 +235,9 @@ class DAG(Attack):
         self.bn_eval = bn_eval
         self.dropout_eval = dropout_eval
         self.name = "dag"
+
+    def full_budget(self) -> "DAG":
+        return without_early_stop(self)
 
     def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
         return dag_attack(model, x, batch, objective, threat=threat, steps=self.steps, gamma=self.gamma,
