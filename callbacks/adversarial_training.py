@@ -1,41 +1,46 @@
-"""AdversarialTraining: replaces the task's clean training objective with an adversarial one.
+"""AdversarialTraining: replaces the task's clean training objective with a defence's adversarial one.
 
-The attack runs inside ``training_step`` (so inside autocast and inside the single DDP forward) on
-``pl_module`` itself, never on ``trainer.model`` (the DDP wrapper).
+The callback owns what every defence shares: the eps schedule (warm-up) and units, installing the objective
+in ``setup`` and removing it in ``teardown``, the catastrophic-overfitting guard and the checkpoint state.
+The loss itself is the defence's (:mod:`medrobust.defenses`). The attack runs inside ``training_step`` (so
+inside autocast and inside the single DDP forward) on ``pl_module`` itself, never on ``trainer.model`` (the
+DDP wrapper).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medrobust.attacks import EPS_UNITS, index_batch, resolve_eps
+from medrobust.attacks.core.session import eval_mode
+from medrobust.defenses import Adversary, Defense, MadryObjective
+from medrobust.evaluation.eps_units import EPS_UNITS
 from medrobust.tasks.base import clean_objective
-
-log = logging.getLogger("medrobust")
 
 GUARD_ACTIONS = ("warn", "stop")
 
 
 class AdversarialTraining(Callback):
-    """Adversarial training with any attack object (PGD-AT, FGSM-RS, ...).
+    """Adversarial training with any defence (PGD-AT, FGSM-RS, TRADES, ...) and any attack object.
 
-    Loss = ``adv_weight`` * L(batch with its first ``adv_fraction`` replaced by adversarial examples)
-    + ``clean_weight`` * L(clean batch). Defaults give Madry PGD-AT (all adversarial, no clean term).
+    Without ``defense``, the defence is :class:`~medrobust.defenses.MadryObjective` built from
+    ``adv_fraction`` / ``clean_weight`` / ``adv_weight``: ``adv_weight`` * L(batch with its first
+    ``adv_fraction`` adversarial) + ``clean_weight`` * L(clean batch); its defaults are Madry PGD-AT.
 
     Args:
         attack: the attack that makes training examples (e.g. ``medrobust.attacks.PGD``).
         eps: target perturbation size, in ``eps_unit`` units.
         eps_unit: ``model``, ``native`` (e.g. HU) or ``range``.
         warmup_epochs: eps grows linearly, reaching ``eps`` at the start of epoch ``warmup_epochs``.
-        adv_fraction: fraction of each batch made adversarial, in (0, 1].
-        clean_weight / adv_weight: weights of the clean and adversarial loss terms.
+        adv_fraction / clean_weight / adv_weight: the default Madry defence's settings (``None``: its
+            defaults). Given with ``defense``, they must equal the defence's own (the shipped configs
+            interpolate ``adv.defense.*`` from them, so ``adv.adv_fraction=...`` overrides as it always did).
         guard_attack: an attack (e.g. PGD-10) checked on a training batch at the end of every epoch; robust
             accuracy collapsing by more than ``guard_drop`` below its best flags catastrophic overfitting
             (FGSM training); ``guard_action`` then warns or stops training.
+        method: the run's training method in its ``state_key`` (default: the attack's name).
+        defense: the training objective (:class:`~medrobust.defenses.Defense`).
     """
 
     def __init__(
@@ -44,13 +49,14 @@ class AdversarialTraining(Callback):
         eps: float,
         eps_unit: str = "model",
         warmup_epochs: int = 0,
-        adv_fraction: float = 1.0,
-        clean_weight: float = 0.0,
-        adv_weight: float = 1.0,
+        adv_fraction: float | None = None,
+        clean_weight: float | None = None,
+        adv_weight: float | None = None,
         guard_attack=None,
         guard_drop: float = 0.2,
         guard_action: str = "stop",
         method: str | None = None,
+        defense: Defense | None = None,
     ) -> None:
         if eps is None or float(eps) < 0:
             raise ValueError(f"adv.eps must be >= 0, got {eps!r}")
@@ -58,22 +64,16 @@ class AdversarialTraining(Callback):
             raise ValueError(f"adv.eps_unit must be one of {EPS_UNITS}, got {eps_unit!r}")
         if warmup_epochs < 0:
             raise ValueError(f"adv.warmup_epochs must be >= 0, got {warmup_epochs!r}")
-        if not 0.0 < adv_fraction <= 1.0:
-            raise ValueError(f"adv.adv_fraction must be in (0, 1], got {adv_fraction!r}")
-        if clean_weight < 0 or adv_weight < 0 or clean_weight + adv_weight == 0:
-            raise ValueError(f"adv.clean_weight and adv.adv_weight must be >= 0 and not both 0, "
-                             f"got {clean_weight!r}, {adv_weight!r}")
         if not 0.0 < guard_drop <= 1.0:
             raise ValueError(f"adv.guard_drop must be in (0, 1], got {guard_drop!r}")
         if guard_action not in GUARD_ACTIONS:
             raise ValueError(f"adv.guard_action must be one of {GUARD_ACTIONS}, got {guard_action!r}")
+        self.defense = _defense_from(defense, adv_fraction=adv_fraction, clean_weight=clean_weight,
+                                     adv_weight=adv_weight)
         self.attack = attack
         self.eps = float(eps)
         self.eps_unit = eps_unit
         self.warmup_epochs = warmup_epochs
-        self.adv_fraction = adv_fraction
-        self.clean_weight = clean_weight
-        self.adv_weight = adv_weight
         self.guard_attack = guard_attack
         self.guard_drop = guard_drop
         self.guard_action = guard_action
@@ -87,16 +87,18 @@ class AdversarialTraining(Callback):
 
     @property
     def state_key(self) -> str:
+        # unchanged by the defence slot, so checkpoints written before it still find their state
         return self._generate_state_key(method=self.method, attack=self.attack.name, eps=self.eps, eps_unit=self.eps_unit)
 
     def state_dict(self) -> dict:
         return {"eps_history": list(self.eps_history), "guard_history": list(self.guard_history),
-                "guard_best": self.guard_best}
+                "guard_best": self.guard_best, "defense": self.defense.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.eps_history = [tuple(item) for item in state_dict.get("eps_history", [])]
         self.guard_history = [tuple(item) for item in state_dict.get("guard_history", [])]
         self.guard_best = state_dict.get("guard_best")
+        self.defense.load_state_dict(state_dict.get("defense", {}))
 
     # -- schedule -------------------------------------------------------------------------------
     def eps_at(self, epoch: int) -> float:
@@ -105,9 +107,9 @@ class AdversarialTraining(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for member in ("attack_loss", "is_correct", "train_objective"):
+        for member in ("attack_loss", "is_correct", "train_objective", *self.defense.requires):
             if not hasattr(pl_module, member):
-                raise TypeError(f"AdversarialTraining needs a task module with `{member}`; "
+                raise TypeError(f"AdversarialTraining ({self.defense.name}) needs a task module with `{member}`; "
                                 f"{type(pl_module).__name__} has none")
         if stage == "fit":
             pl_module.train_objective = self.objective
@@ -123,21 +125,13 @@ class AdversarialTraining(Callback):
         pl_module.log("train/adv_eps", eps, on_step=False, on_epoch=True, sync_dist=False)
 
     def objective(self, module: LightningModule, batch: dict) -> torch.Tensor:
-        """The adversarial training loss for one batch (installed as ``module.train_objective``)."""
-        x = batch["image"]
-        n_adv = max(1, round(len(x) * self.adv_fraction))
-        adv_part = index_batch(batch, slice(0, n_adv))
-        eps = resolve_eps(self.eps_at(self._epoch), self.eps_unit, intensity=module.intensity, x=x[:n_adv])
-        x_adv = self.attack(module, x[:n_adv], adv_part, module, eps=eps, bounds=module.input_bounds)
-        mixed = torch.cat([x_adv, x[n_adv:]]) if n_adv < len(x) else x_adv
+        """The defence's training loss for one batch (installed as ``module.train_objective``)."""
         if self.guard_attack is not None:
             self._guard_batch = batch  # the epoch's last batch is what the guard checks
-        if self.clean_weight == 0:
-            return self.adv_weight * module.attack_loss(module(mixed), batch).mean()
-        # one forward over adversarial and clean images together: one pass of BatchNorm statistics
-        losses = module.attack_loss(module(torch.cat([mixed, x])), _repeat_batch(batch))
-        adv_loss, clean_loss = losses[: len(x)].mean(), losses[len(x):].mean()
-        return self.adv_weight * adv_loss + self.clean_weight * clean_loss
+        return self.defense(module, batch, self._adversary(self.attack, module))
+
+    def _adversary(self, attack, module: LightningModule) -> Adversary:
+        return Adversary(attack, module, self.eps_at(self._epoch), self.eps_unit)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.guard_attack is None or self._guard_batch is None:
@@ -157,19 +151,21 @@ class AdversarialTraining(Callback):
                 trainer.should_stop = True
 
     def _guard_accuracy(self, pl_module: LightningModule, batch: dict) -> float:
-        x = batch["image"]
-        eps = resolve_eps(self.eps_at(self._epoch), self.eps_unit, intensity=pl_module.intensity, x=x)
-        was_training = pl_module.training
-        pl_module.eval()  # the check must not move BatchNorm statistics
-        x_adv = self.guard_attack(pl_module, x, batch, pl_module, eps=eps, bounds=pl_module.input_bounds)
-        with torch.no_grad():
-            accuracy = pl_module.is_correct(pl_module(x_adv), batch).float().mean().item()
-        pl_module.train(was_training)
-        return accuracy
+        with eval_mode(pl_module):  # the check must not move BatchNorm statistics
+            x_adv = self._adversary(self.guard_attack, pl_module)(batch["image"], batch)
+            with torch.no_grad():
+                return pl_module.is_correct(pl_module(x_adv), batch).float().mean().item()
 
 
-def _repeat_batch(batch: dict) -> dict:
-    """The batch's per-sample entries twice over, to pair with ``cat([x_adv, x])``."""
-    image = batch["image"]
-    order = torch.arange(len(image), device=image.device)
-    return index_batch(batch, torch.cat([order, order]))
+def _defense_from(defense: Defense | None, **madry) -> Defense:
+    """``defense``, or the default Madry objective from its settings; given both, the settings must agree."""
+    given = {key: value for key, value in madry.items() if value is not None}
+    if defense is None:
+        return MadryObjective(**given)
+    if not isinstance(defense, Defense):
+        raise TypeError(f"adv.defense must be a medrobust.defenses.Defense, got {defense!r}")
+    for key, value in given.items():
+        if getattr(defense, key, None) != value:
+            raise ValueError(f"adv.{key}={value!r} disagrees with adv.defense ({type(defense).__name__}, "
+                             f"{key}={getattr(defense, key, None)!r}): set it in one place")
+    return defense

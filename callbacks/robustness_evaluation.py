@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,18 +12,19 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 
-from medrobust.attacks import EPS_UNITS, resolve_eps
-from medrobust.evaluation.curve import attack_curve
-from medrobust.evaluation.masking import MaskingFlag, check_rows, probe_model
+from medrobust.attacks.core.base import CurveAttack, Perturbation
+from medrobust.attacks.core.session import eval_mode
+from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
+from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
+from medrobust.evaluation.worst_case import CLEAN, FIRST_FAILURE, points_note, robustness_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
+from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows
-from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 from medrobust.tasks.base import compute_metrics, metric_collection
 
 log = logging.getLogger("medrobust")
-
 
 
 def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
@@ -37,8 +39,16 @@ def _cell(row: dict) -> tuple:
     return row["epoch"], row["split"], row["attack"], row["eps"], row["metric"]
 
 
-def _attack_label(attack) -> str:
-    return f"{attack.name}_{attack.norm}"
+@dataclass
+class Evaluation:
+    """What one evaluation found: result rows, the example images, minimum-norm radii per attack, the batch the
+    masking probes use, and per attack which kind of point its continuous metrics were read at."""
+
+    rows: list[dict] = field(default_factory=list)
+    examples: dict = field(default_factory=dict)  # attack -> (eps, x, x_adv) of the first batch at the largest eps
+    radii: dict[str, torch.Tensor] = field(default_factory=dict)
+    probe_batch: tuple | None = None
+    points: dict[str, str] = field(default_factory=dict)
 
 
 class RobustnessEvaluation(Callback):
@@ -46,7 +56,8 @@ class RobustnessEvaluation(Callback):
 
     Each DDP rank attacks its own shard (the trainer's distributed sampler), metrics reduce across ranks
     through torchmetrics, and rank 0 writes ``robustness.csv`` (one row per epoch x split x attack x eps x
-    metric), ``curves/<attack>_<metric>.png`` (one line per epoch) and, at test time, ``summary.md``.
+    metric, with the kind of point the metric was read at), ``curves/<attack>_<metric>.png`` (one line per epoch)
+    and, at test time, ``summary.md``.
 
     Args:
         attacks: attack objects (``medrobust.attacks.FGSM``, ``PGD``, ...), as a list or a name->attack map.
@@ -61,7 +72,14 @@ class RobustnessEvaluation(Callback):
             (zero / non-finite input gradients, randomness, accuracy surviving a huge eps). The checks on
             the result rows (curves rising with eps, a weaker or black-box attack beating a stronger
             white-box one) run on every evaluation. A flagged evaluation carries its flags in every row of
-            ``robustness.csv``, in ``summary.md`` and in a warning.
+            ``robustness.csv``, in ``summary.md`` and in a warning. Another attack in the strongest
+            error-seeking attack's threat model reaching a worse continuous metric is flagged
+            ``weaker_attack_wins_<metric>``.
+        worst_case: read continuous metrics (MAE, Dice, AUROC, ...) at each attack's worst-loss points: its
+            full-budget form at every eps on every sample, the highest task loss kept
+            (:mod:`medrobust.evaluation.worst_case`); accuracy stays at the cheap first-failure points.
+            ``False``: every metric at the first-failure points, rows labelled ``points=first_failure``
+            (cheaper; not worst case for continuous metrics).
     """
 
     def __init__(
@@ -74,6 +92,7 @@ class RobustnessEvaluation(Callback):
         test_max_batches: int | None = None,
         output_dir: str | None = None,
         probe_splits: Sequence[str] = ("test",),
+        worst_case: bool = True,
     ) -> None:
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
@@ -88,7 +107,11 @@ class RobustnessEvaluation(Callback):
         for key, value in (("max_batches", max_batches), ("test_max_batches", test_max_batches)):
             if value is not None and value < 1:
                 raise ValueError(f"eval.{key} must be >= 1 or null (all batches), got {value!r}")
-        labels = [_attack_label(a) for a in attack_list]
+        for attack in attack_list:
+            if not isinstance(attack, Perturbation):
+                raise TypeError(f"eval.attacks must be attacks or corruptions (medrobust.attacks.Attack, "
+                                f"medrobust.evaluation.Corruption), got {attack!r}")
+        labels = [attack.label for attack in attack_list]
         if len(set(labels)) != len(labels):
             raise ValueError(f"eval.attacks must have distinct names, got {labels}")
         self.attacks = dict(zip(labels, attack_list))
@@ -100,11 +123,10 @@ class RobustnessEvaluation(Callback):
         self.output_dir = output_dir
         self.probe_splits = tuple(probe_splits)
         self.flags: dict[tuple[str, int], list] = {}  # (split, epoch) -> gradient-masking flags
-        self._probe_batch: tuple | None = None
         self.history: list[dict] = []
-        self.examples: dict = {}  # attack -> (eps, x, x_adv) of the first batch at the largest eps
+        self.worst_case = bool(worst_case)
+        self.last: Evaluation | None = None  # the latest evaluation's examples and radii, for the files
         self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
-        self.radii: dict[str, torch.Tensor] = {}  # minimum-norm suites: per-sample radii of the last evaluation
 
     @property
     def state_key(self) -> str:
@@ -132,7 +154,7 @@ class RobustnessEvaluation(Callback):
             raise TypeError(f"RobustnessEvaluation needs a task module implementing the task contract; "
                             f"{type(pl_module).__name__} lacks {missing}")
         for label, attack in self.attacks.items():
-            lacking = [m for m in getattr(attack, "requires", ()) if not hasattr(pl_module, m)]
+            lacking = [m for m in attack.requires if not hasattr(pl_module, m)]
             if lacking:
                 raise TypeError(f"eval.attacks: {label} needs a task module with {lacking}; "
                                 f"{type(pl_module).__name__} lacks them (a regression-only attack on another task?)")
@@ -157,9 +179,10 @@ class RobustnessEvaluation(Callback):
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         # test rows carry the epoch of the weights under test (the best checkpoint's, not the last)
         epoch = self._checkpoint_epoch if split == "test" and self._checkpoint_epoch is not None else trainer.current_epoch
-        rows = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
-                             precision=trainer.precision_plugin)
-        flags = self._masking_flags(pl_module, rows, split)
+        self.last = result = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
+                                           precision=trainer.precision_plugin)
+        rows = result.rows
+        flags = self._masking_flags(pl_module, result, split)
         self.flags[split, epoch] = flags
         for row in rows:
             row["flags"] = ";".join(flag.name for flag in flags)
@@ -170,61 +193,64 @@ class RobustnessEvaluation(Callback):
             key = f"robust_{split}/{row['attack']}/{row['metric']}_eps{format_eps(row['eps'])}"
             pl_module.log(key, row["value"], sync_dist=False)  # already reduced across ranks
         pl_module.log(f"robust_{split}/masking_flags", float(len(flags)), sync_dist=False)
-        for label, radii in self.radii.items():
+        for label, radii in result.radii.items():
             rows += radius_rows(radii.tolist(), epoch=epoch, split=split, attack=label,
                                 norm=self.attacks[label].norm, eps_unit="model")
         self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         if trainer.is_global_zero:
             self._write_files(trainer, split)
 
-    def _masking_flags(self, pl_module, rows: list[dict], split: str) -> list:
+    def _masking_flags(self, pl_module, result: Evaluation, split: str) -> list[MaskingFlag]:
         # the checks assume each attack tries to make samples wrong: not corruptions, not prediction shifts
-        adversarial = {label for label, attack in self.attacks.items() if getattr(attack, "seeks_errors", True)}
-        black_box = [label for label in adversarial if getattr(self.attacks[label], "black_box", False)]
-        flags = check_rows([row for row in rows if row["attack"] in adversarial],
-                           attack_order=[label for label in self.attacks if label in adversarial
-                                         and not getattr(self.attacks[label], "targeted", False)], black_box=black_box)
+        adversarial = [label for label, attack in self.attacks.items() if attack.seeks_errors]
+        black_box = [label for label in adversarial if self.attacks[label].black_box]
+        order = [label for label in adversarial if not self.attacks[label].targeted]  # cheapest first
+        flags = check_rows([row for row in result.rows if row["attack"] in adversarial], attack_order=order,
+                           black_box=black_box, metric=pl_module.success_metric)
         flags += [MaskingFlag("black_box_wins", message) for attack in self.attacks.values()
-                  if hasattr(attack, "black_box_wins") for message in attack.black_box_wins()]
-        if split in self.probe_splits and self._probe_batch is not None and adversarial:
-            x, batch = self._probe_batch
-            norm = self.attacks[next(iter(adversarial))].norm
-            was_training = pl_module.training
-            pl_module.eval()
+                  for message in attack.black_box_wins()]
+        white_box = [label for label in order if label not in black_box]
+        if white_box:  # any other attack in its threat model beating the strongest on a continuous metric
+            directions = {name: metric.higher_is_better for name, metric in pl_module.robust_metrics().items()}
+            flags += check_metric_rows(result.rows, strongest=white_box[-1], directions=directions,
+                                       skip=[pl_module.success_metric])
+        if split in self.probe_splits and result.probe_batch is not None and adversarial:
+            x, batch = result.probe_batch
+            norm = self.attacks[adversarial[0]].norm
             # the probes test the model, not the threat model: L1 evaluations probe in Linf, because PGD-L1 at a
             # huge eps stalls on real CNNs (0.45 accuracy at eps 8 and 16 on the LIDC model, where FMN-L1 leaves
             # 0.23 and 0) and would flag a model that is fine
-            with torch.inference_mode(False), torch.enable_grad():
+            with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
                 flags += probe_model(pl_module, x, batch, pl_module, norm="l2" if norm == "l2" else "linf",
                                      bounds=pl_module.input_bounds)
-            pl_module.train(was_training)
-        self._probe_batch = None
         return flags
 
     # -- the evaluation -------------------------------------------------------------------------
-    def evaluate(self, pl_module, loader, *, split: str, epoch: int, max_batches: int | None, precision=None) -> list[dict]:
-        """Attack ``max_batches`` batches of ``loader`` at every (attack, eps); rows reduced across ranks."""
+    def evaluate(self, pl_module, loader, *, split: str, epoch: int, max_batches: int | None,
+                 precision=None) -> "Evaluation":
+        """Attack ``max_batches`` batches of ``loader`` at every (attack, eps); rows reduced across ranks.
+
+        The success metric (accuracy) is read at each attack's first-failure points, every other metric at its
+        worst-loss points where the attack has a full-budget form (``worst_case``); each row's ``points`` says
+        which (:mod:`medrobust.evaluation.worst_case`)."""
         device = pl_module.device
-        cells = {(label, eps): metric_collection(pl_module.robust_metrics()).to(device)
-                 for label in self.attacks for eps in self.eps if eps > 0}
+        cells = {(label, eps, kind): metric_collection(pl_module.robust_metrics()).to(device)
+                 for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
-        self.examples = {}
+        result = Evaluation()
         for attack in self.attacks.values():
-            if hasattr(attack, "reset_stats"):
-                attack.reset_stats()
+            attack.reset_stats()
         radii: dict[str, list[torch.Tensor]] = {}
-        was_training = pl_module.training
-        pl_module.eval()
         # Lightning runs validation under inference mode; attacks need gradients w.r.t. the input.
-        with torch.inference_mode(False), torch.enable_grad():
+        with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
                 batch = move_data_to_device(batch, device)
                 x = batch["image"].clone()
                 if index == 0:
-                    self._probe_batch = (x, batch)
+                    result.probe_batch = (x, batch)
                 with torch.no_grad(), forward_context():
                     clean_output = pl_module(x)
                     clean.update(*pl_module.metric_inputs(clean_output, batch))
@@ -232,29 +258,37 @@ class RobustnessEvaluation(Callback):
                 eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
                     with forward_context():
-                        points = attack_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
-                                              bounds=pl_module.input_bounds)
-                    if getattr(attack, "last_radii", None) is not None:  # a minimum-norm curve suite
+                        curve = robustness_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
+                                                 bounds=pl_module.input_bounds, worst_case=self.worst_case)
+                    result.points[label] = curve.worst_kind
+                    if isinstance(attack, CurveAttack) and attack.last_radii is not None:
                         radii.setdefault(label, []).append(attack.last_radii.float())
-                    for eps, x_adv in zip(attacked_eps, points):
+                    for eps, success_point, worst_point in zip(attacked_eps, curve.first_failure, curve.worst):
+                        pairs = [("success", success_point), ("other", worst_point)]
                         with torch.no_grad(), forward_context():
-                            cells[label, eps].update(*pl_module.metric_inputs(pl_module(x_adv), batch,
-                                                                              reference=clean_output))
+                            for kind, point in pairs:
+                                cells[label, eps, kind].update(*pl_module.metric_inputs(pl_module(point), batch,
+                                                                                        reference=clean_output))
                         if index == 0 and eps == self.eps[-1]:
-                            self.examples[label] = (eps, x.detach().cpu(), x_adv.detach().cpu())
-        pl_module.train(was_training)
-        self.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
+                            result.examples[label] = (eps, x.detach().cpu(), worst_point.detach().cpu())
+        result.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
-        rows = []
+        success = pl_module.success_metric
         for label, attack in self.attacks.items():
             for eps in self.eps:
-                values = clean_values if eps == 0 else compute_metrics(cells[label, eps])
-                rows.extend(
+                if eps == 0:
+                    values = {m: (v, CLEAN) for m, v in clean_values.items()}
+                else:
+                    kinds = {"success": FIRST_FAILURE, "other": result.points.get(label, FIRST_FAILURE)}
+                    values = {m: (v, kinds[kind]) for kind in ("other", "success")
+                              for m, v in compute_metrics(cells[label, eps, kind]).items()
+                              if (m == success) == (kind == "success")}
+                result.rows.extend(
                     {"epoch": epoch, "split": split, "attack": label, "norm": attack.norm, "eps": eps,
-                     "eps_unit": self.eps_unit, "metric": metric, "value": float(value)}
-                    for metric, value in values.items()
+                     "eps_unit": self.eps_unit, "metric": metric, "value": float(value), "points": points}
+                    for metric, (value, points) in values.items()
                 )
-        return rows
+        return result
 
     # -- files (rank 0) -------------------------------------------------------------------------
     @rank_zero_only
@@ -266,12 +300,12 @@ class RobustnessEvaluation(Callback):
         epoch = self.history[-1]["epoch"]
         log_robustness_to_wandb(trainer.loggers, self.history, split,
                                 flags=[flag.name for flag in self.flags.get((split, epoch), [])])
-        for label, values in self.radii.items():
+        for label, values in (self.last.radii if self.last else {}).items():
             plot_radii(out, label, split, epoch, values.cpu())
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:
-        for label, (eps, x, x_adv) in self.examples.items():
+        for label, (eps, x, x_adv) in (self.last.examples if self.last else {}).items():
             path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(eps)}.png"
             save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)")
 
@@ -281,6 +315,10 @@ class RobustnessEvaluation(Callback):
         net = getattr(trainer.lightning_module, "net", None)
         notes = [f"Model: {type(net).__name__}"] if net is not None else []
         notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
+        success = trainer.lightning_module.success_metric
+        points = {row["attack"]: row["points"] for row in self.history  # what the non-success metrics were read at
+                  if row["split"] == "test" and row["metric"] != success and row.get("points") not in (None, "", CLEAN)}
+        notes += ["", points_note(points, success)] if points else []
         test_flags = [flags for (split, _), flags in self.flags.items() if split == "test" and flags]
         warnings = []
         if test_flags:

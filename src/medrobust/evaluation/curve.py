@@ -22,7 +22,7 @@ from medrobust.attacks.core.session import objective_values
 from medrobust.attacks.core.threat import batch_view, constrain, lp_norm
 
 
-def _eps_size(eps: float | Tensor) -> float:
+def eps_size(eps: float | Tensor) -> float:
     return float(eps.max()) if isinstance(eps, Tensor) else float(eps)
 
 
@@ -49,14 +49,14 @@ def attack_curve(
         return attack.curve(model, x, batch, objective, eps_values=eps_values, bounds=bounds)
     if not attack.seeks_errors:
         return [attack(model, x, batch, objective, eps=eps, bounds=bounds) for eps in eps_values]
-    sizes = [_eps_size(eps) for eps in eps_values]
+    sizes = [eps_size(eps) for eps in eps_values]
     if sizes != sorted(sizes):
         raise ValueError(f"attack_curve needs non-decreasing eps, got {sizes}")
     current = x.detach().clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     points = []
     for eps in eps_values:
-        if _eps_size(eps) > 0 and not bool(fooled.all()):
+        if eps_size(eps) > 0 and not bool(fooled.all()):
             idx = (~fooled).nonzero().flatten()
             sub_batch = index_batch(batch, idx, batch_size=x.shape[0])
             sub_eps = eps[idx] if isinstance(eps, Tensor) else eps

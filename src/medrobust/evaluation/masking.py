@@ -59,6 +59,38 @@ def check_rows(rows: Sequence[dict], attack_order: Sequence[str], black_box: Seq
     return flags
 
 
+def check_metric_rows(rows: Sequence[dict], strongest: str, directions: Mapping[str, bool | None],
+                      skip: Sequence[str] = (), rel_tolerance: float = 0.01) -> list[MaskingFlag]:
+    """``weaker_attack_wins_<metric>`` flags: at some eps, another attack in the strongest error-seeking attack's
+    threat model (same norm; directional, universal, weaker gradient attacks) reaches a worse value of
+    ``<metric>`` than ``strongest`` does, so the curve's value for that metric is not the worst case.
+
+    ``directions``: per metric, ``higher_is_better`` (torchmetrics' attribute); metrics with ``None`` (a shift
+    has no bad direction) and those in ``skip`` (accuracy, checked by :func:`check_rows`) are not checked.
+    Worse means by more than ``rel_tolerance`` of the strongest attack's value (at least 1e-6).
+    """
+    value: dict[tuple[str, str, float], float] = {}
+    norms: dict[str, str] = {}
+    for row in rows:
+        value[row["attack"], row["metric"], row["eps"]] = row["value"]
+        norms[row["attack"]] = row["norm"]
+    flags = []
+    for metric, higher_is_better in directions.items():
+        if higher_is_better is None or metric in skip:
+            continue
+        for (attack, name, eps), other in sorted(value.items(), key=lambda item: (item[0][2], item[0][0])):
+            strong = value.get((strongest, name, eps))
+            if name != metric or attack == strongest or eps == 0 or strong is None or norms[attack] != norms[strongest]:
+                continue
+            margin = max(rel_tolerance * abs(strong), 1e-6)
+            if (other < strong - margin) if higher_is_better else (other > strong + margin):
+                flags.append(MaskingFlag(f"weaker_attack_wins_{metric}",
+                                         f"{attack} reaches {metric} {other:.4g} where the strongest error-seeking "
+                                         f"attack {strongest} reaches {strong:.4g} at eps={eps:g}"))
+                break
+    return flags
+
+
 def probe_model(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, norm: str,
                 bounds: tuple[float, float] | None, large_eps: float | None = None,
                 max_large_eps_accuracy: float = 0.1) -> list[MaskingFlag]:
