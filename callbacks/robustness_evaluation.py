@@ -17,7 +17,7 @@ from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
 from medrobust.evaluation.worst_case import CLEAN, FIRST_FAILURE, points_note, robustness_curve
-from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv
+from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows
@@ -295,8 +295,9 @@ class RobustnessEvaluation(Callback):
     def _write_files(self, trainer: Trainer, split: str) -> None:
         out = self.run_dir(trainer)
         write_csv(self.history, out / "robustness.csv")
+        module = trainer.lightning_module
         plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_",
-                    metrics=getattr(trainer.lightning_module, "curve_metrics", None))
+                    metrics=module.curve_metrics, bounded=module.bounded_metrics)
         epoch = self.history[-1]["epoch"]
         log_robustness_to_wandb(trainer.loggers, self.history, split,
                                 flags=[flag.name for flag in self.flags.get((split, epoch), [])])
@@ -311,7 +312,6 @@ class RobustnessEvaluation(Callback):
 
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:
-        path = self.run_dir(trainer) / "summary.md"
         net = getattr(trainer.lightning_module, "net", None)
         notes = [f"Model: {type(net).__name__}"] if net is not None else []
         notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
@@ -324,6 +324,7 @@ class RobustnessEvaluation(Callback):
         if test_flags:
             warnings = ["**Gradient masking suspected: these numbers may overstate robustness.**\n" +
                         "\n".join(f"- {flag.name}: {flag.message}" for flag in test_flags[-1])]
-        path.write_text(summary_markdown(self.history, "test", title="Robustness summary", notes=notes,
-                                         warnings=warnings))
+        text = summary_markdown(self.history, "test", title="Robustness summary", notes=notes, warnings=warnings,
+                                success_metric=success, shift_metric=trainer.lightning_module.shift_metric)
+        path = write_summary_section(self.run_dir(trainer), "robustness", text)
         log.info("robustness summary written to %s", path)

@@ -4,7 +4,8 @@ At test time (the weights under test), for each eps and direction, one universal
 groups of growing size drawn from the validation split and applied to the test split, which it never saw
 (:func:`medrobust.attacks.regression.universal_shift.universal_shift`, after Li et al., Neurocomputing 2020). Rank 0 does the work on the
 whole splits (the datamodule's own loaders, not the sharded ones) and writes ``universal.csv``,
-``curves/test_universal_shift.png`` and a section of ``summary.md``; logged scalars go to every logger.
+``curves/test_universal_shift.png`` and its section of ``summary.md`` (after the robustness table, whichever
+callback writes first: :func:`medrobust.reporting.write_summary_section`); logged scalars go to every logger.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
 from medrobust.attacks import EPS_UNITS, DEFAULT_GROUP_SIZES, universal_shift  # noqa: E402
-from medrobust.reporting import format_eps  # noqa: E402
+from medrobust.attacks.core.session import eval_mode  # noqa: E402
+from medrobust.reporting import format_eps, write_summary_section  # noqa: E402
 
 log = logging.getLogger("medrobust")
 
@@ -87,10 +89,8 @@ class UniversalShiftEvaluation(Callback):
                                "this run has no datamodule")
         heldout = self._heldout(datamodule.test_dataloader())
         epoch = trainer.current_epoch
-        was_training = pl_module.training
-        pl_module.eval()
         rows = []
-        with torch.inference_mode(False), torch.enable_grad():
+        with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
             for eps in self.eps:
                 for direction in self.directions:
                     found = universal_shift(
@@ -100,17 +100,9 @@ class UniversalShiftEvaluation(Callback):
                         epochs=self.epochs, seed=self.seed, device=pl_module.device)
                     rows += [{"epoch": epoch, "direction": direction, "eps": eps, "eps_unit": self.eps_unit,
                               "eps_model": row["eps"], **{k: row[k] for k in RESULT_KEYS}} for row in found]
-        pl_module.train(was_training)
         self.rows = rows
         self._log(trainer)
         self._write(trainer)
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # after every on_test_epoch_end, so after RobustnessEvaluation has written summary.md
-        if trainer.is_global_zero and self.rows:
-            path = self.run_dir(trainer) / "summary.md"
-            text = path.read_text() if path.exists() else ""
-            path.write_text(text + "\n" + summary_section(self.rows))
 
     def run_dir(self, trainer: Trainer) -> Path:
         return Path(self.output_dir or trainer.default_root_dir)
@@ -134,6 +126,7 @@ class UniversalShiftEvaluation(Callback):
             writer.writeheader()
             writer.writerows(self.rows)
         plot_shift_vs_group_size(self.rows, out / "curves" / "test_universal_shift.png")
+        write_summary_section(out, "universal_shift", summary_section(self.rows))
         log.info("universal perturbations: %s", "; ".join(
             f"{d} eps={e:g} group {g}: {v:+.2f}" for (d, e, g), v in mean_shifts(self.rows).items()))
 

@@ -14,6 +14,8 @@ from medrobust.attacks import PGD, Directional
 from medrobust.callbacks import RobustnessEvaluation
 from medrobust.reporting import read_csv
 from medrobust.runner import build_data_and_module
+from medrobust.tasks import BrainAgeTask
+from test_regression_task import BRAIN_AGE_METRICS
 
 
 def test_a_few_epochs_beat_predicting_the_mean_age(data_dir, tmp_path):
@@ -84,3 +86,11 @@ def test_ddp_spawn_3d_matches_one_process(tiny_for, tmp_path):
     assert ("directional_up_linf", 0.004, "age_shift") in results["one"]
     for key, value in results["one"].items():
         assert results["ddp"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
+
+def test_brainage_config_builds_the_brain_age_task(tmp_path):
+    """task=brainage keeps every brain-age metric name (robustness.csv rows, PNG names, README figures)."""
+    cfg = compose_config("train", ["task=brainage"], tmp_path)
+    task = instantiate(cfg.module, net=torch.nn.Linear(1, 1), _convert_="all")
+    assert type(task) is BrainAgeTask and set(task.robust_metrics()) == BRAIN_AGE_METRICS
+    assert task.curve_metrics == ("accuracy", "mae", "age_shift") and task.shift_metric == "age_shift"

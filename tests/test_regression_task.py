@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from medrobust.attacks import PGD
 from medrobust.models import HybridRegressor, SmallCNN
-from medrobust.tasks import RegressionTask
+from medrobust.tasks import BrainAgeTask, RegressionTask
 from medrobust.tasks.base import compute_metrics, metric_collection
 from medrobust.tasks.regression_metrics import MeanShift, band_name, parse_bands, regression_metrics
 
@@ -43,12 +44,12 @@ def test_metrics_known_values():
     sst = ((ages - ages.mean()) ** 2).sum()
     assert values["r2"] == pytest.approx(1 - (errors ** 2).sum().item() / sst.item(), rel=1e-5)
     assert values["accuracy"] == pytest.approx(0.5)  # |2|, |0| within 3 years; |5|, |10| not
-    assert values["age_shift"] == pytest.approx(abs((pred - reference).mean().item()))
-    assert values["age_shift_lt15"] == pytest.approx(2.0)
-    assert values["age_shift_15-25"] == pytest.approx(1.0)
-    assert values["age_shift_25-50"] == pytest.approx(5.0)
-    assert values["age_shift_gt65"] == pytest.approx(10.0)
-    assert "age_shift_50-65" not in values  # no subject in the band: skipped, not NaN
+    assert values["shift"] == pytest.approx(abs((pred - reference).mean().item()))
+    assert values["shift_lt15"] == pytest.approx(2.0)
+    assert values["shift_15-25"] == pytest.approx(1.0)
+    assert values["shift_25-50"] == pytest.approx(5.0)
+    assert values["shift_gt65"] == pytest.approx(10.0)
+    assert "shift_50-65" not in values  # no subject in the band: skipped, not NaN
 
 
 def test_bands_stay_separate_across_batches():
@@ -131,3 +132,42 @@ def test_network_output_shape_is_checked():
     x = torch.zeros(2, 1, 2, 2, 2)
     with pytest.raises(ValueError, match=r"must output \(B, 1\)"):
         task.prediction(task(x), {"image": x, "label": torch.zeros(2)})
+
+
+BRAIN_AGE_METRICS = {"accuracy", "mae", "rmse", "r2", "age_shift", "age_shift_lt15", "age_shift_15-25",
+                     "age_shift_25-50", "age_shift_50-65", "age_shift_gt65"}  # robustness.csv's names before the split
+
+
+def test_generic_regression_speaks_of_a_target_not_an_age():
+    task = _task(nn.Linear(1, 1), bands=[15, 25])
+    assert not [name for name in task.robust_metrics() if "age" in name]
+    assert set(task.robust_metrics()) == {"accuracy", "mae", "rmse", "r2", "shift", "shift_lt15", "shift_15-25",
+                                          "shift_gt25"}
+    assert set(task.clean_metrics()) == {"accuracy", "mae", "rmse", "r2"}  # shifts compare with the clean output
+    assert set(_task(nn.Linear(1, 1)).robust_metrics()) == {"accuracy", "mae", "rmse", "r2", "shift"}  # no bands
+    assert (task.outputs_logits, task.label_key, task.success_metric, task.shift_metric) == (
+        False, "label", "accuracy", "shift")
+    assert task.curve_metrics == ("accuracy", "mae", "shift") and task.bounded_metrics == ("accuracy",)
+
+
+def test_brain_age_task_keeps_the_brain_age_names():
+    task = BrainAgeTask(nn.Linear(1, 1), target_mean=50.0, target_std=10.0)
+    assert set(task.robust_metrics()) == BRAIN_AGE_METRICS
+    assert set(task.clean_metrics()) == {"accuracy", "mae", "rmse", "r2"}
+    assert task.shift_metric == "age_shift" and task.curve_metrics == ("accuracy", "mae", "age_shift")
+    with pytest.raises(ValueError, match=r"module.age_bands must be strictly increasing band edges, got \[25.0, 15"):
+        BrainAgeTask(nn.Linear(1, 1), age_bands=[25, 15])
+    with pytest.raises(ValueError, match=r"module.bands must be strictly increasing"):
+        RegressionTask(nn.Linear(1, 1), bands=[25, 15])
+
+
+@pytest.mark.parametrize("task_class, stats", [
+    (RegressionTask, {"target_mean": 40.0, "target_std": 4.0}), (BrainAgeTask, {"age_mean": 40.0, "age_std": 4.0}),
+])
+def test_standardisation_comes_from_the_declared_datamodule_attributes(task_class, stats):
+    task = task_class(nn.Linear(1, 1))
+    task.bind_data(SimpleNamespace(**stats))
+    assert (task.target_mean.item(), task.target_std.item()) == (40.0, 4.0)
+    names = " / ".join(task.datamodule_stats)
+    with pytest.raises(ValueError, match=f"gives no {names} to standardise"):
+        task_class(nn.Linear(1, 1)).bind_data(SimpleNamespace(other=1.0))

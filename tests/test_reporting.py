@@ -1,4 +1,7 @@
-from medrobust.reporting import format_eps, plot_curves, read_csv, summary_markdown, write_csv
+import pytest
+
+from medrobust.reporting import format_eps, plot_curves, read_csv, summary_markdown, write_csv, write_summary_section
+from medrobust.reporting import robustness
 from medrobust.reporting.robustness import radius_rows
 
 
@@ -22,7 +25,7 @@ def test_csv_round_trip(tmp_path):
     rows = _rows()
     write_csv(rows, tmp_path / "robustness.csv")
     back = read_csv(tmp_path / "robustness.csv")
-    assert back == [{**row, "flags": "", "sample": ""} for row in rows]
+    assert back == [{**row, "points": "", "flags": "", "sample": ""} for row in rows]
 
 
 def test_radius_rows_round_trip_and_stay_out_of_curves_and_summary(tmp_path):
@@ -60,3 +63,54 @@ def test_sub_metric_families_share_one_png(tmp_path):
             (("age_shift", eps * 100), ("age_shift_lt50", eps * 50), ("age_shift_gt50", eps * 150), ("mae", 5.0))]
     names = {p.name for p in plot_curves(rows, tmp_path, split="test")}
     assert names == {"pgd10_linf_age_shift.png", "pgd10_linf_age_shift_by_part.png", "pgd10_linf_mae.png"}
+
+
+def test_plot_y_limits_follow_bounded(tmp_path, monkeypatch):
+    ylims = {}
+
+    def save(fig, path):
+        ylims[path.name] = fig.axes[0].get_ylim()
+        robustness.plt.close(fig)
+        return path
+
+    monkeypatch.setattr(robustness, "_save", save)
+    rows = [{**row, "metric": "mae", "value": 10 * row["value"]} for row in _rows()]
+    plot_curves(_rows() + rows, tmp_path, split="val", bounded=("accuracy",))
+    assert ylims["fgsm_linf_accuracy.png"] == robustness.BOUNDED_YLIM
+    assert ylims["fgsm_linf_mae.png"][1] > 9  # autoscaled to the values (up to 9.1), not fixed
+    ylims.clear()
+    plot_curves(_rows(), tmp_path, split="val")  # nothing bounded unless the caller says so
+    assert ylims["fgsm_linf_accuracy.png"] != robustness.BOUNDED_YLIM
+
+
+def test_summary_sentences_name_the_tasks_metrics():
+    rows = [{**row, "metric": "dice"} for row in _rows()] + [
+        {**row, "metric": "age_shift", "value": 2.5 * row["eps"] / 0.004} for row in _rows()]
+    text = summary_markdown(rows, "val", title="t", success_metric="dice", shift_metric="age_shift")
+    assert ("- pgd10_linf at eps=0.008: dice 0.3100 vs 0.9100 clean (34 % survives); predictions shift by 5.00 "
+            "on average") in text
+    assert "predictions shift" not in summary_markdown(rows, "val", title="t", success_metric="dice")
+    assert "survives" not in summary_markdown(rows, "val", title="t")  # no accuracy rows: no sentence
+
+
+def test_summary_sections_give_one_summary_whoever_writes_first(tmp_path):
+    table, universal = "# Robustness summary\n\n| a | b |\n", "## Universal perturbations\n\n| x |\n"
+    for name, writes in (("a", [("robustness", table), ("universal_shift", universal)]),
+                         ("b", [("universal_shift", universal), ("robustness", table)])):
+        for section, text in writes:
+            write_summary_section(tmp_path / name, section, text)
+    first, second = ((tmp_path / name / "summary.md").read_text() for name in ("a", "b"))
+    assert first == second == table + "\n" + universal  # the robustness table first, a blank line between
+    write_summary_section(tmp_path / "a", "robustness", "# Robustness summary, again\n")  # replaces, not appends
+    assert (tmp_path / "a" / "summary.md").read_text() == "# Robustness summary, again\n\n" + universal
+    write_summary_section(tmp_path / "a", "robustness", "# Moved last\n", order=99)
+    assert (tmp_path / "a" / "summary.md").read_text() == universal + "\n# Moved last\n"
+
+
+@pytest.mark.parametrize("name, order, match", [
+    ("../x", None, "section name must be letters, digits, '_' or '-', got '../x'"),
+    ("notes", 1000, "order must be an int in \\[0, 999\\], got 1000 for section 'notes'"),
+])
+def test_summary_section_errors_quote_the_value(tmp_path, name, order, match):
+    with pytest.raises(ValueError, match=match):
+        write_summary_section(tmp_path, name, "text", order=order)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags", "sample")
+BOUNDED_YLIM = (-0.02, 1.02)  # a metric in [0, 1], with room for the markers at its ends
+ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "points", "flags", "sample")
 
 
 def is_cell_row(row: dict) -> bool:
@@ -74,10 +75,11 @@ def curve_series(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int
 
 
 def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "",
-                metrics: Sequence[str] | None = None) -> list[Path]:
+                metrics: Sequence[str] | None = None, bounded: Collection[str] = ()) -> list[Path]:
     """One PNG per (attack, metric): metric vs eps, one line per epoch. A family of sub-metrics named
-    ``<metric>_<part>`` (the age shift per age band) shares one PNG, ``<attack>_<metric>_by_part.png``: one line
-    per part, at the last epoch. ``metrics``: the metrics (and their families) to draw; ``None``: all.
+    ``<metric>_<part>`` (a shift per target band) shares one PNG, ``<attack>_<metric>_by_part.png``: one line
+    per part, at the last epoch. ``metrics``: the metrics (and their families) to draw; ``None``: all (the task's
+    ``curve_metrics``). ``bounded``: metrics in [0, 1], drawn on a fixed y-axis (the task's ``bounded_metrics``).
     Returns the written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     series = curve_series(rows, split)
@@ -92,19 +94,21 @@ def plot_curves(rows: list[dict], out_dir: Path, split: str, prefix: str = "",
         epochs = sorted(by_epoch)
         cmap = plt.get_cmap("viridis")
         lines = [(f"epoch {epoch}", by_epoch[epoch], cmap(i / max(len(epochs) - 1, 1))) for i, epoch in enumerate(epochs)]
+        fixed = metric in bounded
         written.append(_plot_lines(lines, out_dir / f"{prefix}{attack}_{metric}.png", metric, unit,
-                                   f"{split}: {metric} under {attack}"))
+                                   f"{split}: {metric} under {attack}", fixed))
         parts = {m[len(metric) + 1:]: series[a, m] for a, m in series if a == attack and m.startswith(metric + "_")}
         if parts:
             last = max(epochs)
             cmap = plt.get_cmap("tab10")
             lines = [(part, by[last], cmap(i % 10)) for i, (part, by) in enumerate(sorted(parts.items())) if last in by]
             written.append(_plot_lines(lines, out_dir / f"{prefix}{attack}_{metric}_by_part.png", metric, unit,
-                                       f"{split}: {metric} under {attack}, epoch {last}"))
+                                       f"{split}: {metric} under {attack}, epoch {last}", fixed))
     return written
 
 
-def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, unit: str, title: str) -> Path:
+def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, unit: str, title: str,
+                bounded: bool) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
     for label, points, color in lines:
         eps, values = zip(*points)
@@ -112,22 +116,26 @@ def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, 
     ax.set_xlabel(f"eps ({unit} units)")
     ax.set_ylabel(metric)
     ax.set_title(title)
-    if metric in BOUNDED_METRICS:
-        ax.set_ylim(-0.02, 1.02)
+    if bounded:
+        ax.set_ylim(*BOUNDED_YLIM)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
     fig.subplots_adjust(left=0.16, right=0.97, bottom=0.14, top=0.9)  # fixed: tight_layout draws twice
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-BOUNDED_METRICS = {"accuracy", "auroc", "sensitivity", "specificity", "dice"}
-
-
 def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None,
-                     warnings: list[str] | None = None) -> str:
-    """A clean-vs-robust table: one line per (attack, eps), one column per metric, for the last epoch."""
+                     warnings: list[str] | None = None, success_metric: str = "accuracy",
+                     shift_metric: str | None = None) -> str:
+    """A clean-vs-robust table: one line per (attack, eps), one column per metric, for the last epoch, then one
+    sentence per attack on how much of ``success_metric`` survives its largest eps (and, with ``shift_metric``,
+    how far it moves the predictions). Both come from the task (``success_metric``, ``shift_metric``)."""
     selected = [row for row in rows if row["split"] == split and is_cell_row(row)]
     if not selected:
         return f"# {title}\n\nNo robustness results for split '{split}'.\n"
@@ -149,11 +157,11 @@ def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] 
                 continue
             clean_done, attack = True, "clean"
         lines.append(f"| {attack} | {eps:g} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
-    lines.extend(["", *_survival_lines(cells), *(notes or [])])
+    lines.extend(["", *_survival_lines(cells, success_metric, shift_metric), *(notes or [])])
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _survival_lines(cells: dict, metric: str = "accuracy") -> list[str]:
+def _survival_lines(cells: dict, metric: str, shift_metric: str | None) -> list[str]:
     """One sentence per attack: how much of the clean metric survives at the largest eps."""
     clean = next((values[metric] for (_, eps), values in cells.items() if eps == 0 and metric in values), None)
     if not clean:
@@ -163,7 +171,7 @@ def _survival_lines(cells: dict, metric: str = "accuracy") -> list[str]:
         eps = max(e for a, e in cells if a == attack)
         value = cells[attack, eps].get(metric)
         if eps > 0 and value is not None:
-            shift = cells[attack, eps].get("age_shift")  # regression: how far the attack moves predictions
+            shift = cells[attack, eps].get(shift_metric) if shift_metric else None
             moved = f"; predictions shift by {shift:.2f} on average" if shift is not None else ""
             lines.append(f"- {attack} at eps={eps:g}: {metric} {value:.4f} vs {clean:.4f} clean "
                          f"({100 * value / clean:.0f} % survives){moved}")

@@ -14,6 +14,20 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
 ``intensity``                       native units (HU, raw MR) -> model units, for eps in native units
 ``train_objective``                 ``(module, batch) -> loss``; clean by default, replaced by adversarial training
+
+Declared capabilities (class attributes with defaults; attacks, evaluation and reporting read them here, never
+guess them from names):
+
+``outputs_logits = True``           ``forward`` gives class logits, so classification losses (CE, DLR,
+                                    targeted) apply; regression and other non-logit outputs set it False
+``label_key = "label"``             the batch key of the ground truth
+``success_metric = "accuracy"``     the metric that is the rate of ``is_correct`` (masking checks, the summary's
+                                    "survives" sentences)
+``bounded_metrics = ("accuracy",)`` metrics that live in [0, 1], whose curves get a fixed y-axis
+``curve_metrics = None``            metrics (with their ``<metric>_<part>`` families) drawn as PNG curves every
+                                    epoch; ``None``: all. Every metric is in robustness.csv either way
+``shift_metric = None``             the metric of how far an attack moves the predictions on average (the summary
+                                    says so per attack); ``None``: the task has none
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
 
 def compute_metrics(collection: MetricCollection) -> dict[str, torch.Tensor]:
     """``collection.compute()`` without the metrics marked ``skip_when_empty`` that saw no samples on any rank
-    (an age band without subjects computes NaN). Judged on the synced value, so every rank drops the same keys."""
+    (a target band without samples computes NaN). Judged on the synced value, so every rank drops the same keys."""
     values = collection.compute()
     prefix = collection.prefix or ""
     optional = {prefix + name for name, metric in collection.items(keep_base=True)
@@ -39,7 +53,7 @@ def compute_metrics(collection: MetricCollection) -> dict[str, torch.Tensor]:
 
 
 def metric_collection(metrics: dict, prefix: str | None = None) -> MetricCollection:
-    """The task's metrics as one collection. No compute groups: metrics over different subsets (age bands)
+    """The task's metrics as one collection. No compute groups: metrics over different subsets (target bands)
     can hold equal states after a first batch, and torchmetrics would then merge them for good."""
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
@@ -60,6 +74,13 @@ class RobustTask(L.LightningModule):
         scheduler: optional partial LR-scheduler factory taking the optimizer.
         input_bounds: valid input range; ``None`` takes the datamodule's ``input_bounds`` at setup.
     """
+
+    outputs_logits: bool = True
+    label_key: str = "label"
+    success_metric: str = "accuracy"
+    bounded_metrics: tuple[str, ...] = ("accuracy",)  # the success metric is a rate
+    curve_metrics: tuple[str, ...] | None = None
+    shift_metric: str | None = None
 
     def __init__(
         self,
@@ -101,7 +122,7 @@ class RobustTask(L.LightningModule):
 
     def metric_inputs(self, output: Any, batch: dict, reference: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(preds, target)`` for the metrics; ``reference`` is the clean output for the same images when
-        ``output`` is adversarial (metrics such as the age shift compare the two)."""
+        ``output`` is adversarial (metrics such as a regression's prediction shift compare the two)."""
         raise NotImplementedError
 
     # -- wiring to the data ---------------------------------------------------------------------

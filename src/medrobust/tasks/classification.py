@@ -27,6 +27,8 @@ class ClassificationTask(RobustTask):
     multi-class: macro averages).
     """
 
+    bounded_metrics = ("accuracy", "auroc", "sensitivity", "specificity")
+
     def __init__(self, net, num_classes: int = 2, label_smoothing: float = 0.0, **kwargs) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
@@ -38,14 +40,14 @@ class ClassificationTask(RobustTask):
 
     def attack_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(
-            output.float(), batch["label"], reduction="none", label_smoothing=self.label_smoothing
+            output.float(), batch[self.label_key], reduction="none", label_smoothing=self.label_smoothing
         )
 
     def is_correct(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
-        return output.argmax(dim=1) == batch["label"]
+        return output.argmax(dim=1) == batch[self.label_key]
 
     def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
-        return classification_margin(output.float(), batch["label"])
+        return classification_margin(output.float(), batch[self.label_key])
 
     def robust_metrics(self) -> dict:
         if self.num_classes == 2:
@@ -66,4 +68,4 @@ class ClassificationTask(RobustTask):
     def metric_inputs(self, output: torch.Tensor, batch: dict, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
         probs = output.float().softmax(dim=1)
         preds = probs[:, 1] if self.num_classes == 2 else probs
-        return preds, batch["label"]
+        return preds, batch[self.label_key]

@@ -1,4 +1,4 @@
-"""Regression metrics for clean and adversarial evaluation: MAE, RMSE, R^2, within-tau accuracy, age shift.
+"""Regression metrics for clean and adversarial evaluation: MAE, RMSE, R^2, within-tau accuracy, prediction shift.
 
 Every metric is updated with the same ``(preds, target)`` pair that :meth:`RegressionTask.metric_inputs`
 builds:
@@ -6,10 +6,10 @@ builds:
 - ``preds``: ``(B, 2)``, column 0 the prediction being evaluated, column 1 the *reference* prediction for the
   same images (the clean one when the evaluated prediction is adversarial; the prediction itself on clean
   images, so every shift there is 0);
-- ``target``: ``(B,)``, the true value (age in years).
+- ``target``: ``(B,)``, the true value (in target units, e.g. years).
 
 States are sums with ``dist_reduce_fx="sum"``, so values reduce exactly across DDP ranks. A metric over an
-empty subset (an age band holding no subjects) has ``is_empty()`` true and computes NaN; callers skip it.
+empty subset (a target band holding no samples) has ``is_empty()`` true and computes NaN; callers skip it.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class _SumMetric(Metric):
 class MeanAbsoluteError(_SumMetric):
     """Mean |prediction - target|."""
 
+    higher_is_better = False
     sums = ("abs_error",)
 
     def terms(self, pred, reference, true):
@@ -83,6 +84,7 @@ class MeanAbsoluteError(_SumMetric):
 
 
 class RootMeanSquaredError(_SumMetric):
+    higher_is_better = False
     sums = ("squared_error",)
 
     def terms(self, pred, reference, true):
@@ -95,6 +97,7 @@ class RootMeanSquaredError(_SumMetric):
 class R2Score(_SumMetric):
     """Coefficient of determination ``1 - SSE / SST`` (SST around the evaluated samples' mean target)."""
 
+    higher_is_better = True
     sums = ("squared_error", "target_sum", "target_sq_sum")
 
     def terms(self, pred, reference, true):
@@ -108,6 +111,7 @@ class R2Score(_SumMetric):
 class WithinTolerance(_SumMetric):
     """Fraction of samples with ``|prediction - target| <= tau``: the task's ``is_correct`` rate."""
 
+    higher_is_better = True
     sums = ("within",)
 
     def __init__(self, tau: float, **kwargs) -> None:
@@ -122,9 +126,10 @@ class WithinTolerance(_SumMetric):
 
 
 class MeanShift(_SumMetric):
-    """``|mean(prediction - reference)|``: how far an attack moves the predictions on average (the age
-    shift, in years), over all samples or over the samples whose target lies in ``[low, high)``."""
+    """``|mean(prediction - reference)|``: how far an attack moves the predictions on average (in
+    target units), over all samples or over the samples whose target lies in ``[low, high)``."""
 
+    higher_is_better = None  # a shift is a direction, not an error: no side is worse
     sums = ("shift",)
 
     def __init__(self, low: float = -math.inf, high: float = math.inf, **kwargs) -> None:
@@ -152,23 +157,29 @@ def band_name(low: float, high: float) -> str:
     return f"{low:g}-{high:g}"
 
 
-def parse_bands(edges: Sequence[float]) -> list[tuple[float, float]]:
-    """Band edges ``[15, 25, 50, 65]`` -> ``[(-inf, 15), (15, 25), (25, 50), (50, 65), (65, inf)]``."""
+def parse_bands(edges: Sequence[float], key: str = "module.bands") -> list[tuple[float, float]]:
+    """Band edges ``[15, 25, 50, 65]`` -> ``[(-inf, 15), (15, 25), (25, 50), (50, 65), (65, inf)]``; no edges,
+    no bands. ``key``: the setting named in the error."""
     edges = [float(e) for e in edges]
     if any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"module.age_bands must be strictly increasing band edges, got {edges}")
+        raise ValueError(f"{key} must be strictly increasing band edges, got {edges}")
+    if not edges:
+        return []
     bounds = [-math.inf, *edges, math.inf]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def regression_metrics(tau: float, bands: Sequence[tuple[float, float]]) -> dict[str, Metric]:
+def regression_metrics(tau: float, bands: Sequence[tuple[float, float]], shift_metric: str = "shift"
+                       ) -> dict[str, Metric]:
+    """``accuracy`` (within ``tau``), ``mae``, ``rmse``, ``r2``, ``<shift_metric>`` and
+    ``<shift_metric>_<band>`` per band."""
     metrics: dict[str, Metric] = {
         "accuracy": WithinTolerance(tau),
         "mae": MeanAbsoluteError(),
         "rmse": RootMeanSquaredError(),
         "r2": R2Score(),
-        "age_shift": MeanShift(),
+        shift_metric: MeanShift(),
     }
     for low, high in bands:
-        metrics[f"age_shift_{band_name(low, high)}"] = MeanShift(low, high)
+        metrics[f"{shift_metric}_{band_name(low, high)}"] = MeanShift(low, high)
     return metrics
