@@ -14,22 +14,10 @@ torch.set_num_threads(1)
 
 from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config  # noqa: F401
 
-# small data, small batches, one short epoch: enough to run every code path in seconds
-_TINY_RUN = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "++eval.max_batches=1",
-    "++eval.test_max_batches=1",
-]
-TINY_DATA = {
-    "lidc": ["data.max_nodules=48", "data.batch_size=8", "data.patch_size=32"],
-    "brainage": ["data.num_subjects=48", "data.image_size=16", "data.batch_size=8",
-                 "callbacks.universal_shift.group_sizes=[1,4]", "callbacks.universal_shift.repeats=1",
-                 "callbacks.universal_shift.epochs=1"],
-}
+# a tiny run of a task is the config group debug=tiny (conf/debug/tiny.yaml: one short epoch, 2 batches per
+# split; conf/debug/tiny/<task>.yaml: that task's small data), the same smoke run a user types; only what a
+# fixture builds is added here
+DEBUG = "debug=tiny"
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +30,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_for(data_dir, lidc_mini_db):
-    """``tiny_for(task)``: overrides for a tiny run of that task (LIDC: a few dozen real nodules from a mini
-    annotation DB; brain age: a few dozen small phantom brains), short epochs."""
-    extra = {"lidc": [f"data.annotation_db={lidc_mini_db}"]}
-    return lambda task: [f"task={task}", *TINY_DATA[task], *extra.get(task, []), *_TINY_RUN]
+    """``tiny_for(task)``: overrides for a tiny run of that task, ``debug=tiny`` (LIDC: a few dozen real nodules,
+    here from the mini annotation DB this session builds; brain age: a few dozen small phantom brains)."""
+    built = {"lidc": [f"data.annotation_db={lidc_mini_db}"]}  # data only a fixture can make
+    return lambda task: [f"task={task}", DEBUG, *built.get(task, [])]
 
 
 @pytest.fixture(scope="session")

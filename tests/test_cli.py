@@ -25,12 +25,11 @@ def _assert_complete_curve(rows: list[dict], split: str, epochs: set[int]) -> No
 def trained_run(tiny, tmp_path_factory):
     """`python train.py task=lidc adv=pgd logger=wandb` for two tiny epochs."""
     run_dir = tmp_path_factory.mktemp("train_run")
-    overrides = [o for o in tiny if not o.startswith("trainer.max_epochs")]
     result = run_script(
         "train.py",
-        ["task=lidc", "adv=pgd", "logger=wandb", "trainer.max_epochs=2", *overrides, f"hydra.run.dir={run_dir}"],
+        ["task=lidc", "adv=pgd", "logger=wandb", *tiny, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"],
         cwd=run_dir,
-    )
+    )  # the command line's max_epochs wins over debug=tiny's
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir, result
 
