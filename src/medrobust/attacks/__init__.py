@@ -36,7 +36,12 @@ from medrobust.attacks.core.tracking import AttackResult
 from medrobust.attacks.gradient.apgd import APGD, apgd_attack
 from medrobust.attacks.gradient.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.gradient.pgd import PGD, pgd_attack
-from medrobust.attacks.group.universal import UniversalPerturbation, apply_universal, fit_universal_perturbation
+from medrobust.attacks.group.universal import (
+    UniversalPerturbation,
+    apply_universal,
+    fit_universal_perturbation,
+    universal_attack,
+)
 from medrobust.attacks.minimum_norm.base import MinimumNormAttack
 from medrobust.attacks.minimum_norm.cw import CWL2, cw_l2_attack
 from medrobust.attacks.minimum_norm.deepfool import DeepFool, deepfool_attack
@@ -77,5 +82,5 @@ __all__ = [
     "check_rows", "cw_l2_attack", "dag_attack", "deepfool_attack", "directional_attack", "dlr_loss", "fgsm",
     "fgsm_attack", "fit_universal_perturbation", "fmn_attack", "index_batch", "margin_loss", "minimal_perturbation",
     "pgd", "pgd_attack", "pick_targets", "probe_model", "resolve_eps", "robust_accuracy", "square_attack",
-    "targeted_dlr_loss", "universal_shift", "with_clean_prediction", "with_loss",
+    "targeted_dlr_loss", "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
 ]

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_fraction, without_early_stop
+from medrobust.attacks.core.base import Attack, check_fraction, without_early_stop
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.objectives import negative_margin
+from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
 from medrobust.attacks.core.seeding import seeded
 from medrobust.attacks.core.session import attack_session, objective_values
-from medrobust.attacks.core.threat import ThreatModel, batch_view, check_norm, clamp_bounds
+from medrobust.attacks.core.threat import ThreatModel, batch_view, clamp_bounds
 from medrobust.attacks.core.tracking import AttackResult, BestTracker, WorkingSet
 
 # the paper's schedule for 10 000 queries: p_init halves after these queries (rescaled to the budget)
@@ -62,21 +63,12 @@ def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.randint(0, 2, shape, device=like.device).to(like.dtype) * 2 - 1
 
 
-def square_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    threat: ThreatModel,
-    queries: int = 1000,
-    p_init: float = 0.8,
-    seed: int | None = None,
-    early_stop: bool = True,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-    return_result: bool = False,
-) -> Tensor | AttackResult:
+@hyperparameters(threat=norm_in(("linf",), "Square (its L2 variant is not implemented)"), queries=at_least(1),
+                 p_init=check_fraction, early_stop=flag)
+def square_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel,
+                  queries: int = 1000, p_init: float = 0.8, seed: int | None = None, early_stop: bool = True,
+                  bn_eval: bool = True, dropout_eval: bool = True,
+                  return_result: bool = False) -> Tensor | AttackResult:
     """Linf Square attack: random search on ``objective.correct_margin``, forwards only.
 
     Args:
@@ -98,9 +90,6 @@ def square_attack(
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
     """
-    check_norm(threat.norm, ("linf",), "Square (its L2 variant is not implemented)")
-    check_at_least("queries", queries, 1)
-    check_fraction("p_init", p_init)
     if x.ndim < 3:
         raise ValueError(f"square_attack needs images (B, C, *spatial), got shape {tuple(x.shape)}")
     margin = negative_margin(objective, "square_attack")  # the tracker maximizes
@@ -128,7 +117,7 @@ def square_attack(
             if len(work) == 0:
                 break
             n, channels = len(work), x.shape[1]
-            window = random_windows(n, spatial, p_selection(float(p_init), query, queries), x.device)
+            window = random_windows(n, spatial, p_selection(p_init, query, queries), x.device)
             corner = work.x + batch_view(work.eps, work.x) * random_signs((n, channels) + (1,) * len(spatial), x)
             x_new = torch.where(window, corner, tracker.x_adv[work.idx])  # current best, window replaced
             work = _offer(model, margin, work, tracker, x_new=x_new, bounds=threat.bounds, early_stop=early_stop)
@@ -149,11 +138,11 @@ def _offer(model, margin, work: WorkingSet, tracker: BestTracker, *, x_new: Tens
 class Square(Attack):
     """The Linf Square attack for configs (Hydra) and suites; see :func:`square_attack`.
 
-    Args:
+    Args (those of :func:`square_attack`, checked the same way):
         norm: ``"linf"`` (the only one supported).
         queries: random-search queries per call.
         p_init: initial window fraction.
-        seed: seeds each call (reproducible evaluations); ``None``: the global RNG.
+        seed: seeds each call (reproducible evaluations; default 0); ``None``: the global RNG.
         early_stop: per-sample early stopping.
         bn_eval / dropout_eval: normalization / dropout layers in eval mode during the attack.
 
@@ -163,20 +152,8 @@ class Square(Attack):
     name = "square"
     black_box = True  # gradient-free: the masking checks compare it with the white-box attacks
 
-    def __init__(self, norm: str = "linf", queries: int = 1000, p_init: float = 0.8, seed: int | None = 0,
-                 early_stop: bool = True, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm, ("linf",), "Square (its L2 variant is not implemented)")
-        self.queries = check_at_least("queries", queries, 1)
-        self.p_init = check_fraction("p_init", p_init)
-        self.seed = seed
-        self.early_stop = bool(early_stop)
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
+    functional = staticmethod(square_attack)
+    defaults = {"seed": 0}  # reproducible evaluations by default
 
     def full_budget(self) -> "Square":
         return without_early_stop(self)
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        return square_attack(model, x, batch, objective, threat=threat, queries=self.queries, p_init=self.p_init,
-                             seed=self.seed, early_stop=self.early_stop, bn_eval=self.bn_eval,
-                             dropout_eval=self.dropout_eval)

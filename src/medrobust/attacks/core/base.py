@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy as _copy
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -91,32 +92,96 @@ class Perturbation:
 
 
 def without_early_stop(attack: "Attack") -> "Attack":
-    """A copy of ``attack`` with ``early_stop=False`` (its full-budget form, for attacks that stop early)."""
+    """A copy of ``attack`` with ``early_stop=False`` (its full-budget form, for attacks that stop early). The
+    option is an attribute and :attr:`Attack.options` reads it, so the copy's functional form runs without."""
     copy = _copy.copy(attack)
     copy.early_stop = False
     return copy
 
 
+# keywords of a functional form that describe one call, not an attack: never a class's hyperparameters
+PER_CALL = ("threat", "bounds", "step_size", "start", "max_eps", "return_result", "return_norms")
+
+
 class Attack(Perturbation):
     """Base of the configurable attacks: hyperparameters at construction, ``eps`` and ``bounds`` per call.
 
-    Subclasses set ``name`` and ``norm`` and implement :meth:`attack` (the functional form); the capabilities
-    they declare are listed on :class:`Perturbation`.
+    Subclasses set ``name`` and ``norm`` (class attributes, or properties of the options) and declare
+    ``functional = staticmethod(pgd_attack)``, their functional form (decorated with
+    :func:`~medrobust.attacks.core.options.hyperparameters`). Its keyword-only arguments, less
+    :data:`PER_CALL`, are then the class's keywords, with its defaults (``defaults`` overrides some); ``norm``
+    comes first for a functional that takes a ``threat``. The class checks them with the functional's own
+    checks, keeps them as attributes (``attack.steps``) and :meth:`attack` forwards them, ``**self.options``:
+    none is written twice. ``first`` names the one keyword that may also be given by position
+    (``PGD("l2")``). Attacks without a functional form (wrappers, cascades) define ``__init__`` and
+    :meth:`attack` themselves. The capabilities they declare are listed on :class:`Perturbation`.
     """
+
+    functional: Callable | None = None
+    defaults: Mapping[str, Any] = {}
+    first: str = "norm"
+    _option_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.functional is not None:
+            cls._signature, cls._option_names = _class_signature(cls)
+            cls.__signature__ = cls._signature if cls.__init__ is Attack.__init__ else None  # what help() shows
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The keywords of the class's signature (see the class docstring), checked as its functional form
+        checks them: a bad value fails here, quoting the argument and the value."""
+        if self.functional is None:
+            raise TypeError(f"{type(self).__name__} has no functional form: declare one or define __init__")
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}(): {error}") from None
+        bound.apply_defaults()
+        vars(self).update(self.functional.check(dict(bound.arguments)))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The hyperparameters :meth:`attack` forwards to the functional form (``norm`` travels in the threat
+        model), read off the attributes: a copy with one changed (:func:`without_early_stop`) forwards it."""
+        return {name: getattr(self, name) for name in self._option_names}
 
     def __call__(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
                  eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
         """Adversarial images ``(B, C, *spatial)`` for ``x``; ``eps`` in model units, float or ``(B,)``."""
         return self.attack(model, x, batch, objective, threat=ThreatModel(self.norm, eps, bounds))
 
-    def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel) -> Tensor:
-        raise NotImplementedError
+    def attack(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel,
+               **per_call: Any) -> Tensor:
+        """The functional form on ``x`` ``(B, C, *spatial)`` with ``threat``, ``per_call`` keywords (PGD's
+        ``start``) and the options."""
+        if self.functional is None:
+            raise NotImplementedError
+        return self.functional(model, x, batch, objective, threat=threat, **per_call, **self.options)
 
     def attack_from(self, start: Tensor, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
                     eps: float | Tensor, bounds: tuple[float, float] | None) -> Tensor:
         """As a call, started from ``start`` ``(B, C, *spatial)`` where the attack can warm-start (PGD); by
         default the start is ignored."""
         return self(model, x, batch, objective, eps=eps, bounds=bounds)
+
+
+def _class_signature(cls: type[Attack]) -> tuple[inspect.Signature, tuple[str, ...]]:
+    """The class's keywords, from its functional form (see :class:`Attack`), and the names it forwards."""
+    arguments = inspect.signature(cls.functional).parameters
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [p for p in arguments.values() if p.kind is keyword and p.name not in PER_CALL]
+    forwarded = tuple(p.name for p in params)
+    if "threat" in arguments:  # the class holds the norm; eps and bounds come per call
+        params.insert(0, inspect.Parameter("norm", keyword, default="linf", annotation="str"))
+    names = [p.name for p in params]
+    unknown = sorted(set(cls.defaults) - set(names)) + ([] if cls.first in names else [cls.first])
+    if unknown:
+        raise TypeError(f"{cls.__name__} names {unknown}, which {cls.functional.__name__} does not take")
+    params = [p.replace(default=cls.defaults.get(p.name, p.default)) for p in params]
+    lead = next(p for p in params if p.name == cls.first)
+    rest = [p for p in params if p is not lead]
+    return inspect.Signature([lead.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)] + rest), forwarded
 
 
 class CurveAttack(Attack):

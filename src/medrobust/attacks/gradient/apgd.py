@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, without_early_stop
+from medrobust.attacks.core.base import Attack, without_early_stop
 from medrobust.attacks.core.batch import TARGET_KEY, prepare
 from medrobust.attacks.core.objectives import negative_margin, with_loss
+from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
 from medrobust.attacks.core.seeding import seeded
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.steps import ascent_step, start_point
-from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, batch_view, check_norm, constrain
+from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, batch_view, constrain
 from medrobust.attacks.core.tracking import AttackResult, BestTracker, WorkingSet
 from medrobust.losses.classification import (
     LossFallbackWarning,
@@ -50,10 +51,15 @@ def check_loss(loss: str | None, targeted: bool) -> str:
     return loss
 
 
-def check_rho(rho: float) -> float:
+def check_rho(name: str, rho: float) -> float:
     if not 0.0 <= float(rho) <= 1.0:
-        raise ValueError(f"rho must be in [0, 1], got {rho!r}")
+        raise ValueError(f"{name} must be in [0, 1], got {rho!r}")
     return float(rho)
+
+
+def _check_loss(options: dict) -> None:
+    """The loss allowed, and its default, depend on ``targeted``."""
+    options["loss"] = check_loss(options["loss"], options["targeted"])
 
 
 def checkpoints(steps: int) -> tuple[int, int, int]:
@@ -61,25 +67,12 @@ def checkpoints(steps: int) -> tuple[int, int, int]:
     return max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
 
 
-def apgd_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    threat: ThreatModel,
-    steps: int = 100,
-    loss: str | None = None,
-    restarts: int = 1,
-    rho: float = 0.75,
-    early_stop: bool = True,
-    targeted: bool = False,
-    n_target_classes: int = 9,
-    seed: int | None = None,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-    return_result: bool = False,
-) -> Tensor | AttackResult:
+@hyperparameters(_check_loss, threat=norm_in(DENSE_NORMS, "APGD"), steps=at_least(1), restarts=at_least(1),
+                 targeted=flag, n_target_classes=at_least(1), rho=check_rho, early_stop=flag)
+def apgd_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel, steps: int = 100,
+                loss: str | None = None, restarts: int = 1, targeted: bool = False, n_target_classes: int = 9,
+                rho: float = 0.75, early_stop: bool = True, seed: int | None = None, bn_eval: bool = True,
+                dropout_eval: bool = True, return_result: bool = False) -> Tensor | AttackResult:
     """APGD (APGD-T with ``targeted``) on ``objective`` inside the threat model.
 
     Args:
@@ -111,11 +104,6 @@ def apgd_attack(
         Cost: one forward and one backward per step and run (the last iterate: a forward only), plus one
         clean forward per call.
     """
-    check_at_least("steps", steps, 1)
-    check_at_least("restarts", restarts, 1)
-    check_at_least("n_target_classes", n_target_classes, 1)
-    check_norm(threat.norm, DENSE_NORMS, "APGD")
-    rho, loss = check_rho(rho), check_loss(loss, targeted)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval), seeded(seed, x.device):
         x, batch = prepare(x, batch)
         eps = threat.eps_for(x)
@@ -250,7 +238,7 @@ def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestT
 class APGD(Attack):
     """APGD / APGD-T for configs (Hydra) and callbacks; see :func:`apgd_attack`.
 
-    Args:
+    Args (those of :func:`apgd_attack`, checked the same way):
         norm: ``"linf"`` or ``"l2"``.
         steps: gradient steps per run (>= 1); the paper uses 100.
         loss: ``"ce"``, ``"dlr"``, ``"margin"``, ``"default"`` (the task's ``attack_loss``); targeted:
@@ -266,31 +254,17 @@ class APGD(Attack):
     DLR), ``"apgd-t-ce"``.
     """
 
-    def __init__(self, norm: str = "linf", steps: int = 100, loss: str | None = None, restarts: int = 1,
-                 targeted: bool = False, n_target_classes: int = 9, rho: float = 0.75, early_stop: bool = True,
-                 seed: int | None = None, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm, DENSE_NORMS, "APGD")
-        self.steps = check_at_least("steps", steps, 1)
-        self.targeted = bool(targeted)
-        self.loss = check_loss(loss, self.targeted)
-        self.climbs_own_loss = self.loss != "default"
-        self.restarts = check_at_least("restarts", restarts, 1)
-        self.n_target_classes = check_at_least("n_target_classes", n_target_classes, 1)
-        self.rho = check_rho(rho)
-        self.early_stop = bool(early_stop)
-        self.seed = seed
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
+    functional = staticmethod(apgd_attack)
+
+    @property
+    def name(self) -> str:
         if self.targeted:
-            self.name = "apgd-t" if self.loss == "dlr" else "apgd-t-ce"
-        else:
-            self.name = "apgd" if self.loss == "default" else f"apgd-{self.loss}"
+            return "apgd-t" if self.loss == "dlr" else "apgd-t-ce"
+        return "apgd" if self.loss == "default" else f"apgd-{self.loss}"
+
+    @property
+    def climbs_own_loss(self) -> bool:
+        return self.loss != "default"
 
     def full_budget(self) -> "APGD":
         return without_early_stop(self)
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        return apgd_attack(model, x, batch, objective, threat=threat, steps=self.steps, loss=self.loss,
-                           restarts=self.restarts, rho=self.rho, early_stop=self.early_stop,
-                           targeted=self.targeted, n_target_classes=self.n_target_classes, seed=self.seed,
-                           bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)

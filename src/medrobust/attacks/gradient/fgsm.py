@@ -9,13 +9,15 @@ from torch import Tensor
 
 from medrobust.attacks.core.base import Attack, check_positive
 from medrobust.attacks.core.batch import prepare
+from medrobust.attacks.core.options import flag, hyperparameters, norm_in
 from medrobust.attacks.core.session import attack_session, loss_and_grad
 from medrobust.attacks.core.steps import ascent_step, per_sample_step, start_point
-from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, check_norm, constrain
+from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, constrain
 
 RS_STEP = 1.25  # Wong et al.: step 1.25 eps from a uniform random start
 
 
+@hyperparameters(threat=norm_in(DENSE_NORMS, "FGSM"), random_start=flag, rel_step_size=check_positive)
 def fgsm_attack(
     model: Callable,
     x: Tensor,
@@ -46,7 +48,6 @@ def fgsm_attack(
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds. No extra forward is
         spent checking it: FGSM costs one forward and one backward.
     """
-    check_norm(threat.norm, DENSE_NORMS, "FGSM")
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         x, batch = prepare(x, batch)
         eps = threat.eps_for(x)
@@ -62,7 +63,7 @@ def fgsm_attack(
 class FGSM(Attack):
     """FGSM / FGSM-RS with the step relative to eps, for configs (Hydra) and callbacks.
 
-    Args:
+    Args (those of :func:`fgsm_attack`, checked the same way):
         norm: ``"linf"`` or ``"l2"``.
         random_start: FGSM-RS (uniform start in the ball).
         rel_step_size: step as a multiple of eps; default 1 (1.25 with ``random_start``).
@@ -71,18 +72,11 @@ class FGSM(Attack):
     Call: ``FGSM()(model, x, batch, objective, eps=..., bounds=...)``.
     """
 
-    def __init__(self, norm: str = "linf", random_start: bool = False, rel_step_size: float | None = None,
-                 bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm, DENSE_NORMS, "FGSM")
-        self.random_start = bool(random_start)
-        self.rel_step_size = check_positive("rel_step_size", rel_step_size)
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
-        self.name = "fgsm_rs" if self.random_start else "fgsm"
+    functional = staticmethod(fgsm_attack)
+
+    @property
+    def name(self) -> str:
+        return "fgsm_rs" if self.random_start else "fgsm"
 
     def full_budget(self) -> "FGSM":
         return self  # one step from each sample: its one point is its whole budget
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        return fgsm_attack(model, x, batch, objective, threat=threat, random_start=self.random_start,
-                           rel_step_size=self.rel_step_size, bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)

@@ -17,17 +17,20 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_fraction, check_positive, without_early_stop
+from medrobust.attacks.core.base import Attack, check_fraction, check_positive, without_early_stop
 from medrobust.attacks.core.batch import index_batch, prepare
+from medrobust.attacks.core.options import at_least, flag, hyperparameters
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.steps import ascent_step, per_sample_step, start_point
-from medrobust.attacks.core.threat import ThreatModel, batch_view, check_norm, constrain, linf_box
+from medrobust.attacks.core.threat import ThreatModel, batch_view, constrain, linf_box
 from medrobust.attacks.core.tracking import AttackResult, BestTracker, WorkingSet
 
 L1_SPARSITY = 0.01  # the first L1 step moves 1 % of the coordinates (SLIDE's 99th percentile)
 REL_STEP = 2.5  # default step: 2.5 eps / steps (Madry et al.), enough to cross the ball and come back
 
 
+@hyperparameters(steps=at_least(1), rel_step_size=check_positive, random_start=flag, restarts=at_least(1),
+                 early_stop=flag, l1_sparsity=check_fraction)
 def pgd_attack(
     model: Callable,
     x: Tensor,
@@ -84,9 +87,6 @@ def pgd_attack(
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds (or an AttackResult).
     """
-    check_at_least("steps", steps, 1)
-    check_at_least("restarts", restarts, 1)
-    l1_sparsity = check_fraction("l1_sparsity", l1_sparsity)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         x, batch = prepare(x, batch)
         eps = threat.eps_for(x)
@@ -176,7 +176,7 @@ def _offer_last_iterate(model, objective, work: WorkingSet, tracker: BestTracker
 class PGD(Attack):
     """PGD with the step relative to eps, for configs (Hydra) and callbacks.
 
-    Args:
+    Args (those of :func:`pgd_attack`, checked the same way, less the per-call ones):
         norm: ``"linf"``, ``"l2"`` or ``"l1"`` (sparse, box-aware steps; see the module docstring).
         steps: gradient steps per run (>= 1).
         rel_step_size: step as a multiple of eps; default ``2.5 / steps``.
@@ -191,28 +191,14 @@ class PGD(Attack):
     (``"pgd10x5"`` with 5 restarts).
     """
 
-    def __init__(self, norm: str = "linf", steps: int = 10, rel_step_size: float | None = None,
-                 random_start: bool = True, restarts: int = 1, early_stop: bool = True,
-                 bn_eval: bool = True, dropout_eval: bool = True, l1_sparsity: float = L1_SPARSITY) -> None:
-        self.norm = check_norm(norm)
-        self.steps = check_at_least("steps", steps, 1)
-        self.rel_step_size = check_positive("rel_step_size", rel_step_size)
-        self.random_start = bool(random_start)
-        self.restarts = check_at_least("restarts", restarts, 1)
-        self.early_stop = bool(early_stop)
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
-        self.l1_sparsity = check_fraction("l1_sparsity", l1_sparsity)
-        self.name = f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+    functional = staticmethod(pgd_attack)
+
+    @property
+    def name(self) -> str:
+        return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
 
     def full_budget(self) -> "PGD":
         return without_early_stop(self)
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel, start: Tensor | None = None) -> Tensor:
-        return pgd_attack(model, x, batch, objective, threat=threat, steps=self.steps,
-                          rel_step_size=self.rel_step_size, random_start=self.random_start,
-                          restarts=self.restarts, early_stop=self.early_stop, bn_eval=self.bn_eval,
-                          dropout_eval=self.dropout_eval, start=start, l1_sparsity=self.l1_sparsity)
 
     def attack_from(self, start: Tensor, model, x, batch, objective, *, eps, bounds) -> Tensor:
         """As a call, with the first run started from ``start`` ``(B, C, *spatial)`` (moved into the ball)."""

@@ -25,17 +25,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_positive
+from medrobust.attacks.core.base import Attack, check_positive
 from medrobust.attacks.core.batch import attack_key, index_batch, prepare
+from medrobust.attacks.core.options import at_least, hyperparameters, norm_in, optional
 from medrobust.attacks.core.session import attack_session, loss_and_grad
-from medrobust.attacks.core.threat import (
-    DENSE_NORMS,
-    ThreatModel,
-    ascent_direction,
-    check_norm,
-    clamp_bounds,
-    project,
-)
+from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, ascent_direction, clamp_bounds, project
 
 REL_STEP = 0.5  # first-epoch step: eps / 2, decayed linearly over the epochs (sums to > eps for 1 batch/epoch)
 MOMENTUM = 0.9  # averages the minibatch gradients, whose signs are noisy where images disagree
@@ -60,27 +54,28 @@ def _check_shape(delta: Tensor, x: Tensor) -> Tensor:
     return delta
 
 
+def _check_momentum(name: str, momentum: float) -> float:
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {momentum!r}")
+    return float(momentum)
+
+
+# what fitting a universal perturbation checks, whether given the norm or the threat model
+_NORM = norm_in(DENSE_NORMS, "the universal perturbation")
+_CHECKS = {"epochs": at_least(1), "momentum": _check_momentum}
+
+
 def _single_eps(threat: ThreatModel) -> float:
     """One radius for the shared ``delta``: the smallest per-sample eps keeps every image inside its ball."""
     eps = threat.eps
     return float(eps.min()) if isinstance(eps, Tensor) and eps.numel() else float(eps)
 
 
-def fit_universal_perturbation(
-    model: Callable,
-    batches: Iterable[Mapping],
-    objective: Any,
-    *,
-    norm: str = "linf",
-    eps: float | Tensor,
-    bounds: tuple[float, float] | None,
-    epochs: int = 5,
-    step_size: float | None = None,
-    momentum: float = MOMENTUM,
-    image_key: str = "image",
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-) -> Tensor:
+@hyperparameters(**_CHECKS, norm=_NORM, step_size=check_positive)
+def fit_universal_perturbation(model: Callable, batches: Iterable[Mapping], objective: Any, *, norm: str = "linf",
+                               eps: float | Tensor, bounds: tuple[float, float] | None, epochs: int = 5,
+                               step_size: float | None = None, momentum: float = MOMENTUM, image_key: str = "image",
+                               bn_eval: bool = True, dropout_eval: bool = True) -> Tensor:
     """Fit one perturbation that maximizes the mean ``objective.attack_loss`` over ``batches``.
 
     Args:
@@ -104,16 +99,12 @@ def fit_universal_perturbation(
         detached ``delta`` ``(1, C, *spatial)`` in the dtype / device of the first batch's images, with
         ``||delta||_norm <= eps``.
     """
-    threat = ThreatModel(norm, eps, bounds)  # validates norm, eps and bounds with the usual messages
-    check_norm(norm, DENSE_NORMS, "the universal perturbation")
-    epochs = check_at_least("epochs", epochs, 1)
-    if not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    threat = ThreatModel(norm, eps, bounds)  # validates eps and bounds with the usual messages
     if epochs > 1 and iter(batches) is batches:
         raise ValueError(f"batches must be re-iterable for epochs={epochs} (a DataLoader or a list), "
                          f"got a one-shot iterator {type(batches).__name__}")
     radius = _single_eps(threat)
-    step = check_positive("step_size", step_size) if step_size is not None else REL_STEP * radius
+    step = step_size if step_size is not None else REL_STEP * radius
     delta = velocity = None
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         for epoch in range(epochs):
@@ -150,55 +141,54 @@ def _delta_grad(model, objective, x: Tensor, delta: Tensor, batch: dict, bounds)
     return grad.sum(dim=0, keepdim=True)
 
 
+@hyperparameters(**_CHECKS, threat=_NORM, rel_step_size=check_positive, batch_size=optional(at_least(1)))
+def universal_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, threat: ThreatModel,
+                     epochs: int = 5, rel_step_size: float | None = None, batch_size: int | None = None,
+                     momentum: float = MOMENTUM, bn_eval: bool = True, dropout_eval: bool = True) -> Tensor:
+    """One perturbation fitted on the group ``x`` ``(B, C, *spatial)`` and applied to it: ``x + delta`` clamped
+    into ``threat.bounds``, with ``delta`` ``(1, C, *spatial)`` from :func:`fit_universal_perturbation`.
+
+    Args:
+        threat: norm (``linf`` / ``l2``), eps (a per-sample ``(B,)`` eps is reduced to its minimum) and bounds.
+        epochs: passes over the group (>= 1).
+        rel_step_size: first-epoch step as a multiple of eps; default 0.5 (decayed linearly over epochs).
+        batch_size: minibatch size within the group; ``None``: the whole group each step.
+        momentum: heavy-ball factor on the minibatch gradients, in ``[0, 1)``.
+        bn_eval / dropout_eval: see :func:`~medrobust.attacks.core.session.attack_session`.
+    """
+    radius = _single_eps(threat)
+    if radius == 0:
+        return x.detach().clone()
+    size = x.shape[0]
+    chunk = batch_size or size
+    # the group as minibatches; the images go in under a private key so batch["image"] is never read
+    group = [{**index_batch(batch, slice(i, i + chunk), batch_size=size), _IMAGES: x[i:i + chunk]}
+             for i in range(0, size, chunk)]
+    delta = fit_universal_perturbation(
+        model, group, objective, norm=threat.norm, eps=radius, bounds=threat.bounds, epochs=epochs,
+        step_size=(rel_step_size or REL_STEP) * radius, momentum=momentum, image_key=_IMAGES,
+        bn_eval=bn_eval, dropout_eval=dropout_eval)
+    x, _ = prepare(x, {})  # a non-inference copy, like every attack's output
+    return apply_universal(x, delta, threat.bounds)
+
+
 class UniversalPerturbation(Attack):
     """A universal perturbation fitted on the batch it attacks, for configs (Hydra), suites and callbacks.
 
-    ``attack(model, x, batch, objective, eps=..., bounds=...)`` fits one ``delta`` ``(1, C, *spatial)`` on
-    the group ``x`` ``(B, C, *spatial)`` with :func:`fit_universal_perturbation` and returns ``x + delta``
-    clamped into ``bounds``. It is a *group* attack: the same delta for every image of the batch, so it is
-    weaker than per-image PGD, and its result on one image depends on the others in the batch. For held-out
-    evaluation, fit with :func:`fit_universal_perturbation` on one set and :func:`apply_universal` to another.
+    ``attack(model, x, batch, objective, eps=..., bounds=...)`` is :func:`universal_attack`: one ``delta``
+    ``(1, C, *spatial)`` fitted on the group ``x`` ``(B, C, *spatial)``, returning ``x + delta`` clamped into
+    ``bounds``. It is a *group* attack: the same delta for every image of the batch, so it is weaker than
+    per-image PGD, and its result on one image depends on the others in the batch. For held-out evaluation,
+    fit with :func:`fit_universal_perturbation` on one set and :func:`apply_universal` to another.
 
-    Args:
-        norm: ``"linf"`` or ``"l2"``.
-        epochs: passes over the group (>= 1).
-        rel_step_size: first-epoch step as a multiple of eps; default 0.5 (decayed linearly over epochs).
-        batch_size: minibatch size within the group; default ``None``: the whole group each step.
-        momentum: heavy-ball factor on the minibatch gradients.
-        bn_eval / dropout_eval: normalization / dropout layers in eval mode during the fit.
+    Args: those of :func:`universal_attack` (``norm`` ``"linf"`` or ``"l2"``, ``epochs``, ``rel_step_size``,
+    ``batch_size``, ``momentum``, ``bn_eval``, ``dropout_eval``), checked the same way.
 
-    ``name`` is ``"universal"``; a per-sample eps ``(B,)`` is reduced to its minimum.
+    ``name`` is ``"universal"``.
     """
 
-    def __init__(self, norm: str = "linf", epochs: int = 5, rel_step_size: float | None = None,
-                 batch_size: int | None = None, momentum: float = MOMENTUM, bn_eval: bool = True,
-                 dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm, DENSE_NORMS, "the universal perturbation")
-        self.epochs = check_at_least("epochs", epochs, 1)
-        self.rel_step_size = check_positive("rel_step_size", rel_step_size)
-        self.batch_size = None if batch_size is None else check_at_least("batch_size", batch_size, 1)
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
-        self.name = "universal"
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        radius = _single_eps(threat)
-        if radius == 0:
-            return x.detach().clone()
-        size = x.shape[0]
-        chunk = self.batch_size or size
-        # the group as minibatches; the images go in under a private key so batch["image"] is never read
-        group = [{**index_batch(batch, slice(i, i + chunk), batch_size=size), _IMAGES: x[i:i + chunk]}
-                 for i in range(0, size, chunk)]
-        delta = fit_universal_perturbation(
-            model, group, objective, norm=threat.norm, eps=radius, bounds=threat.bounds, epochs=self.epochs,
-            step_size=(self.rel_step_size or REL_STEP) * radius, momentum=self.momentum, image_key=_IMAGES,
-            bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
-        x, _ = prepare(x, {})  # a non-inference copy, like every attack's output
-        return apply_universal(x, delta, threat.bounds)
+    name = "universal"
+    functional = staticmethod(universal_attack)
 
 
 _IMAGES = attack_key("images")

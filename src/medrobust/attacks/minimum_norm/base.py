@@ -18,10 +18,13 @@ from torch import Tensor
 
 from medrobust.attacks.core.base import Attack
 from medrobust.attacks.core.batch import prepare
-from medrobust.attacks.core.threat import Bounds, ThreatModel, constrain, lp_norm
+from medrobust.attacks.core.options import at_least
+from medrobust.attacks.core.threat import Bounds, ThreatModel, check_bounds, constrain, lp_norm
 from medrobust.attacks.core.tracking import BestTracker
 
 DUAL = {"linf": "l1", "l2": "l2", "l1": "linf"}
+# what every minimum-norm functional form checks (``bounds`` is required: never assumed)
+CHECKS = {"bounds": lambda name, bounds: check_bounds(bounds), "steps": at_least(1)}
 
 
 def dual_norm(grad: Tensor, norm: str) -> Tensor:
@@ -58,7 +61,8 @@ def offer_smallest(tracker: BestTracker, idx: Tensor, x_adv: Tensor, norms: Tens
 class MinimumNormAttack(Attack):
     """Base of the minimum-norm attacks (FMN, DeepFool, C&W).
 
-    Subclasses implement :meth:`minimal`. Three ways to use one:
+    Subclasses declare their functional form (``functional``, see :class:`~medrobust.attacks.core.base.Attack`),
+    which :meth:`minimal` calls with ``return_norms=True``. Three ways to use one:
 
     - :meth:`minimal`: the smallest fooling point found per sample and its norm;
     - :meth:`radii`: the norms alone, the per-sample robustness radii (robust accuracy at eps is the fraction
@@ -69,9 +73,13 @@ class MinimumNormAttack(Attack):
     """
 
     def minimal(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
-                bounds: Bounds | None) -> tuple[Tensor, Tensor]:
-        """``(x_min (B, C, *spatial), norms (B,))``: see :func:`fmn_attack`'s ``return_norms``."""
-        raise NotImplementedError
+                bounds: Bounds | None, **per_call: Any) -> tuple[Tensor, Tensor]:
+        """``(x_min (B, C, *spatial), norms (B,))``: see :func:`fmn_attack`'s ``return_norms``; ``per_call``:
+        keywords of one call (FMN's ``max_eps``)."""
+        if self.functional is None:
+            raise NotImplementedError
+        return self.functional(model, x, batch, objective, bounds=bounds, return_norms=True, **per_call,
+                               **self.options)
 
     def radii(self, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
               bounds: Bounds | None) -> Tensor:

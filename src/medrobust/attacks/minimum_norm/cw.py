@@ -9,35 +9,26 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import check_at_least, check_positive
+from medrobust.attacks.core.base import check_positive
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.objectives import MarginObjective
+from medrobust.attacks.core.options import at_least, hyperparameters, non_negative
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
-from medrobust.attacks.core.threat import Bounds, batch_view, check_bounds, lp_norm
+from medrobust.attacks.core.threat import Bounds, batch_view, lp_norm
 from medrobust.attacks.core.tracking import BestTracker, WorkingSet
-from medrobust.attacks.minimum_norm.base import MinimumNormAttack, offer_smallest
+from medrobust.attacks.minimum_norm.base import CHECKS, MinimumNormAttack, offer_smallest
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the original code
 TANH_MARGIN = 1e-6  # keep atanh finite for clean pixels on the bounds
 NO_UPPER = 1e10  # "no successful c yet" in the binary search
 
 
-def cw_l2_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    bounds: Bounds | None,
-    binary_search_steps: int = 5,
-    steps: int = 100,
-    lr: float = 0.01,
-    kappa: float = 0.0,
-    initial_const: float = 1e-2,
-    return_norms: bool = False,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+@hyperparameters(**CHECKS, binary_search_steps=at_least(1), lr=check_positive, kappa=non_negative,
+                 initial_const=check_positive)
+def cw_l2_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, bounds: Bounds | None,
+                 binary_search_steps: int = 5, steps: int = 100, lr: float = 0.01, kappa: float = 0.0,
+                 initial_const: float = 1e-2, return_norms: bool = False, bn_eval: bool = True,
+                 dropout_eval: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """C&W L2: minimize ``||x_adv - x||_2^2 + c * max(margin(x_adv), -kappa)`` with Adam, binary search on ``c``.
 
     With ``bounds`` the optimization variable is ``w``, ``x_adv = low + (high - low) (tanh(w) + 1) / 2`` (the
@@ -66,12 +57,6 @@ def cw_l2_attack(
         ``x`` where the clean point is wrong (norm 0) or none was found (norm ``inf``); with
         ``return_norms``, ``(x_adv, norms)`` (float32; float64 for float64 images).
     """
-    bounds = check_bounds(bounds)
-    check_at_least("binary_search_steps", binary_search_steps, 1)
-    check_at_least("steps", steps, 1)
-    lr, initial_const = check_positive("lr", lr), check_positive("initial_const", initial_const)
-    if not float(kappa) >= 0:
-        raise ValueError(f"kappa must be >= 0, got {kappa!r}")
     margin = MarginObjective(objective)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         x, batch = prepare(x, batch)
@@ -135,20 +120,5 @@ class CWL2(MinimumNormAttack):
 
     name = "cw-l2"
     norm = "l2"
-
-    def __init__(self, binary_search_steps: int = 5, steps: int = 100, lr: float = 0.01, kappa: float = 0.0,
-                 initial_const: float = 1e-2, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.binary_search_steps = check_at_least("binary_search_steps", binary_search_steps, 1)
-        self.steps = check_at_least("steps", steps, 1)
-        self.lr = check_positive("lr", lr)
-        if not float(kappa) >= 0:
-            raise ValueError(f"kappa must be >= 0, got {kappa!r}")
-        self.kappa = float(kappa)
-        self.initial_const = check_positive("initial_const", initial_const)
-        self.bn_eval, self.dropout_eval = bn_eval, dropout_eval
-
-    def minimal(self, model, x, batch, objective, *, bounds) -> tuple[Tensor, Tensor]:
-        return cw_l2_attack(model, x, batch, objective, bounds=bounds,
-                            binary_search_steps=self.binary_search_steps, steps=self.steps, lr=self.lr,
-                            kappa=self.kappa, initial_const=self.initial_const, return_norms=True,
-                            bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
+    functional = staticmethod(cw_l2_attack)
+    first = "binary_search_steps"

@@ -9,42 +9,30 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import check_at_least
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.objectives import MarginObjective
+from medrobust.attacks.core.options import at_least, hyperparameters, non_negative, norm_in, optional
 from medrobust.attacks.core.session import attack_session, objective_values
 from medrobust.attacks.core.threat import (
     Bounds,
     ascent_direction,
     batch_view,
-    check_bounds,
-    check_norm,
     clamp_bounds,
     lp_norm,
     room_along,
 )
 from medrobust.attacks.core.tracking import BestTracker, WorkingSet
-from medrobust.attacks.minimum_norm.base import MinimumNormAttack, dual_norm, offer_smallest
+from medrobust.attacks.minimum_norm.base import CHECKS, MinimumNormAttack, dual_norm, offer_smallest
 from medrobust.losses.classification import classification_margin
 
 PUSH = 1e-4  # DeepFool's push past the linearized boundary (added to |f|, as the original code)
 
 
-def deepfool_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    bounds: Bounds | None,
-    norm: str = "l2",
-    steps: int = 50,
-    overshoot: float = 0.02,
-    num_classes: int | None = None,
-    return_norms: bool = False,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+@hyperparameters(**CHECKS, norm=norm_in(), overshoot=non_negative, num_classes=optional(at_least(2)))
+def deepfool_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, bounds: Bounds | None,
+                    norm: str = "l2", steps: int = 50, overshoot: float = 0.02, num_classes: int | None = None,
+                    return_norms: bool = False, bn_eval: bool = True,
+                    dropout_eval: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """DeepFool: repeatedly jump to the nearest boundary of the local linearization.
 
     Each step linearizes ``f`` at the current point and adds the smallest step ``r`` that zeroes it,
@@ -78,13 +66,6 @@ def deepfool_attack(
         visits), ``x`` where the clean point is wrong (norm 0) or none was found within ``steps`` (norm
         ``inf``); with ``return_norms``, ``(x_adv, norms)`` (float32; float64 for float64 images).
     """
-    norm = check_norm(norm)
-    bounds = check_bounds(bounds)
-    check_at_least("steps", steps, 1)
-    if not float(overshoot) >= 0:
-        raise ValueError(f"overshoot must be >= 0, got {overshoot!r}")
-    if num_classes is not None:
-        check_at_least("num_classes", num_classes, 2)
     label_key = getattr(objective, "label_key", "label")
     margin = MarginObjective(objective)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
@@ -180,18 +161,4 @@ class DeepFool(MinimumNormAttack):
     """
 
     name = "deepfool"
-
-    def __init__(self, norm: str = "l2", steps: int = 50, overshoot: float = 0.02, num_classes: int | None = None,
-                 bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
-        self.steps = check_at_least("steps", steps, 1)
-        if not float(overshoot) >= 0:
-            raise ValueError(f"overshoot must be >= 0, got {overshoot!r}")
-        self.overshoot = float(overshoot)
-        self.num_classes = None if num_classes is None else check_at_least("num_classes", num_classes, 2)
-        self.bn_eval, self.dropout_eval = bn_eval, dropout_eval
-
-    def minimal(self, model, x, batch, objective, *, bounds) -> tuple[Tensor, Tensor]:
-        return deepfool_attack(model, x, batch, objective, bounds=bounds, norm=self.norm, steps=self.steps,
-                               overshoot=self.overshoot, num_classes=self.num_classes, return_norms=True,
-                               bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
+    functional = staticmethod(deepfool_attack)

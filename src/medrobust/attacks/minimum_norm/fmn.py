@@ -10,46 +10,45 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import check_at_least, check_positive
+from medrobust.attacks.core.base import check_positive
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.objectives import MarginObjective
+from medrobust.attacks.core.options import hyperparameters, norm_in
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.threat import (
     Bounds,
     ascent_direction,
     batch_view,
-    check_bounds,
-    check_norm,
     constrain,
     lp_norm,
 )
 from medrobust.attacks.core.tracking import BestTracker, WorkingSet
-from medrobust.attacks.minimum_norm.base import MinimumNormAttack, dual_norm, norm_cap, offer_smallest
+from medrobust.attacks.minimum_norm.base import CHECKS, MinimumNormAttack, dual_norm, norm_cap, offer_smallest
 from medrobust.attacks.minimum_norm.deepfool import deepfool_attack
 
 LINE_SEARCH_STEPS = 4  # regula falsi steps shrinking a given starting point towards x (adv_lib bisects 10 times)
 
 
+def _check_gamma(name: str, gamma: float) -> float:
+    if not 0 < float(gamma) < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {gamma!r}")
+    return float(gamma)
+
+
+def _check_init(name: str, init: str | Tensor | None) -> str | Tensor | None:
+    if isinstance(init, str) and init != "deepfool":  # starting points are checked against the images
+        raise ValueError(f"{name} must be 'deepfool', None or starting points (B, C, *spatial); got {init!r}")
+    return init
+
+
 # -- FMN -----------------------------------------------------------------------------------------------
-def fmn_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    bounds: Bounds | None,
-    norm: str = "linf",
-    steps: int = 100,
-    alpha_init: float = 1.0,
-    alpha_final: float | None = None,
-    gamma_init: float = 0.05,
-    gamma_final: float = 0.001,
-    max_eps: float | Tensor | None = None,
-    init: str | Tensor | None = "deepfool",
-    return_norms: bool = False,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+@hyperparameters(**CHECKS, norm=norm_in(), alpha_init=check_positive, alpha_final=check_positive,
+                 gamma_init=_check_gamma, gamma_final=_check_gamma, init=_check_init)
+def fmn_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any, *, bounds: Bounds | None,
+               norm: str = "linf", steps: int = 100, alpha_init: float = 1.0, alpha_final: float | None = None,
+               gamma_init: float = 0.05, gamma_final: float = 0.001, max_eps: float | Tensor | None = None,
+               init: str | Tensor | None = "deepfool", return_norms: bool = False, bn_eval: bool = True,
+               dropout_eval: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Fast Minimum-Norm attack: the smallest perturbation per sample that makes the model wrong.
 
     Each step descends ``objective.correct_margin`` with a unit-L2 gradient step of length ``alpha`` inside
@@ -89,17 +88,10 @@ def fmn_attack(
         where the clean point is already wrong (norm 0) or where none was found (norm ``inf``); with
         ``return_norms``, ``(x_adv, norms)``, norms in float32 (float64 for float64 images).
     """
-    norm = check_norm(norm)
-    bounds = check_bounds(bounds)
-    check_at_least("steps", steps, 1)
-    alpha_init = check_positive("alpha_init", alpha_init)
-    alpha_final = alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
-    gamma_init, gamma_final = _check_gamma("gamma_init", gamma_init), _check_gamma("gamma_final", gamma_final)
+    alpha_final = alpha_init / 100 if alpha_final is None else alpha_final
     margin = MarginObjective(objective)
     start, start_norms = init, None
-    if isinstance(init, str):
-        if init != "deepfool":
-            raise ValueError(f"init must be 'deepfool', None or starting points (B, C, *spatial); got {init!r}")
+    if isinstance(init, str):  # "deepfool" (the checks let no other string through)
         # its norms say which points fool (finite) and which samples are wrong at x (0): no forward to re-check
         start, start_norms = deepfool_attack(model, x, batch, objective, bounds=bounds, norm=norm,
                                              return_norms=True, bn_eval=bn_eval, dropout_eval=dropout_eval)
@@ -209,12 +201,6 @@ def _line_search(model, margin, sub: WorkingSet, direction: Tensor) -> Tensor:
     return high
 
 
-def _check_gamma(name: str, gamma: float) -> float:
-    if not 0 < float(gamma) < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {gamma!r}")
-    return float(gamma)
-
-
 class FMN(MinimumNormAttack):
     """FMN for configs (Hydra), callbacks and suites; ``name`` ``"fmn"``.
 
@@ -227,23 +213,4 @@ class FMN(MinimumNormAttack):
     """
 
     name = "fmn"
-
-    def __init__(self, norm: str = "linf", steps: int = 100, alpha_init: float = 1.0,
-                 alpha_final: float | None = None, gamma_init: float = 0.05, gamma_final: float = 0.001,
-                 init: str | None = "deepfool", bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm)
-        self.steps = check_at_least("steps", steps, 1)
-        self.alpha_init = check_positive("alpha_init", alpha_init)
-        self.alpha_final = check_positive("alpha_final", alpha_final)
-        self.gamma_init = _check_gamma("gamma_init", gamma_init)
-        self.gamma_final = _check_gamma("gamma_final", gamma_final)
-        if init not in ("deepfool", None):
-            raise ValueError(f"init must be 'deepfool' or None, got {init!r}")
-        self.init = init
-        self.bn_eval, self.dropout_eval = bn_eval, dropout_eval
-
-    def minimal(self, model, x, batch, objective, *, bounds, max_eps=None) -> tuple[Tensor, Tensor]:
-        return fmn_attack(model, x, batch, objective, bounds=bounds, norm=self.norm, steps=self.steps,
-                          init=self.init, alpha_init=self.alpha_init, alpha_final=self.alpha_final,
-                          gamma_init=self.gamma_init, gamma_final=self.gamma_final, max_eps=max_eps,
-                          return_norms=True, bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
+    functional = staticmethod(fmn_attack)

@@ -20,10 +20,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_positive
+from medrobust.attacks.core.base import Attack, check_positive
 from medrobust.attacks.core.batch import attack_key, prepare
+from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
 from medrobust.attacks.core.session import attack_session, objective_values
-from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel, check_norm
+from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel
 from medrobust.attacks.gradient.fgsm import fgsm_attack
 from medrobust.attacks.gradient.pgd import pgd_attack
 
@@ -36,6 +37,11 @@ def check_direction(direction: str) -> int:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
     return DIRECTIONS[direction]
+
+
+def _direction(name: str, direction: str) -> str:
+    check_direction(direction)
+    return direction
 
 
 class ShiftObjective:
@@ -96,6 +102,8 @@ def with_clean_prediction(model: Callable, x: Tensor, batch: Mapping, objective:
     return {**batch, CLEAN_KEY: clean}
 
 
+@hyperparameters(threat=norm_in(DENSE_NORMS, "directional_attack"), direction=_direction, steps=at_least(1),
+                 rel_step_size=check_positive, random_start=flag, restarts=at_least(1), tau=check_positive)
 def directional_attack(
     model: Callable,
     x: Tensor,
@@ -140,9 +148,6 @@ def directional_attack(
     Returns:
         detached ``x_adv`` ``(B, C, *spatial)`` like ``x``, in the ball and the bounds.
     """
-    check_at_least("steps", steps, 1)
-    check_at_least("restarts", restarts, 1)
-    check_norm(threat.norm, DENSE_NORMS, "directional_attack")
     shift = ShiftObjective(objective, direction, tau)
     session = {"bn_eval": bn_eval, "dropout_eval": dropout_eval}
     if steps == 1 and restarts == 1:
@@ -158,12 +163,12 @@ def directional_attack(
 class Directional(Attack):
     """The directional (age-shifting) attack for configs (Hydra), suites and callbacks.
 
-    Args:
+    Args (those of :func:`directional_attack`, checked the same way; only ``direction`` by position):
         direction: ``"up"`` or ``"down"``.
+        norm: ``"linf"`` (the paper's) or ``"l2"``.
         steps: 1 for Li et al.'s one-step attack, more for PGD on the prediction.
         rel_step_size: step as a multiple of eps; default 1 for one step, ``2.5 / steps`` for PGD.
         random_start: start from a uniform point of the ball.
-        norm: ``"linf"`` (the paper's) or ``"l2"``.
         restarts: PGD random restarts (>= 1), the largest shift per sample kept.
         tau: target shift (target units, e.g. years) after which a sample is done; ``None``: largest shift.
         bn_eval / dropout_eval: normalization / dropout layers in eval mode during the attack.
@@ -177,25 +182,11 @@ class Directional(Attack):
     # gets wrong still has its prediction moved), and the masking checks leave its curves out
     seeks_errors = False
 
-    def __init__(self, direction: str = "up", steps: int = 1, rel_step_size: float | None = None,
-                 random_start: bool = False, norm: str = "linf", restarts: int = 1, tau: float | None = None,
-                 bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        check_direction(direction)
-        self.direction = direction
-        self.steps = check_at_least("steps", steps, 1)
-        self.rel_step_size = check_positive("rel_step_size", rel_step_size)
-        self.random_start = bool(random_start)
-        self.norm = check_norm(norm, DENSE_NORMS, "Directional")
-        self.restarts = check_at_least("restarts", restarts, 1)
-        self.tau = check_positive("tau", tau)
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
-        iterative = self.steps > 1 or self.restarts > 1
-        self.name = f"directional_{direction}" + (f"_pgd{self.steps}" if iterative else "") + (
-            f"x{self.restarts}" if self.restarts > 1 else "")
+    functional = staticmethod(directional_attack)
+    first = "direction"
 
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        return directional_attack(model, x, batch, objective, threat=threat, direction=self.direction,
-                                  steps=self.steps, rel_step_size=self.rel_step_size,
-                                  random_start=self.random_start, restarts=self.restarts, tau=self.tau,
-                                  bn_eval=self.bn_eval, dropout_eval=self.dropout_eval)
+    @property
+    def name(self) -> str:
+        iterative = self.steps > 1 or self.restarts > 1
+        return f"directional_{self.direction}" + (f"_pgd{self.steps}" if iterative else "") + (
+            f"x{self.restarts}" if self.restarts > 1 else "")

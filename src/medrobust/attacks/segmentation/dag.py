@@ -17,15 +17,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from medrobust.attacks.core.base import Attack, check_at_least, check_positive, without_early_stop
+from medrobust.attacks.core.base import Attack, check_positive, without_early_stop
 from medrobust.attacks.core.batch import attack_key, prepare
+from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.threat import (
     DENSE_NORMS,
     ThreatModel,
     ascent_direction,
     batch_view,
-    check_norm,
     constrain,
     lp_norm,
 )
@@ -45,6 +45,18 @@ def _labels(labels: Tensor, logits: Tensor) -> Tensor:
     return labels.long()
 
 
+def _check_target(name: str, target: str | Tensor | None) -> str | Tensor | None:
+    if not (target is None or isinstance(target, Tensor) or target in TARGETS):
+        raise ValueError(f"unknown DAG {name} {target!r}; expected None, one of {TARGETS} or a (B, *spatial) tensor")
+    return target
+
+
+def _check_stop_fraction(name: str, value: float) -> float:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _targets(target: str | Tensor | None, logits: Tensor, labels: Tensor, seed: int | None) -> Tensor:
     """Adversarial target class per pixel ``(B, *spatial)`` (never the label, except for a given tensor)."""
     k = logits.shape[1]
@@ -59,11 +71,10 @@ def _targets(target: str | Tensor | None, logits: Tensor, labels: Tensor, seed: 
         return (labels + 1) % k
     if target == "nearest":  # the runner-up class at the clean point: the closest decision boundary
         return logits.scatter(1, labels.unsqueeze(1), float("-inf")).argmax(dim=1)
-    if target == "random":  # uniform over the K - 1 wrong classes; CPU generator: same draw on every device
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        shift = torch.randint(1, k, tuple(labels.shape), generator=generator).to(labels.device)
-        return (labels + shift) % k
-    raise ValueError(f"unknown DAG target {target!r}; expected None, one of {TARGETS} or a (B, *spatial) tensor")
+    # "random": uniform over the K - 1 wrong classes; CPU generator: the same draw on every device
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, k, tuple(labels.shape), generator=generator).to(labels.device)
+    return (labels + shift) % k
 
 
 class _DenseAdversary:
@@ -103,24 +114,12 @@ class _DenseAdversary:
         return standing
 
 
-def dag_attack(
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any = None,
-    *,
-    threat: ThreatModel,
-    steps: int = 50,
-    gamma: float = 0.5,
-    target: str | Tensor | None = None,
-    label_key: str = "label",
-    stop_fraction: float = 0.0,
-    early_stop: bool = True,
-    seed: int | None = None,
-    bn_eval: bool = True,
-    dropout_eval: bool = True,
-    return_result: bool = False,
-) -> Tensor | AttackResult:
+@hyperparameters(threat=norm_in(DENSE_NORMS, "DAG"), steps=at_least(1), gamma=check_positive, target=_check_target,
+                 stop_fraction=_check_stop_fraction, early_stop=flag)
+def dag_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any = None, *, threat: ThreatModel,
+               steps: int = 50, gamma: float = 0.5, target: str | Tensor | None = None, stop_fraction: float = 0.0,
+               early_stop: bool = True, label_key: str = "label", seed: int | None = None, bn_eval: bool = True,
+               dropout_eval: bool = True, return_result: bool = False) -> Tensor | AttackResult:
     """DAG against a segmentation model inside the threat model.
 
     Args:
@@ -150,12 +149,7 @@ def dag_attack(
         with the fewest pixels correct, the standing ones closest to flipping among equals (the clean ``x``
         for samples done at the start).
     """
-    steps = check_at_least("steps", steps, 1)
-    gamma = check_positive("gamma", gamma)
-    check_norm(threat.norm, DENSE_NORMS, "DAG")
-    if not 0.0 <= float(stop_fraction) < 1.0:
-        raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction!r}")
-    dense = _DenseAdversary(objective, label_key, float(stop_fraction), early_stop)
+    dense = _DenseAdversary(objective, label_key, stop_fraction, early_stop)
     with attack_session(model, bn_eval=bn_eval, dropout_eval=dropout_eval):
         x, batch = prepare(x, batch)
         if label_key not in batch:
@@ -203,7 +197,7 @@ def _run(model, dense: _DenseAdversary, work: WorkingSet, threat: ThreatModel, t
 class DAG(Attack):
     """DAG for segmentation, for configs (Hydra), suites and callbacks; see :func:`dag_attack`.
 
-    Args:
+    Args (those of :func:`dag_attack`, checked the same way):
         norm: ``"linf"`` or ``"l2"`` (the ball the perturbation stays in, and the step normalization).
         steps: maximum iterations (>= 1).
         gamma: step as a fraction of eps.
@@ -217,30 +211,8 @@ class DAG(Attack):
     ``(B, K, *spatial)``; ``name`` is ``"dag"``.
     """
 
-    def __init__(self, norm: str = "linf", steps: int = 50, gamma: float = 0.5, target: str | None = None,
-                 stop_fraction: float = 0.0, early_stop: bool = True, label_key: str = "label",
-                 seed: int | None = None, bn_eval: bool = True, dropout_eval: bool = True) -> None:
-        self.norm = check_norm(norm, DENSE_NORMS, "DAG")
-        self.steps = check_at_least("steps", steps, 1)
-        self.gamma = check_positive("gamma", gamma)
-        if target is not None and target not in TARGETS:
-            raise ValueError(f"unknown DAG target {target!r}; expected None or one of {TARGETS}")
-        self.target = target
-        if not 0.0 <= float(stop_fraction) < 1.0:
-            raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction!r}")
-        self.stop_fraction = float(stop_fraction)
-        self.early_stop = bool(early_stop)
-        self.label_key = label_key
-        self.seed = seed
-        self.bn_eval = bn_eval
-        self.dropout_eval = dropout_eval
-        self.name = "dag"
+    name = "dag"
+    functional = staticmethod(dag_attack)
 
     def full_budget(self) -> "DAG":
         return without_early_stop(self)
-
-    def attack(self, model, x, batch, objective, *, threat: ThreatModel) -> Tensor:
-        return dag_attack(model, x, batch, objective, threat=threat, steps=self.steps, gamma=self.gamma,
-                          target=self.target, label_key=self.label_key, stop_fraction=self.stop_fraction,
-                          early_stop=self.early_stop, seed=self.seed, bn_eval=self.bn_eval,
-                          dropout_eval=self.dropout_eval)
