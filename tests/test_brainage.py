@@ -20,11 +20,12 @@ from test_regression_task import BRAIN_AGE_METRICS
 
 def test_a_few_epochs_beat_predicting_the_mean_age(data_dir, tmp_path):
     cfg = compose_config("train", ["task=brainage", "data.num_subjects=160", "data.image_size=16",
-                                   "data.batch_size=16", "model.dropout=0.0", "trainer.max_epochs=8"], tmp_path)
+                                   "data.batch_size=16", "model.dropout=0.0", "trainer.max_epochs=16"], tmp_path)
+    torch.manual_seed(0)  # before the model is built: its initialisation must not depend on earlier tests
+    # 8 epochs ended at 0.83x the mean predictor's MAE with this seed (above the 0.8 bar); 16 end at 0.44-0.54x (seeds 0-2)
     datamodule, module = build_data_and_module(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.trainer.max_epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    torch.manual_seed(0)
     trainer.fit(module, datamodule=datamodule)
     module.eval()
     errors, baseline = [], []

@@ -63,9 +63,14 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
     table = json.loads(tables[-1].read_text())  # the last one logged holds the whole history
     got = {(int(r[0]), r[2], float(r[4]), r[6]): float(r[7]) for r in table["data"]}
     want = {(r["epoch"], r["attack"], r["eps"], r["metric"]): r["value"] for r in rows if r["split"] == "val"}
-    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "flags",
-                                "sample"]
+    assert table["columns"] == ["epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "points",
+                                "flags", "sample"]
     assert got == pytest.approx(want)
+    # which points each metric was read at, as robustness.csv says (accuracy at first failures, the rest worst-case)
+    points = {(int(r[0]), r[2], float(r[4]), r[6]): r[8] for r in table["data"]}
+    assert points == {(r["epoch"], r["attack"], r["eps"], r["metric"]): r["points"] for r in rows if r["split"] == "val"}
+    assert {r["points"] for r in rows if r["eps"] > 0 and r["metric"] == "accuracy"} == {"first_failure"}
+    assert {r["points"] for r in rows if r["eps"] > 0 and r["metric"] == "auroc"} == {"worst_loss"}
     # the gradient-masking verdict of each split's last evaluation, as robustness.csv has it (offline runs keep
     # the W&B summary in their binary log; the flags table is the file they write)
     for split in ("val", "test"):

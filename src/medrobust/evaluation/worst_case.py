@@ -61,17 +61,9 @@ class CurvePoints:
     worst_kind: str
 
 
-def robustness_curve(
-    attack: Perturbation,
-    model: Callable,
-    x: Tensor,
-    batch: Mapping,
-    objective: Any,
-    *,
-    eps_values: Sequence[float | Tensor],
-    bounds: tuple[float, float] | None,
-    worst_case: bool = True,
-) -> CurvePoints:
+def robustness_curve(attack: Perturbation, model: Callable, x: Tensor, batch: Mapping, objective: Any, *,
+                     eps_values: Sequence[float | Tensor], bounds: tuple[float, float] | None,
+                     worst_case: bool = True) -> CurvePoints:
     """First-failure and worst-loss points of ``attack`` for each of ``eps_values`` (non-decreasing, model units,
     floats or per-sample ``(B,)`` tensors). ``worst_case=False``: the first-failure points serve every metric
     (the cheaper evaluation; its continuous metrics are then labelled :data:`FIRST_FAILURE`)."""
