@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 Index = slice | Tensor | list | int
@@ -69,29 +70,16 @@ def _index_tree(value: Any, index: slice | Tensor, batch_size: int) -> Any:
     return value
 
 
-def _normal_tensors(value: Any) -> Any:
-    """Clone inference tensors (e.g. a batch collated under ``inference_mode``) so autograd may save them."""
-    if isinstance(value, Tensor):
-        if value.is_inference():
-            with torch.inference_mode(False):
-                return value.clone()
-        return value
-    if isinstance(value, Mapping):
-        return {key: _normal_tensors(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and any(isinstance(item, (Tensor, Mapping, list, tuple)) for item in value):
-        return _rebuild(value, [_normal_tensors(item) for item in value])
+def _normal_tensor(value: Tensor) -> Tensor:
+    """A clone of an inference tensor (e.g. a batch collated under ``inference_mode``), so autograd may save it."""
+    if value.is_inference():
+        with torch.inference_mode(False):
+            return value.clone()
     return value
-
-
-def _rebuild(sequence: list | tuple, items: list) -> list | tuple:
-    """``items`` in the container type of ``sequence`` (list, tuple or namedtuple)."""
-    if hasattr(sequence, "_fields"):
-        return type(sequence)(*items)
-    return type(sequence)(items) if isinstance(sequence, tuple) else list(items)
 
 
 def prepare(x: Tensor, batch: Mapping) -> tuple[Tensor, dict]:
     """Detached, non-inference copies of the images ``(B, C, *spatial)`` and of the batch's tensors."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"attacks perturb floating-point images, got {getattr(x, 'dtype', type(x))}")
-    return _normal_tensors(x.detach()), _normal_tensors(dict(batch))
+    return _normal_tensor(x.detach()), apply_to_collection(dict(batch), Tensor, _normal_tensor)

@@ -8,16 +8,15 @@ An attack is written against an *objective* with two per-sample methods (the tas
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from medrobust.attacks.core.batch import _rebuild
 from medrobust.attacks.core.frozen_norm import frozen_norm_gradients
 
 
@@ -92,13 +91,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 # -- the objective in fp32 ---------------------------------------------------------------------------
 def _float32(value: Any) -> Any:
     """Half / bfloat16 tensors (anywhere in a tuple, list or dict) cast to float32."""
-    if isinstance(value, Tensor):
-        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    if isinstance(value, Mapping):
-        return {key: _float32(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return _rebuild(value, [_float32(item) for item in value])
-    return value
+    return apply_to_collection(value, Tensor, lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
 
 
 def _no_autocast(device_type: str):

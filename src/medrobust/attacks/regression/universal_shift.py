@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from medrobust.attacks.core.base import check_at_least, check_positive
@@ -125,15 +126,7 @@ def _images(batch: Mapping, image_key: str) -> Tensor:
 
 def _to_device(value: Any, device: torch.device | str | None) -> Any:
     """Tensors anywhere in a batch (dicts, lists, tuples) moved to ``device``; ``None`` leaves them."""
-    if device is None:
-        return value
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # namedtuples pass as they are
-        return type(value)(_to_device(item, device) for item in value)
-    return value
+    return value if device is None else apply_to_collection(value, Tensor, lambda t: t.to(device))
 
 
 def _ladder(group_sizes: Sequence[int], pool_size: int) -> list[int]:
