@@ -39,6 +39,12 @@ def _cell(row: dict) -> tuple:
     return row["epoch"], row["split"], row["attack"], row["eps"], row["metric"]
 
 
+def _metrics_for(kind: str, metrics: dict, success: str) -> dict:
+    """The success metric alone for the first-failure points, every other metric for the worst-loss points (each
+    metric computed once per cell: HD95 on 3-D volumes is not cheap)."""
+    return {name: metric for name, metric in metrics.items() if (name == success) == (kind == "success")}
+
+
 @dataclass
 class Evaluation:
     """What one evaluation found: result rows, the example images, minimum-norm radii per attack, the batch the
@@ -168,6 +174,9 @@ class RobustnessEvaluation(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        # the task's clean metrics first (callbacks run before the module's hook): a task whose success threshold
+        # comes from this validation (segmentation's tau) must be judged with this epoch's value
+        pl_module.finish_clean_validation()
         self._run(trainer, pl_module, trainer.val_dataloaders, "val", self.max_batches)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -211,7 +220,8 @@ class RobustnessEvaluation(Callback):
                   for message in attack.black_box_wins()]
         white_box = [label for label in order if label not in black_box]
         if white_box:  # any other attack in its threat model beating the strongest on a continuous metric
-            directions = {name: metric.higher_is_better for name, metric in pl_module.robust_metrics().items()}
+            directions = {name: metric.higher_is_better for name, metric in pl_module.robust_metrics().items()
+                          if pl_module.attacked_metrics is None or name in pl_module.attacked_metrics}
             flags += check_metric_rows(result.rows, strongest=white_box[-1], directions=directions,
                                        skip=[pl_module.success_metric])
         if split in self.probe_splits and result.probe_batch is not None and adversarial:
@@ -234,7 +244,8 @@ class RobustnessEvaluation(Callback):
         worst-loss points where the attack has a full-budget form (``worst_case``); each row's ``points`` says
         which (:mod:`medrobust.evaluation.worst_case`)."""
         device = pl_module.device
-        cells = {(label, eps, kind): metric_collection(pl_module.robust_metrics()).to(device)
+        success = pl_module.success_metric
+        cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
@@ -273,16 +284,16 @@ class RobustnessEvaluation(Callback):
                             result.examples[label] = (eps, x.detach().cpu(), worst_point.detach().cpu())
         result.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
-        success = pl_module.success_metric
+        order = list(pl_module.robust_metrics())
         for label, attack in self.attacks.items():
             for eps in self.eps:
                 if eps == 0:
                     values = {m: (v, CLEAN) for m, v in clean_values.items()}
                 else:
                     kinds = {"success": FIRST_FAILURE, "other": result.points.get(label, FIRST_FAILURE)}
-                    values = {m: (v, kinds[kind]) for kind in ("other", "success")
-                              for m, v in compute_metrics(cells[label, eps, kind]).items()
-                              if (m == success) == (kind == "success")}
+                    found = {m: (v, kinds[kind]) for kind in ("success", "other")
+                             for m, v in compute_metrics(cells[label, eps, kind]).items()}
+                    values = {m: found[m] for m in order if m in found}  # rows in the task's metric order
                 result.rows.extend(
                     {"epoch": epoch, "split": split, "attack": label, "norm": attack.norm, "eps": eps,
                      "eps_unit": self.eps_unit, "metric": metric, "value": float(value), "points": points}

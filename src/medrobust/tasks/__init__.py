@@ -2,5 +2,6 @@ from medrobust.tasks.base import RobustTask, clean_objective
 from medrobust.tasks.brainage import BrainAgeTask
 from medrobust.tasks.classification import ClassificationTask
 from medrobust.tasks.regression import RegressionTask
+from medrobust.tasks.segmentation import SegmentationTask
 
-__all__ = ["RobustTask", "BrainAgeTask", "ClassificationTask", "RegressionTask", "clean_objective"]
+__all__ = ["RobustTask", "BrainAgeTask", "ClassificationTask", "RegressionTask", "SegmentationTask", "clean_objective"]

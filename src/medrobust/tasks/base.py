@@ -14,6 +14,8 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
 ``intensity``                       native units (HU, raw MR) -> model units, for eps in native units
 ``train_objective``                 ``(module, batch) -> loss``; clean by default, replaced by adversarial training
+``on_clean_validation(values)``     hook with the rank-reduced clean validation metrics, once per validation
+                                    (``finish_clean_validation``): e.g. segmentation's tau from the clean Dice
 
 Declared capabilities (class attributes with defaults; attacks, evaluation and reporting read them here, never
 guess them from names):
@@ -28,6 +30,11 @@ guess them from names):
                                     epoch; ``None``: all. Every metric is in robustness.csv either way
 ``shift_metric = None``             the metric of how far an attack moves the predictions on average (the summary
                                     says so per attack); ``None``: the task has none
+``attacked_metrics = None``         the continuous metrics the task's ``attack_loss`` drives, which the
+                                    ``weaker_attack_wins_<metric>`` check compares across attacks; ``None``: every
+                                    metric with a ``higher_is_better`` direction (a metric the loss does not drive,
+                                    such as segmentation's false-positive volume, may be beaten by a weaker attack
+                                    without saying anything about the attack's strength)
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class RobustTask(L.LightningModule):
     bounded_metrics: tuple[str, ...] = ("accuracy",)  # the success metric is a rate
     curve_metrics: tuple[str, ...] | None = None
     shift_metric: str | None = None
+    attacked_metrics: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -156,8 +164,22 @@ class RobustTask(L.LightningModule):
         self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(compute_metrics(self.val_metrics), prog_bar=True)
+        self.finish_clean_validation()
+
+    def finish_clean_validation(self) -> None:
+        """Log this epoch's clean validation metrics and hand them to :meth:`on_clean_validation`, once: a callback
+        that needs them before the module's ``on_validation_epoch_end`` (Lightning calls callbacks first) may call
+        it earlier; the later call then does nothing. Every rank calls it (the metrics sync)."""
+        if not any(metric.update_count for metric in self.val_metrics.values()):
+            return  # finished already this epoch, or nothing was validated
+        values = compute_metrics(self.val_metrics)
+        self.log_dict(values, prog_bar=True)
         self.val_metrics.reset()
+        self.on_clean_validation(values)
+
+    def on_clean_validation(self, values: dict[str, torch.Tensor]) -> None:
+        """Called with the rank-reduced clean validation metrics (``val/<metric>``) at the end of each validation,
+        sanity check included; e.g. a threshold derived from the clean model (segmentation's tau)."""
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
