@@ -5,7 +5,8 @@
 - ``gradient``: FGSM, PGD, APGD; ``minimum_norm``: FMN, DeepFool, C&W; ``black_box``: Square;
   ``group``: universal perturbations;
 - task families, for attacks that only make sense there: ``classification`` (targeted attacks, the
-  convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG).
+  convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG, SegPGD, CosPGD, the
+  lowest-Dice ensemble).
 
 Functional form (adv_lib style)::
 
@@ -53,7 +54,10 @@ from medrobust.attacks.regression.directional import (
     with_clean_prediction,
 )
 from medrobust.attacks.regression.universal_shift import DEFAULT_GROUP_SIZES, universal_shift
+from medrobust.attacks.segmentation.cospgd import CosPGD, cospgd_attack
 from medrobust.attacks.segmentation.dag import DAG, dag_attack
+from medrobust.attacks.segmentation.ensemble import SegEnsemble, seg_ensemble_attack
+from medrobust.attacks.segmentation.segpgd import SegPGD, segpgd_attack
 from medrobust.losses.classification import dlr_loss, margin_loss, targeted_dlr_loss
 
 # names that moved to medrobust.evaluation, resolved on first use: the evaluation imports the attacks, so an
@@ -75,12 +79,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "APGD", "Attack", "AttackResult", "BiasField", "CORRUPTIONS", "CWL2", "Cascade", "ClassifierObjective",
-    "Corruption", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS", "FGSM", "FMN",
-    "GaussianBlur", "GaussianNoise", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS", "PGD",
-    "RicianNoise", "SUITES", "ShiftObjective", "Square", "Targeted", "TargetedObjective", "ThreatModel",
-    "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve", "batch_view", "build_suite",
-    "check_rows", "cw_l2_attack", "dag_attack", "deepfool_attack", "directional_attack", "dlr_loss", "fgsm",
-    "fgsm_attack", "fit_universal_perturbation", "fmn_attack", "index_batch", "margin_loss", "minimal_perturbation",
-    "pgd", "pgd_attack", "pick_targets", "probe_model", "resolve_eps", "robust_accuracy", "square_attack",
-    "targeted_dlr_loss", "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
+    "Corruption", "CosPGD", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS",
+    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
+    "PGD", "RicianNoise", "SUITES", "SegEnsemble", "SegPGD", "ShiftObjective", "Square", "Targeted",
+    "TargetedObjective", "ThreatModel", "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve",
+    "batch_view", "build_suite", "check_rows", "cospgd_attack", "cw_l2_attack", "dag_attack", "deepfool_attack",
+    "directional_attack", "dlr_loss", "fgsm", "fgsm_attack", "fit_universal_perturbation", "fmn_attack",
+    "index_batch", "margin_loss", "minimal_perturbation", "pgd", "pgd_attack", "pick_targets", "probe_model",
+    "resolve_eps", "robust_accuracy", "seg_ensemble_attack", "segpgd_attack", "square_attack", "targeted_dlr_loss",
+    "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
 ]

@@ -54,6 +54,11 @@ class Cascade(Attack):
         self.stage_counts: list[int] = []  # samples each stage attacked in the last call
         self.reset_stats()
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The task members any stage needs (a segmentation-only stage keeps the cascade off classifiers)."""
+        return tuple(dict.fromkeys(member for stage in self.stages for member in stage.requires))
+
     def reset_stats(self) -> None:
         """Zero the running per-stage tallies: samples attacked and samples fooled, over all calls since."""
         self.attacked = {stage: 0 for stage in self.stage_names}
@@ -146,6 +151,25 @@ def standard_suite(norm: str = "linf", steps: int = 100, queries: int = 1000, se
     return Cascade(stages, name="standard")
 
 
+def segmentation_suite(norm: str = "linf", steps: int = 100, queries: int = 1000, seed: int = 0) -> Cascade:
+    """The standard cascade for segmentation: APGD on the task's loss (Dice + CE, where APGD-CE stands for
+    classifiers), SegPGD, CosPGD, the lowest-Dice APGD ensemble, then Square (black-box, Linf) on the survivors:
+    the gradient-masking check. Each gradient stage takes ``steps``; segmentation tasks only (``requires``). The
+    ensemble leaves out its Dice + CE member: early-stopped, it would repeat the first stage from the same start."""
+    from medrobust.attacks.black_box.square import Square
+    from medrobust.attacks.gradient.apgd import APGD
+    from medrobust.attacks.segmentation.cospgd import CosPGD
+    from medrobust.attacks.segmentation.ensemble import SegEnsemble
+    from medrobust.attacks.segmentation.segpgd import SegPGD
+
+    ensemble = SegEnsemble(norm, steps=steps, losses=("segpgd", "cospgd", "margin"), seed=seed)
+    stages = {"apgd": APGD(norm, steps=steps, loss="default", seed=seed), "segpgd": SegPGD(norm, steps=steps),
+              "cospgd": CosPGD(norm, steps=steps, seed=seed), "seg-ensemble": ensemble}
+    if norm == "linf":
+        stages["square"] = Square(queries=queries, seed=seed)
+    return Cascade(stages, name="segmentation")
+
+
 def curve_suite(norm: str = "linf", steps: int = 10, verify_steps: int = 3) -> MinimumNormCurve:
     """FMN radii for the whole curve (from DeepFool's start; a short run, so its eps-ball adapts by
     ``CURVE_GAMMA`` at first), the radii's verdicts checked by PGD warm-started from the FMN points."""
@@ -156,7 +180,8 @@ def curve_suite(norm: str = "linf", steps: int = 10, verify_steps: int = 3) -> M
                             name="fmn-curve")
 
 
-SUITES: dict[str, Callable[..., Attack]] = {"quick": quick_suite, "standard": standard_suite, "curve": curve_suite}
+SUITES: dict[str, Callable[..., Attack]] = {"quick": quick_suite, "standard": standard_suite, "curve": curve_suite,
+                                            "segmentation": segmentation_suite}
 
 
 def build_suite(name: str, norm: str = "linf") -> Attack:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from medrobust.attacks.core.base import Attack, check_fraction, check_positive, without_early_stop
 from medrobust.attacks.core.batch import index_batch, prepare
+from medrobust.attacks.core.objectives import StepLoss
 from medrobust.attacks.core.options import at_least, flag, hyperparameters
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.steps import ascent_step, per_sample_step, start_point
@@ -56,7 +57,9 @@ def pgd_attack(
         model: the forward, ``(B, C, *spatial) -> output``.
         x: clean images ``(B, C, *spatial)``, inside ``threat.bounds``.
         batch: the batch dict (labels etc.) the objective reads; its ``"image"`` is not used.
-        objective: has ``attack_loss(output, batch) -> (B,)`` and ``is_correct(output, batch) -> (B,)``.
+        objective: has ``attack_loss(output, batch) -> (B,)`` and ``is_correct(output, batch) -> (B,)``. A
+            :class:`~medrobust.attacks.core.objectives.StepLoss` climbs ``objective.at_step(t, steps)`` at
+            step ``t`` (1-based) of each run, its points ranked by its ``attack_loss`` (SegPGD).
         threat: norm (``linf``, ``l2`` or ``l1``), eps (float or ``(B,)``, model units) and bounds.
         steps: gradient steps per run.
         step_size: absolute step, float or ``(B,)``; default ``2.5 * eps / steps``.
@@ -134,8 +137,10 @@ def _run(model, objective, work: WorkingSet, threat: ThreatModel, tracker: BestT
     """One PGD run over the working set from ``x_adv``, offering every judged point to ``tracker``."""
     box = linf_box(work.x, work.eps, threat.bounds) if threat.norm == "linf" else None
     widths = l1_widths(x_adv[0].numel(), l1_sparsity, steps)
+    scheduled = objective if isinstance(objective, StepLoss) else None  # a loss per step (SegPGD's schedule)
     for i in range(steps):
-        loss, grad, correct = loss_and_grad(model, objective, x_adv, work.batch)
+        climbed = objective if scheduled is None else scheduled.at_step(i + 1, steps)
+        loss, grad, correct = loss_and_grad(model, climbed, x_adv, work.batch)
         rising = tracker.update(work.idx, x_adv, loss, correct)
         if box is None:  # L2, L1: step, then back into ball and bounds
             x_adv = constrain(work.x, ascent_step(x_adv, grad, threat.norm, work.step, l1_width=widths[i],

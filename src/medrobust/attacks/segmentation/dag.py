@@ -1,12 +1,13 @@
 """DAG, Dense Adversary Generation (Xie et al., "Adversarial Examples for Semantic Segmentation and Object
 Detection", ICCV 2017), for segmentation logits ``(B, K, *spatial)`` against integer masks.
 
-Every pixel / voxel gets an adversarial target label ``t`` (a wrong class). Each iteration, over the set
-``T`` of pixels the model still gets right, DAG ascends ``sum_{p in T} z_t(p) - z_y(p)`` with a step
-normalized by its Linf norm (``r / ||r||_inf``, scaled by ``gamma``); pixels already fooled drop out of the
-sum, so the step concentrates on those still standing. Unlike the paper (unconstrained, ``gamma`` in
-0-255 units), the perturbation is kept in the threat model's eps ball and bounds and ``gamma`` is relative
-to eps.
+Every pixel / voxel gets an adversarial target label ``t`` (a wrong class; with the seed-001 structure targets,
+``"swap:a,b"`` and ``"dilate:a,b"``, only the two structures' voxels get one and the rest is left alone). Each
+iteration, over the set ``T`` of attacked pixels the model still gets right, DAG ascends
+``sum_{p in T} z_t(p) - z_y(p)`` with a step normalized by its Linf norm (``r / ||r||_inf``, scaled by
+``gamma``); pixels already fooled drop out of the sum, so the step concentrates on those still standing. Unlike
+the paper (unconstrained, ``gamma`` in 0-255 units), the perturbation is kept in the threat model's eps ball and
+bounds and ``gamma`` is relative to eps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from medrobust.attacks.core.base import Attack, check_positive, without_early_stop
-from medrobust.attacks.core.batch import attack_key, prepare
+from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
 from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
 from medrobust.attacks.core.threat import (
@@ -30,25 +31,14 @@ from medrobust.attacks.core.threat import (
     lp_norm,
 )
 from medrobust.attacks.core.tracking import AttackResult, BestTracker, WorkingSet
-
-TARGETS = ("random", "next", "nearest")
-_TARGET = attack_key("dense_target")  # the per-pixel targets travel in the batch dict, so WorkingSet indexes them too
-
-
-def _labels(labels: Tensor, logits: Tensor) -> Tensor:
-    """Integer masks ``(B, *spatial)`` from ``(B, *spatial)`` or ``(B, 1, *spatial)``, checked against logits."""
-    if labels.ndim == logits.ndim and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"DAG needs masks of shape (B, *spatial) or (B, 1, *spatial) matching the logits "
-                         f"{tuple(logits.shape)} (B, K, *spatial); got labels of shape {tuple(labels.shape)}")
-    return labels.long()
-
-
-def _check_target(name: str, target: str | Tensor | None) -> str | Tensor | None:
-    if not (target is None or isinstance(target, Tensor) or target in TARGETS):
-        raise ValueError(f"unknown DAG {name} {target!r}; expected None, one of {TARGETS} or a (B, *spatial) tensor")
-    return target
+from medrobust.attacks.segmentation.dense import (
+    DENSE_OUTPUT,
+    DENSE_TARGET_KEY,
+    check_target,
+    dense_labels,
+    predicted_right,
+    target_map,
+)
 
 
 def _check_stop_fraction(name: str, value: float) -> float:
@@ -57,33 +47,14 @@ def _check_stop_fraction(name: str, value: float) -> float:
     return float(value)
 
 
-def _targets(target: str | Tensor | None, logits: Tensor, labels: Tensor, seed: int | None) -> Tensor:
-    """Adversarial target class per pixel ``(B, *spatial)`` (never the label, except for a given tensor)."""
-    k = logits.shape[1]
-    if isinstance(target, Tensor):
-        target = _labels(target.to(labels.device), logits)
-        if bool((target < 0).any()) or bool((target >= k).any()):
-            raise ValueError(f"target classes must be in [0, {k}), got values in "
-                             f"[{int(target.min())}, {int(target.max())}]")
-        return target
-    target = "random" if target is None else target
-    if target == "next":
-        return (labels + 1) % k
-    if target == "nearest":  # the runner-up class at the clean point: the closest decision boundary
-        return logits.scatter(1, labels.unsqueeze(1), float("-inf")).argmax(dim=1)
-    # "random": uniform over the K - 1 wrong classes; CPU generator: the same draw on every device
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, k, tuple(labels.shape), generator=generator).to(labels.device)
-    return (labels + shift) % k
-
-
 class _DenseAdversary:
     """The DAG objective: ``attack_loss`` is ``sum_{correct p} z_t(p) - z_y(p)``; ``is_correct`` says whether
-    the sample is still standing (more than ``stop_fraction`` of its pixels right, and the task objective's
-    own ``is_correct`` when ``use_objective``).
+    the sample is still standing (more than ``stop_fraction`` of its attacked pixels right, and the task
+    objective's own ``is_correct`` when ``use_objective``). Attacked pixels: those whose target is not their
+    label (all of them, but for structure targets); a sample with none is done at once.
 
-    After each call, ``fraction`` ``(B,)`` is the pixel accuracy and ``score`` ``(B,)`` what the best point
-    is chosen by: the pixel error rate, ties broken (within ``1 / n_pixels``) towards the point whose
+    After each call, ``fraction`` ``(B,)`` is the attacked pixels' accuracy and ``score`` ``(B,)`` what the best
+    point is chosen by: their error rate, ties broken (within ``1 / n_pixels``) towards the point whose
     standing pixels are closest to flipping, so that a run flipping nothing still returns its best effort.
     """
 
@@ -95,13 +66,15 @@ class _DenseAdversary:
         self.score: Tensor | None = None
 
     def attack_loss(self, output: Tensor, batch: dict) -> Tensor:
-        labels = _labels(batch[self.label_key], output).unsqueeze(1)
-        active = output.argmax(dim=1, keepdim=True) == labels  # the set T of pixels still correct
-        gap = output.gather(1, batch[_TARGET].unsqueeze(1)) - output.gather(1, labels)
+        labels = dense_labels(batch[self.label_key], output, "DAG").unsqueeze(1)
+        target = batch[DENSE_TARGET_KEY].unsqueeze(1)
+        attacked = target != labels  # a voxel whose target is its label (structure targets) is left alone
+        active = predicted_right(output, labels[:, 0]).unsqueeze(1) & attacked  # the set T of pixels still correct
+        gap = output.gather(1, target) - output.gather(1, labels)
         loss = (gap * active).flatten(1).sum(dim=1)
         with torch.no_grad():
             standing = active.flatten(1).sum(dim=1)
-            pixels = active[0].numel()
+            pixels = attacked.flatten(1).sum(dim=1).clamp_min(1)
             self.fraction = standing.float() / pixels
             closeness = torch.sigmoid(loss.detach().float() / standing.clamp_min(1))  # in (0, 1): a tie-breaker
             self.score = (pixels - standing + closeness) / pixels
@@ -114,7 +87,7 @@ class _DenseAdversary:
         return standing
 
 
-@hyperparameters(threat=norm_in(DENSE_NORMS, "DAG"), steps=at_least(1), gamma=check_positive, target=_check_target,
+@hyperparameters(threat=norm_in(DENSE_NORMS, "DAG"), steps=at_least(1), gamma=check_positive, target=check_target,
                  stop_fraction=_check_stop_fraction, early_stop=flag)
 def dag_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any = None, *, threat: ThreatModel,
                steps: int = 50, gamma: float = 0.5, target: str | Tensor | None = None, stop_fraction: float = 0.0,
@@ -135,8 +108,12 @@ def dag_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any = None
         gamma: step size as a fraction of eps (the step's Linf or L2 norm is ``gamma * eps``).
         target: per-pixel adversarial class: ``"random"`` (default, as in the paper; a uniform wrong class,
             drawn with ``seed``), ``"next"`` (``(y + 1) % K``), ``"nearest"`` (the runner-up class at the
-            clean point, usually the strongest) or a tensor ``(B, *spatial)``.
-        stop_fraction: a sample is done once the fraction of its pixels still correct is ``<= stop_fraction``
+            clean point, usually the strongest), the seed-001 structure targets ``"swap:a,b"`` (structures
+            ``a`` and ``b`` exchange labels) and ``"dilate:a,b[,r]"`` (``a`` grown ``r`` voxels, default 1, into
+            its neighbour ``b``), or a tensor ``(B, *spatial)``; see
+            :func:`~medrobust.attacks.segmentation.dense.dense_targets`. Pixels whose target is their label
+            are not attacked.
+        stop_fraction: a sample is done once the fraction of its attacked pixels still correct is ``<= stop_fraction``
             (0: the paper's "no pixel left").
         early_stop: also stop on ``objective.is_correct`` being false (ignored without an objective).
         seed: seed of the ``"random"`` targets; ``None`` uses torch's global RNG.
@@ -158,14 +135,7 @@ def dag_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any = None
         tracker = BestTracker(x, prefer_success=True)
         if threat.max_eps() == 0 and not return_result:
             return tracker.x_adv
-        with torch.no_grad():  # one clean forward for K and the targets
-            logits = model(x)
-        if not isinstance(logits, Tensor) or logits.ndim != x.ndim or logits.shape[1] < 2:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"DAG needs segmentation logits (B, K >= 2, *spatial) for images {tuple(x.shape)}, "
-                             f"got {shape}")
-        logits = logits.float()
-        batch[_TARGET] = _targets(target, logits, _labels(batch[label_key], logits), seed)
+        batch[DENSE_TARGET_KEY] = target_map(model, x, batch[label_key], target, seed, "DAG")
         work = WorkingSet.full(x, batch, eps, gamma * eps)
         _run(model, dense, work, threat, tracker, steps if threat.max_eps() > 0 else 0)
     result = tracker.result()
@@ -201,7 +171,7 @@ class DAG(Attack):
         norm: ``"linf"`` or ``"l2"`` (the ball the perturbation stays in, and the step normalization).
         steps: maximum iterations (>= 1).
         gamma: step as a fraction of eps.
-        target: ``None`` / ``"random"``, ``"next"`` or ``"nearest"``.
+        target: ``None`` / ``"random"``, ``"next"``, ``"nearest"``, ``"swap:a,b"`` or ``"dilate:a,b[,r]"``.
         stop_fraction: done when at most this fraction of a sample's pixels is still correct.
         early_stop: also stop a sample once ``objective.is_correct`` is false.
         label_key: where the integer masks ``(B, *spatial)`` / ``(B, 1, *spatial)`` are in the batch.
@@ -213,6 +183,7 @@ class DAG(Attack):
 
     name = "dag"
     functional = staticmethod(dag_attack)
+    requires = DENSE_OUTPUT  # segmentation tasks only; RobustnessEvaluation checks it at setup
 
     def full_budget(self) -> "DAG":
         return without_early_stop(self)
