@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 
 from medrobust.attacks.core.base import CurveAttack, Perturbation
+from medrobust.datamodules.base import SplitDataModule
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
@@ -45,13 +46,22 @@ def _metrics_for(kind: str, metrics: dict, success: str) -> dict:
     return {name: metric for name, metric in metrics.items() if (name == success) == (kind == "success")}
 
 
+def _example(pl_module, eps: float, x, x_adv, clean_output, batch, forward_context) -> tuple:
+    """``(eps, x, x_adv, masks)`` on the CPU for the example grid; ``masks``: the task's label maps to show
+    (segmentation: ground truth, clean and adversarial prediction), ``None`` for the other tasks."""
+    with torch.no_grad(), forward_context():
+        masks = pl_module.example_masks(clean_output, batch, pl_module(x_adv))
+    masks = None if masks is None else {name: mask.detach().cpu() for name, mask in masks.items()}
+    return eps, x.detach().cpu(), x_adv.detach().cpu(), masks
+
+
 @dataclass
 class Evaluation:
     """What one evaluation found: result rows, the example images, minimum-norm radii per attack, the batch the
     masking probes use, and per attack which kind of point its continuous metrics were read at."""
 
     rows: list[dict] = field(default_factory=list)
-    examples: dict = field(default_factory=dict)  # attack -> (eps, x, x_adv) of the first batch at the largest eps
+    examples: dict = field(default_factory=dict)  # attack -> (eps, x, x_adv, masks): first batch, largest eps
     radii: dict[str, torch.Tensor] = field(default_factory=dict)
     probe_batch: tuple | None = None
     points: dict[str, str] = field(default_factory=dict)
@@ -281,7 +291,8 @@ class RobustnessEvaluation(Callback):
                                 cells[label, eps, kind].update(*pl_module.metric_inputs(pl_module(point), batch,
                                                                                         reference=clean_output))
                         if index == 0 and eps == self.eps[-1]:
-                            result.examples[label] = (eps, x.detach().cpu(), worst_point.detach().cpu())
+                            result.examples[label] = _example(pl_module, eps, x, worst_point, clean_output, batch,
+                                                              forward_context)
         result.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
         order = list(pl_module.robust_metrics())
@@ -317,15 +328,18 @@ class RobustnessEvaluation(Callback):
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:
-        for label, (eps, x, x_adv) in (self.last.examples if self.last else {}).items():
+        for label, (eps, x, x_adv, masks) in (self.last.examples if self.last else {}).items():
             path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(eps)}.png"
-            save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)")
+            save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)",
+                              masks=masks)
 
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:
         net = getattr(trainer.lightning_module, "net", None)
         notes = [f"Model: {type(net).__name__}"] if net is not None else []
         notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
+        if isinstance(trainer.datamodule, SplitDataModule):
+            notes += trainer.datamodule.summary_notes("test")
         success = trainer.lightning_module.success_metric
         points = {row["attack"]: row["points"] for row in self.history  # what the non-success metrics were read at
                   if row["split"] == "test" and row["metric"] != success and row.get("points") not in (None, "", CLEAN)}

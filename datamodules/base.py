@@ -28,6 +28,10 @@ class SplitDataModule(L.LightningDataModule):
         self.data_train = self.data_val = self.data_test = None
         self._aug_generator: torch.Generator | None = None
 
+    def summary_notes(self, split: str) -> list[str]:
+        """Lines about the data of ``split`` for the run's ``summary.md`` (e.g. a human baseline); none by default."""
+        return []
+
     def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 

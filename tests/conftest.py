@@ -29,10 +29,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_for(data_dir, lidc_mini_db):
+def msd_tiny_root(tmp_path_factory) -> str:
+    """A small Decathlon-layout dataset (6 cases of 32 x 32 x 8, NIfTI written with nibabel) for task=msd."""
+    from medrobust.data.msd_example import write_example_dataset
+
+    return str(write_example_dataset(tmp_path_factory.mktemp("msd") / "Task00_Tiny", "msd", n_cases=6,
+                                     shape=(32, 32, 8)))
+
+
+@pytest.fixture(scope="session")
+def tiny_for(data_dir, lidc_mini_db, msd_tiny_root):
     """``tiny_for(task)``: overrides for a tiny run of that task, ``debug=tiny`` (LIDC: a few dozen real nodules,
     here from the mini annotation DB this session builds; brain age: a few dozen small phantom brains)."""
-    built = {"lidc": [f"data.annotation_db={lidc_mini_db}"]}  # data only a fixture can make
+    built = {  # data only a fixture can make
+        "lidc": [f"data.annotation_db={lidc_mini_db}"],
+        "lidc_seg": [f"data.annotation_db={lidc_mini_db}"],
+        "msd": [f"data.root={msd_tiny_root}", f"data.cache_dir={msd_tiny_root}_cache"],
+    }
     return lambda task: [f"task={task}", DEBUG, *built.get(task, [])]
 
 

@@ -237,6 +237,11 @@ def test_pgd_and_the_worst_case_curve_run_through_the_task(dims):
     metrics.update(*task.metric_inputs(task(curve.worst[1]), batch, reference=task(x)))
     values = compute_metrics(metrics)
     assert all(torch.isfinite(value) for value in values.values()) and values["pred_change"] > 0
+    masks = task.example_masks(task(x), batch, task(curve.worst[1]))  # the example grids' rows
+    assert list(masks) == ["ground truth", "clean prediction", "adversarial prediction"]
+    assert all(mask.shape == batch["label"].shape for mask in masks.values())
+    assert torch.equal(masks["clean prediction"], batch["label"])
+    assert not torch.equal(masks["adversarial prediction"], batch["label"])
 
 
 # -- arguments ------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from medrobust.resolvers import register_resolvers
+
 log = logging.getLogger("medrobust")
+register_resolvers()  # before any config is composed or instantiated
 
 
 def build_data_and_module(cfg: DictConfig):

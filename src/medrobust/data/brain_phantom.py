@@ -170,7 +170,7 @@ def render_image(grid: BuildGrid, labels: np.ndarray, rng: np.random.Generator, 
     csf, gm = rng.normal(0.25, 0.04), rng.normal(0.66, 0.03)  # relative to white matter
     contrast = np.array([0.0, csf, csf, gm, 1.0])
     tissue_image = (contrast * wm).astype(np.float32)[labels]
-    out_mm = FOV_MM / image_size
+    out_mm = image_spacing_mm(image_size)
     # partial volume of the coarser output voxels: blur before sampling (sigma ~ 0.4 output voxels)
     tissue_image = ndimage.gaussian_filter(tissue_image, 0.4 * out_mm / grid.spacing_mm, truncate=2.5)
     # output voxel index -> build-grid index: q = centre + L^-1 (p - shift), p = (i - (n - 1) / 2) * out_mm
@@ -186,6 +186,11 @@ def render_image(grid: BuildGrid, labels: np.ndarray, rng: np.random.Generator, 
     noisy = np.hypot(signal * bias + rng.normal(0.0, sigma, shape), rng.normal(0.0, sigma, shape))  # Rician
     image = np.clip(np.rint(noisy), 0, np.iinfo(np.uint16).max).astype(np.uint16)
     return image, label_map.astype(np.uint8), linear
+
+
+def image_spacing_mm(image_size: int) -> float:
+    """The output image's voxel size (mm): the fixed field of view over ``image_size`` voxels."""
+    return FOV_MM / image_size
 
 
 def grid_spacing_mm(image_size: int) -> float:

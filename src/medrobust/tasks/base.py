@@ -123,6 +123,11 @@ class RobustTask(L.LightningModule):
     def robust_metrics(self) -> dict:
         raise NotImplementedError
 
+    def example_masks(self, output: Any, batch: dict, adversarial_output: Any) -> dict[str, torch.Tensor] | None:
+        """Label maps ``(B, *spatial)`` the example grids overlay on the images (name -> map), from the clean and
+        adversarial outputs of one batch; ``None``: the task has none (classification, regression)."""
+        return None
+
     def clean_metrics(self) -> dict:
         """The metrics of the plain validation / test loops: ``robust_metrics`` without those that compare an
         adversarial prediction with the clean one (always 0 on clean images)."""
