@@ -1,6 +1,6 @@
 # make test   set up .venv from scratch (CPU torch, no torchvision) and run the test suite
 # make demo   set up and run `python train.py task=lidc adv=pgd` on the embedded LIDC phantom
-# make bench  set up and print the benchmark ratios (training cost, attack engine, attack memory)
+# make bench  set up and print the benchmark ratios (training cost, attack engine, attack memory, HD95)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,3 +28,4 @@ bench: setup
 	$(PY) bench/bench_training.py --task brainage --epochs 4
 	$(PY) bench/bench_attacks.py
 	$(PY) bench/bench_attack_memory.py
+	$(PY) bench/bench_metrics.py

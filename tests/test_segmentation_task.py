@@ -278,3 +278,74 @@ def test_bad_batches_name_what_was_expected():
     windowed = SegmentationTask(_net(2), num_classes=3, roi_size=[4, 4, 4]).eval()
     with pytest.raises(ValueError, match="module.roi_size"):
         windowed(torch.zeros(1, 1, 8, 8))
+
+
+# -- HD95: our torch port against MONAI's compute_hausdorff_distance -------------------------------------
+def _monai_hd95(pred_hot, label_hot, spacing):
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty masks: MONAI warns and gives inf / NaN, compared separately
+        return compute_hausdorff_distance(pred_hot.float(), label_hot.float(), include_background=True,
+                                          percentile=95, spacing=spacing).double()
+
+
+def _blob_labels(n: int, shape: tuple, classes: int, seed: int) -> torch.Tensor:
+    """Smoothed-noise label maps ``(n, *shape)``: blobs of irregular shape, some touching the border."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, classes, *shape, generator=generator)
+    pool = F.avg_pool2d if len(shape) == 2 else F.avg_pool3d
+    for _ in range(2):
+        noise = pool(noise, 5, 1, 2)
+    return noise.argmax(dim=1)
+
+
+@pytest.mark.parametrize("shape", ((48, 40), (17, 29), (14, 12, 16)))
+@pytest.mark.parametrize("with_spacing", (False, True))
+def test_hd95_equals_monai_on_random_blobs(shape, with_spacing):
+    from medrobust.tasks.segmentation_metrics import hd95_per_class, one_hot
+    classes, n = 4, 5
+    pred, label = _blob_labels(n, shape, classes, 0), _blob_labels(n, shape, classes, 1)
+    spacing = torch.rand(n, len(shape), generator=torch.Generator().manual_seed(2)) * 2 + 0.3 if with_spacing else None
+    ours = hd95_per_class(pred, label, classes, spacing=spacing)
+    reference = _monai_hd95(one_hot(pred, classes, False), one_hot(label, classes, False),
+                            None if spacing is None else spacing.tolist())
+    assert torch.isfinite(reference).all()  # every pair non-empty: the comparison covers all of them
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dims", (2, 3))
+def test_hd95_equals_monai_on_tiny_masks(dims):
+    """Single voxels, corners and masks touching the border, with anisotropic spacing."""
+    from medrobust.tasks.surface_distance import percentile_hausdorff
+    shape = (5, 7, 6)[:dims]
+    pred, label = torch.zeros(6, *shape, dtype=torch.bool), torch.zeros(6, *shape, dtype=torch.bool)
+    pred[(0,) + (0,) * dims] = True                       # single voxel in a corner ...
+    label[(0,) + tuple(s - 1 for s in shape)] = True      # ... against the opposite corner
+    pred[1] = True                                        # the whole image ...
+    label[(1,) + (2,) * dims] = True                      # ... against a single voxel
+    pred[(2, slice(None))] = True                         # a slab along axis 0, touching the border
+    label[(2, slice(None), 3)] = True
+    pred[(3,) + (1,) * dims] = True                       # identical single voxels: 0
+    label[(3,) + (1,) * dims] = True
+    pred[4, 1:4, 2:5] = True                              # a box against its shifted copy
+    label[4, 2:5, 1:4] = True
+    pred[(5, 0)] = True                                   # border row against a full image
+    label[5] = True
+    spacing = torch.tensor([0.7, 2.5, 1.3][:dims]).expand(6, dims)
+    ours = percentile_hausdorff(pred, label, spacing)
+    reference = _monai_hd95(pred[:, None], label[:, None], spacing.tolist())[:, 0]
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=0)
+    assert ours[3] == 0
+
+
+def test_hd95_empty_masks_keep_their_rules():
+    from medrobust.tasks.segmentation_metrics import hd95_per_class, image_diagonal
+    label = torch.zeros(2, 8, 8, dtype=torch.long)
+    pred = label.clone()
+    label[0, 2:4, 2:4] = 1  # class 1: predicted empty in sample 0; class 2 empty everywhere
+    spacing = torch.tensor([[1.0, 2.0], [0.5, 0.5]])
+    values = hd95_per_class(pred, label, 3, spacing=spacing)
+    assert values[0, 0] == pytest.approx(image_diagonal((8, 8), spacing, 2)[0].item())
+    assert values[1].tolist() == [0.0, 0.0] and values[0, 1] == 0
