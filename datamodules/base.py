@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -10,18 +11,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medrobust.data.patches import load_npz, stable_seed
+from medrobust.data.intensity import IntensityWindow
+from medrobust.data.patches import load_npz, save_npz_atomic, stable_seed
+
+SPLITS = ("train", "val", "test")
 
 
 class SplitDataModule(L.LightningDataModule):
     """Loaders over ``data_train`` / ``data_val`` / ``data_test`` and batch augmentation on the device.
 
-    Subclasses set ``data_*`` in ``setup`` (from :meth:`cached_arrays`), the attributes ``seed``, ``batch_size``,
-    ``num_workers``, ``augment``, and implement :meth:`cache_path`, :meth:`_build` and :meth:`augment_images`.
-    ``augment_name`` keys the augmentation's seed.
+    Subclasses set the attributes ``seed``, ``batch_size``, ``num_workers``, ``augment``, ``split``, and implement
+    :meth:`cache_path`, :meth:`_build`, :meth:`_assign` and :meth:`_dataset` (``setup`` joins them) and, when they
+    augment, :meth:`draw_spatial` (plus :meth:`augment_intensity` for image-only changes). ``augment_name`` keys the
+    augmentation's seed; ``mask_keys`` names the batch entries that are maps on the image's grid (a segmentation's
+    ``label``, readers' masks): they move with the image.
     """
 
     augment_name = "augment"
+    mask_keys: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,8 +39,32 @@ class SplitDataModule(L.LightningDataModule):
         """Lines about the data of ``split`` for the run's ``summary.md`` (e.g. a human baseline); none by default."""
         return []
 
-    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # -- augmentation: one spatial draw per batch for the image and its masks, intensity changes for the image only
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The random spatial transform of this batch (e.g. :func:`~medrobust.datamodules.augment.draw_flip_rot90`),
+        applicable to any ``(B, ..., *spatial)`` tensor without interpolation."""
         raise NotImplementedError
+
+    def augment_intensity(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Image-only changes after the spatial transform; none by default (and no draws)."""
+        return images
+
+    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.augment_intensity(self.draw_spatial(images, generator)(images), generator)
+
+    def augment_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """The image augmented, and every ``mask_keys`` entry moved by the same spatial draw (values and dtype kept)."""
+        images = batch["image"]
+        n_spatial = images.dim() - 2
+        for key in self.mask_keys:
+            shape = tuple(batch[key].shape)
+            if shape[:1] != images.shape[:1] or shape[len(shape) - n_spatial :] != tuple(images.shape[2:]):
+                raise ValueError(f"{type(self).__name__}: batch[{key!r}] of shape {list(shape)} is not a map on the "
+                                 f"grid of batch['image'] {list(images.shape)}")  # fmt: skip
+        spatial = self.draw_spatial(images, generator)
+        out = {**batch, "image": self.augment_intensity(spatial(images), generator)}
+        out.update({key: spatial(batch[key]) for key in self.mask_keys})
+        return out
 
     # -- the on-disk cache of one setting: subclasses implement cache_path() and _build() -> arrays
     def cache_path(self) -> Path:
@@ -74,8 +105,35 @@ class SplitDataModule(L.LightningDataModule):
             if self._aug_generator is None:
                 seed = stable_seed(self.augment_name, self.seed, self.trainer.global_rank)
                 self._aug_generator = torch.Generator().manual_seed(seed)
-            batch = {**batch, "image": self.augment_images(batch["image"], self._aug_generator)}
+            batch = self.augment_batch(batch, self._aug_generator)
         return batch
+
+    # -- setup: load the cache, assign samples to splits, build one dataset per split
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cache, assign every sample a split (:meth:`_assign`) and build the datasets (:meth:`_dataset`)."""
+        if self.data_train is not None:
+            return
+        arrays = self.cached_arrays()
+        assign = self._assign(arrays)
+        sets = [self._dataset(arrays, np.flatnonzero(assign == k), name) for k, name in enumerate(SPLITS)]
+        self.data_train, self.data_val, self.data_test = sets
+        self._log_setup()
+
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Split index (0 train, 1 val, 2 test) per sample of ``arrays``."""
+        raise NotImplementedError
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        """The dataset of the samples ``idx`` (sorted) of ``arrays``, which form split ``split``."""
+        raise NotImplementedError
+
+    def _log_setup(self) -> None:
+        """Log what ``setup`` built; nothing by default."""
+
+    def _write_cache(self, arrays: dict[str, np.ndarray], **meta) -> dict[str, np.ndarray]:
+        """Save ``arrays`` at :meth:`cache_path` with the settings (``_settings()``) and ``meta``; returns them."""
+        save_npz_atomic(self.cache_path(), {**self._settings(), **meta}, **arrays)
+        return arrays
 
 
 def default_cache_dir(source: str, root: str, dataset: str) -> str:
@@ -99,3 +157,39 @@ def check_floats(key: str, value, n: int) -> tuple[float, ...]:
     if len(out) != n:
         raise ValueError(f"data.{key} must be a list of {n} numbers, got {list(out)}")
     return out
+
+
+def check_split(split) -> tuple[float, float, float]:
+    """``data.split``: train / val / test fractions, each >= 0, train > 0, summing to 1."""
+    split = check_floats("split", split, 3)
+    if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+    return split
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices or isinstance(value, bool):
+        raise ValueError(f"data.{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"data.{key} must be true or false, got {value!r}")
+
+
+def check_split_counts(counts: dict[str, int], split, what: str, hint: str) -> None:
+    """Every split asked for (fraction > 0) got some ``what`` and train at least two; else name the knob (``hint``)."""
+    if any(split[k] > 0 and counts[name] == 0 for k, name in enumerate(SPLITS)) or counts["train"] < 2:
+        raise ValueError(f"data: {sum(counts.values())} {what} are too few for split {list(split)} "
+                         f"({what} per split {counts}); {hint}")  # fmt: skip
+
+
+def image_item(stored: np.ndarray, window: IntensityWindow) -> torch.Tensor:
+    """One cached image (native units, any dtype) as float32 ``(1, *spatial)`` in model units."""
+    image = window.to_model(stored.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+
+
+def check_spatial_dims(value) -> None:
+    if value not in (2, 3) or isinstance(value, bool):
+        raise ValueError(f"data.spatial_dims must be 2 or 3, got {value!r}")

@@ -32,13 +32,14 @@ from torch.utils.data import Dataset
 
 from medrobust.data.brain_anatomy import ATLAS_VERSION
 from medrobust.data.intensity import IntensityWindow
-from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
-from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
+from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
+from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
+from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
+from medrobust.datamodules.base import check_choice, check_int, check_split, check_split_counts
 
 log = logging.getLogger("medrobust")
 
 SOURCES = ("phantom", "nifti")
-SPLITS = ("train", "val", "test")
 PHANTOM_VERSION = 1  # bump when the phantom changes, so old caches miss
 NIFTI_VERSION = 1  # bump when the NIfTI preprocessing changes
 STORED_UNIT = IntensityWindow(0.0, 65535.0, unit="uint16 code")  # how cached NIfTI volumes ([0, 1]) are stored
@@ -62,9 +63,8 @@ class BrainAgeDataset(Dataset):
         return len(self.ages)
 
     def __getitem__(self, i: int) -> dict:
-        image = self.decode.to_model(self.images[i].astype(np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": image_item(self.images[i], self.decode),
             "label": torch.tensor(self.ages[i], dtype=torch.float32),
             "features": torch.from_numpy(self.features[i]),
             "subject_id": self.subject_ids[i],
@@ -151,8 +151,7 @@ class BrainAgeDataModule(SplitDataModule):
         spacing_mm: float | None = None,
     ):
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
+        check_choice("source", source, SOURCES)
         check_int("image_size", image_size, 8)
         check_int("num_subjects", num_subjects, 3)
         for key, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0)):
@@ -163,17 +162,14 @@ class BrainAgeDataModule(SplitDataModule):
         if not 0 <= age_range[0] < age_range[1] <= 150:
             raise ValueError(f"data.age_range must be (low, high) years with 0 <= low < high <= 150, "
                              f"got {list(age_range)}")  # fmt: skip
-        split = check_floats("split", split, 3)
-        if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
-            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        split = check_split(split)
         percentiles = check_floats("intensity_percentiles", intensity_percentiles, 2)
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise ValueError(f"data.intensity_percentiles must be (low, high) with 0 <= low < high <= 100, "
                              f"got {list(percentiles)}")  # fmt: skip
         if spacing_mm is not None and not (isinstance(spacing_mm, (int, float)) and 0.1 <= spacing_mm <= 20):
             raise ValueError(f"data.spacing_mm must be null or a number in [0.1, 20] mm, got {spacing_mm!r}")
-        if not isinstance(augment, bool):
-            raise ValueError(f"data.augment must be true or false, got {augment!r}")
+        check_bool("augment", augment)
         if feature_columns is not None and (isinstance(feature_columns, str) or
                                             not all(isinstance(c, str) for c in feature_columns)):  # fmt: skip
             raise ValueError(f"data.feature_columns must be null or a list of column names, got {feature_columns!r}")
@@ -244,54 +240,48 @@ class BrainAgeDataModule(SplitDataModule):
                                    self.percentiles)  # fmt: skip
             arrays = {"images": np.rint(STORED_UNIT.to_native(volumes)).astype(np.uint16),
                       "subject_ids": np.asarray([ids[i] for i in chosen], dtype=str)}  # fmt: skip
-        save_npz_atomic(self.cache_path(), {**self._settings(), "n_subjects": len(chosen)}, **arrays)
-        return arrays
+        return self._write_cache(arrays, n_subjects=len(chosen))
 
     # ------------------------------------------------------------------------------------ setup
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache, split by subject and standardise features with the training split."""
-        if self.data_train is not None:
-            return
-        arrays = self.cached_arrays()
-        ids = arrays["subject_ids"].tolist()
-        if self.source == "phantom":
-            ages, volumes, label_maps = arrays["ages"], arrays["volumes_ml"], arrays["label_maps"]
-        else:  # ages and volumes from the table, which may have been corrected since the images were cached
-            ages, volumes, label_maps = self.table.ages[self._chosen()], self.table.volumes[self._chosen()], None
-        decode = self.intensity if self.source == "phantom" else STORED_UNIT
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Age-stratified subjects (:func:`split_subjects`); sets the training split's age and feature statistics."""
+        if self.source == "nifti":  # ages and volumes from the table, which may have been corrected since caching
+            arrays.update(ages=self.table.ages[self._chosen()], volumes_ml=self.table.volumes[self._chosen()])
+        ages, volumes = arrays["ages"], arrays["volumes_ml"]
         assign = split_subjects(ages, self.split, self.seed)
-        counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
-        empty = [name for k, name in enumerate(SPLITS) if self.split[k] > 0 and counts[name] == 0]
-        if empty or counts["train"] < 2:
-            raise ValueError(f"data: {len(ids)} subjects are too few for split {list(self.split)} "
-                             f"(counts {counts}); raise data.num_subjects / data.max_subjects")  # fmt: skip
+        self.split_counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
+        check_split_counts(self.split_counts, self.split, "subjects", "raise data.num_subjects / data.max_subjects")
         train = assign == 0
         self.age_mean, self.age_std = float(ages[train].mean()), float(max(ages[train].std(), 1e-6))
         self.features_mean = volumes[train].mean(axis=0).astype(np.float32)
         std = volumes[train].std(axis=0)
         self.features_std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant column stays 0
-        sets = []
-        for k in range(3):
-            idx = np.flatnonzero(assign == k)
-            sets.append(BrainAgeDataset(arrays["images"][idx], ages[idx], volumes[idx], [ids[i] for i in idx], decode,
-                                        self.features_mean, self.features_std,
-                                        None if label_maps is None else label_maps[idx]))  # fmt: skip
-        self.data_train, self.data_val, self.data_test = sets
-        self.split_counts = counts
+        return assign
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        decode = self.intensity if self.source == "phantom" else STORED_UNIT
+        label_maps = arrays["label_maps"][idx] if "label_maps" in arrays else None  # phantom only
+        return BrainAgeDataset(arrays["images"][idx], arrays["ages"][idx], arrays["volumes_ml"][idx],
+                               arrays["subject_ids"][idx].tolist(), decode, self.features_mean, self.features_std,
+                               label_maps)  # fmt: skip
+
+    def _log_setup(self) -> None:
+        sets = (self.data_train, self.data_val, self.data_test)
         log.info(
             "brain age %s (%d^3): %s subjects; age mean %.1f, sd %.1f years (train); %d features %s",
             self.source, self.image_size,
-            ", ".join(f"{name} {n} (ages {_age_span(s)})" for (name, n), s in zip(counts.items(), sets)),
+            ", ".join(f"{name} {n} (ages {_age_span(s)})" for (name, n), s in zip(self.split_counts.items(), sets)),
             self.age_mean, self.age_std, self.num_features, self.feature_names,
         )  # fmt: skip
 
-    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return flip_left_right(images, generator)
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
+        """Left-right flips (X, RAS) only: brains are nearly symmetric, up-down ones are not."""
+        return draw_flip_rot90(images.shape[0], images.dim() - 2, generator, axes=(0,), rotate=False)
+
 
 def flip_left_right(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Flip each sample of ``(B, C, X, Y, Z)`` (RAS: X is left -> right) along X with probability 1/2."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
-    return torch.where(flip.reshape(-1, *[1] * (images.dim() - 1)), images.flip(2), images)
+    return draw_flip_rot90(images.shape[0], images.dim() - 2, generator, axes=(0,), rotate=False)(images)
 
 
 def _age_span(dataset: BrainAgeDataset) -> str:

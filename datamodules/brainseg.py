@@ -32,13 +32,14 @@ from torch.utils.data import Dataset
 from medrobust.data.brain_anatomy import ATLAS_VERSION
 from medrobust.data.brain_phantom import NATIVE_WINDOW, TISSUE_LABELS, generate_subjects, image_spacing_mm
 from medrobust.data.intensity import IntensityWindow
-from medrobust.data.patches import save_npz_atomic, settings_key
-from medrobust.datamodules.base import SplitDataModule, check_floats, check_int
+from medrobust.data.patches import settings_key
+from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
+from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_floats, image_item
+from medrobust.datamodules.base import check_int, check_spatial_dims, check_split, check_split_counts
 from medrobust.datamodules.brainage import split_subjects
 
 log = logging.getLogger("medrobust")
 
-SPLITS = ("train", "val", "test")
 PHANTOM_VERSION = 1  # bump when the slicing or the phantom changes, so old caches miss
 DEFAULT_IMAGE_SIZE = {2: 64, 3: 40}  # voxels per side: a 2-D slice, a 3-D volume (sized for a 2-core CPU)
 DEFAULT_BATCH_SIZE = {2: 32, 3: 4}  # comparable voxels per batch
@@ -58,9 +59,8 @@ class BrainSegDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        image = self.intensity.to_model(self.images[i].astype(np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": image_item(self.images[i], self.intensity),
             "label": torch.from_numpy(self.labels[i].astype(np.int64)),
             "id": self.ids[i],
             "subject_id": self.subject_ids[i],
@@ -98,10 +98,14 @@ class BrainSegDataModule(SplitDataModule):
         split: train / val / test fractions of subjects.
         seed: phantom drawing and split.
         batch_size: null: 32 for 2-D, 4 for 3-D; num_workers: of the dataloaders.
+        augment: random left-right flips of training batches, the label maps flipped with their images.
 
     ``intensity`` maps native a.u. ``[0, 1000]`` to ``[0, 1]``; ``num_classes`` / ``class_names`` are the
     phantom's tissue labels (label value = index).
     """
+
+    augment_name = "brainseg-augment"
+    mask_keys = ("label",)  # flipped with the image
 
     def __init__(
         self,
@@ -115,10 +119,10 @@ class BrainSegDataModule(SplitDataModule):
         seed: int = 0,
         batch_size: int | None = None,
         num_workers: int = 0,
+        augment: bool = True,
     ):
         super().__init__()
-        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"data.spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
         image_size = DEFAULT_IMAGE_SIZE[spatial_dims] if image_size is None else image_size
         batch_size = DEFAULT_BATCH_SIZE[spatial_dims] if batch_size is None else batch_size
         for key, value, minimum in (("image_size", image_size, 8), ("slices_per_subject", slices_per_subject, 1),
@@ -129,16 +133,15 @@ class BrainSegDataModule(SplitDataModule):
         if not 0 <= age_range[0] < age_range[1] <= 150:
             raise ValueError(f"data.age_range must be (low, high) years with 0 <= low < high <= 150, "
                              f"got {list(age_range)}")  # fmt: skip
-        split = check_floats("split", split, 3)
-        if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
-            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        split = check_split(split)
+        check_bool("augment", augment)
         self.save_hyperparameters(logger=False)
 
         self.spatial_dims, self.image_size = int(spatial_dims), int(image_size)
         self.slices_per_subject = int(slices_per_subject)
         self.num_subjects, self.age_range, self.split, self.seed = int(num_subjects), age_range, split, int(seed)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.augment = False  # a flip must move image and label together: the base augments images only
+        self.augment = augment
         self.root = self.cache_dir = str(root) if root is not None else os.path.join("data_cache", "brainseg")
         self.intensity, self.input_bounds, self.in_channels = NATIVE_WINDOW, NATIVE_WINDOW.bounds, 1
         self.class_names, self.num_classes = list(TISSUE_LABELS), len(TISSUE_LABELS)
@@ -173,33 +176,34 @@ class BrainSegDataModule(SplitDataModule):
                       "ids": np.asarray([f"{ids[s]}/z{z:03d}" for s, z in picks]),
                       "subject_ids": np.asarray([ids[s] for s, _ in picks]),
                       "ages": drawn["ages"][[s for s, _ in picks]]}  # fmt: skip
-        save_npz_atomic(self.cache_path(), {**self._settings(), "n_samples": len(arrays["ids"])}, **arrays)
-        return arrays
+        return self._write_cache(arrays, n_samples=len(arrays["ids"]))
 
     # ------------------------------------------------------------------------------------ setup
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache and split it by subject."""
-        if self.data_train is not None:
-            return
-        arrays = self.cached_arrays()
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """By subject, age-stratified (:func:`~medrobust.datamodules.brainage.split_subjects`): a subject's slices
+        share a split."""
         sample_subjects = arrays["subject_ids"].astype(str)
         subjects, first = np.unique(sample_subjects, return_index=True)
         assign = split_subjects(arrays["ages"][first], self.split, self.seed)  # per subject
+        self.split_counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
+        check_split_counts(self.split_counts, self.split, "subjects", "raise data.num_subjects")
         split_of = dict(zip(subjects, assign))
-        sample_split = np.array([split_of[s] for s in sample_subjects])
-        counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
-        if any(self.split[k] > 0 and counts[name] == 0 for k, name in enumerate(SPLITS)) or counts["train"] < 2:
-            raise ValueError(f"data: {len(subjects)} subjects are too few for split {list(self.split)} "
-                             f"(subjects per split {counts}); raise data.num_subjects")  # fmt: skip
-        sets = []
-        for k in range(len(SPLITS)):
-            idx = np.flatnonzero(sample_split == k)
-            sets.append(BrainSegDataset(arrays["images"][idx], arrays["labels"][idx], arrays["ids"][idx].tolist(),
-                                        sample_subjects[idx].tolist(), self.intensity, self.spacing_mm))  # fmt: skip
-        self.data_train, self.data_val, self.data_test = sets
-        self.split_counts = counts
+        return np.array([split_of[s] for s in sample_subjects])
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        ids, subjects = arrays["ids"][idx].tolist(), arrays["subject_ids"][idx].astype(str).tolist()
+        return BrainSegDataset(arrays["images"][idx], arrays["labels"][idx], ids, subjects, self.intensity,
+                               self.spacing_mm)  # fmt: skip
+
+    def _log_setup(self) -> None:
+        sets = (self.data_train, self.data_val, self.data_test)
         log.info("brain segmentation %d-D (%d px a side, %.2f mm): subjects %s; samples %s; voxels per class "
                  "(train) %s",
-                 self.spatial_dims, self.image_size, self.spacing_mm, counts,
+                 self.spatial_dims, self.image_size, self.spacing_mm, self.split_counts,
                  {name: len(s) for name, s in zip(SPLITS, sets)},
                  dict(zip(self.class_names, self.data_train.class_voxels(self.num_classes))))  # fmt: skip
+
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
+        """Left-right flips (X, the first spatial axis in 2-D and 3-D): brains are nearly symmetric; the tissue
+        classes are not lateralised, so a flipped label map stays valid."""
+        return draw_flip_rot90(images.shape[0], images.dim() - 2, generator, axes=(0,), rotate=False)

@@ -32,13 +32,14 @@ from medrobust.data.lidc_annotations import (
     nodule_label,
     read_slice_positions,
 )
-from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
-from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
+from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
+from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
+from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
+from medrobust.datamodules.base import check_choice, check_int, check_spatial_dims, check_split
 
 log = logging.getLogger("medrobust")
 
 SOURCES = ("phantom", "dicom")
-SPLITS = ("train", "val", "test")
 PHANTOM_VERSION = 1  # bump when the renderer changes, so old caches miss
 
 
@@ -61,9 +62,8 @@ class LIDCPatchDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        image = self.intensity.to_model(self.images[i].astype(np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": image_item(self.images[i], self.intensity),
             "label": torch.tensor(self.labels[i], dtype=torch.int64),
             "patient_id": self.patient_ids[i],
             "nodule_id": self.nodule_ids[i],
@@ -137,6 +137,7 @@ class LIDCDataModule(SplitDataModule):
     """
 
     augment_name = "lidc-augment"
+    stratum_key = "labels"  # the cached benign (0) / malignant (1) array the splits balance
 
     def __init__(
         self,
@@ -157,14 +158,11 @@ class LIDCDataModule(SplitDataModule):
         augment: bool = True,
     ):
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"data.spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        check_int("patch_size", patch_size, 8)
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        check_int("seed", seed, 0)
+        check_choice("source", source, SOURCES)
+        check_spatial_dims(spatial_dims)
+        for key, value, minimum in (("patch_size", patch_size, 8), ("batch_size", batch_size, 1),
+                                    ("num_workers", num_workers, 0), ("seed", seed, 0)):  # fmt: skip
+            check_int(key, value, minimum)
         if max_nodules is not None:
             check_int("max_nodules", max_nodules, 2)
         if not (isinstance(spacing_mm, (int, float)) and 0.1 <= spacing_mm <= 10):
@@ -172,12 +170,9 @@ class LIDCDataModule(SplitDataModule):
         hu_window = check_floats("hu_window", hu_window, 2)
         if not hu_window[1] > hu_window[0]:
             raise ValueError(f"data.hu_window must be (low, high) with high > low, got {list(hu_window)}")
-        split = check_floats("split", split, 3)
-        if min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
-            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        split = check_split(split)
         check_label_rule(label_rule)
-        if not isinstance(augment, bool):
-            raise ValueError(f"data.augment must be true or false, got {augment!r}")
+        check_bool("augment", augment)
         if source == "dicom":
             if root is None:
                 raise ValueError("data.root must be the LIDC-IDRI DICOM folder for source=dicom, got None")
@@ -224,27 +219,34 @@ class LIDCDataModule(SplitDataModule):
         """The patch cache of the current settings (``lidc_<source>_<hash>.npz`` + ``.json``)."""
         return Path(self.cache_dir) / f"lidc_{self.source}_{settings_key(self._settings())}.npz"
 
-    def _build(self) -> dict[str, np.ndarray]:
-        """Select the labelled nodules, render / read their patches and write the cache."""
+    def _db(self) -> str:
+        return self.annotation_db or default_annotation_db()
+
+    def _nodules(self, rule: str) -> list[Nodule]:
+        """The nodules ``rule`` labels, sorted by id; with ``max_nodules``, a subset of whole patients balanced for
+        that label (:func:`select_subset`)."""
         nodules = load_nodules(self.cache_dir, self.annotation_db, self.spacing_mm)
-        nodules = sorted((n for n in nodules if nodule_label(n.median_malignancy, self.label_rule) is not None),
+        nodules = sorted((n for n in nodules if nodule_label(n.median_malignancy, rule) is not None),
                          key=lambda n: n.nodule_id)  # fmt: skip
-        labels = np.array([nodule_label(n.median_malignancy, self.label_rule) for n in nodules])
         if self.max_nodules is not None and self.max_nodules < len(nodules):
-            keep = select_subset(nodules, labels, self.max_nodules)
-            nodules = [nodules[i] for i in keep]
+            labels = np.array([nodule_label(n.median_malignancy, rule) for n in nodules])
+            nodules = [nodules[i] for i in select_subset(nodules, labels, self.max_nodules)]
+        return nodules
+
+    def _patches(self, nodules: list[Nodule]) -> tuple[list[Nodule], np.ndarray]:
+        """The nodules found and their int16 HU patches ``(N, *patch)``, rendered (phantom) or read (dicom)."""
         if self.source == "phantom":
             from medrobust.data.lung_phantom import render_patches
 
-            images = render_patches(nodules, self.spatial_dims, self.patch_size, self.spacing_mm, self.seed)
-        else:
-            from medrobust.data.lidc_dicom import read_patches
+            return nodules, render_patches(nodules, self.spatial_dims, self.patch_size, self.spacing_mm, self.seed)
+        from medrobust.data.lidc_dicom import read_patches
 
-            db = self.annotation_db or default_annotation_db()
-            slice_z = read_slice_positions(db, sorted({n.scan_id for n in nodules}))
-            nodules, images = read_patches(
-                self.root, nodules, slice_z, self.spatial_dims, self.patch_size, self.spacing_mm
-            )
+        slice_z = read_slice_positions(self._db(), sorted({n.scan_id for n in nodules}))
+        return read_patches(self.root, nodules, slice_z, self.spatial_dims, self.patch_size, self.spacing_mm)
+
+    def _build(self) -> dict[str, np.ndarray]:
+        """Select the labelled nodules, render / read their patches and write the cache."""
+        nodules, images = self._patches(self._nodules(self.label_rule))
         arrays = {
             "images": images,
             "labels": np.array([nodule_label(n.median_malignancy, self.label_rule) for n in nodules], dtype=np.int64),
@@ -254,41 +256,31 @@ class LIDCDataModule(SplitDataModule):
             "texture": np.array([n.texture for n in nodules]),
             "n_readers": np.array([n.n_readers for n in nodules]),
         }
-        save_npz_atomic(self.cache_path(), {**self._settings(), "n_nodules": len(nodules)}, **arrays)
-        return arrays
+        return self._write_cache(arrays, n_nodules=len(nodules))
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache and build the patient-level train / val / test datasets."""
-        if self.data_train is not None:
-            return
-        arrays = self.cached_arrays()
-        assign = split_patients(arrays["patient_ids"], arrays["labels"], self.split, self.seed)
-        sets = []
-        for k, name in enumerate(SPLITS):
-            idx = np.flatnonzero(assign == k)
-            ids = arrays["patient_ids"][idx].tolist(), arrays["nodule_ids"][idx].tolist()
-            sets.append(LIDCPatchDataset(arrays["images"][idx], arrays["labels"][idx], *ids, self.intensity))
-            self.split_counts[name] = sets[-1].class_counts()
-        self.data_train, self.data_val, self.data_test = sets
+    # ------------------------------------------------------------------------------------ setup
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Patient-level, stratified by "patient has a malignant nodule" (:func:`split_patients`)."""
+        return split_patients(arrays["patient_ids"], arrays[self.stratum_key], self.split, self.seed)
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        ids = arrays["patient_ids"][idx].tolist(), arrays["nodule_ids"][idx].tolist()
+        dataset = LIDCPatchDataset(arrays["images"][idx], arrays["labels"][idx], *ids, self.intensity)
+        self.split_counts[split] = dataset.class_counts()
+        return dataset
+
+    def _log_setup(self) -> None:
         log.info(
             "LIDC %s %d-D (%d px at %.2g mm, label_rule=%s): %s",
             self.source, self.spatial_dims, self.patch_size, self.spacing_mm, self.label_rule,
             "; ".join(f"{n} {sum(c)} (benign {c[0]}, malignant {c[1]})" for n, c in self.split_counts.items()),
         )  # fmt: skip
 
-    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augment_batch(images, generator)
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
+        """Random flips of every spatial axis and an in-plane rot90 (a nodule has no preferred orientation)."""
+        return draw_flip_rot90(images.shape[0], images.dim() - 2, generator)
+
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random flips of every spatial axis and a random in-plane rot90: ``(B, C, *spatial)``."""
-    b, nd = images.shape[0], images.dim()
-    shape = [b] + [1] * (nd - 1)
-    out = images
-    for axis in range(2, nd):
-        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device).reshape(shape)
-        out = torch.where(flip, out.flip(axis), out)
-    k = torch.randint(0, 4, (b,), generator=generator).to(images.device).reshape(shape)
-    rotated = out
-    for r in (1, 2, 3):
-        rotated = torch.where(k == r, torch.rot90(out, r, dims=(-2, -1)), rotated)
-    return rotated
+    return draw_flip_rot90(images.shape[0], images.dim() - 2, generator)(images)

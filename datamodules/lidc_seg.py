@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from medrobust.data.intensity import IntensityWindow
-from medrobust.data.lidc_annotations import Nodule, default_annotation_db, load_nodules, nodule_label
-from medrobust.data.patches import save_npz_atomic
+from medrobust.data.lidc_annotations import nodule_label
 from medrobust.data.reader_masks import consensus, nodule_reader_masks, pairwise_dice
-from medrobust.datamodules.lidc import SPLITS, LIDCDataModule, select_subset, split_patients
+from medrobust.datamodules.base import SPLITS, image_item
+from medrobust.datamodules.lidc import LIDCDataModule
 
 log = logging.getLogger("medrobust")
 
@@ -50,9 +50,8 @@ class LIDCSegDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         a = self.arrays
-        image = self.intensity.to_model(a["images"][i].astype(np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "image": image_item(a["images"][i], self.intensity),
             "label": torch.from_numpy(a["labels"][i].astype(np.int64)),
             "reader_masks": torch.from_numpy(np.unpackbits(a["reader_masks"][i], axis=-1, count=self.width).view(bool)),
             "n_readers": torch.tensor(a["n_readers"][i], dtype=torch.int64),
@@ -69,31 +68,7 @@ class LIDCSegDataset(Dataset):
         return float(values.mean()) if values.size else float("nan")
 
 
-class MaskAugmentation:
-    """Mixin for a :class:`~medrobust.datamodules.base.SplitDataModule` whose batches carry masks on the image's
-    grid (``mask_keys``): the shared augmentation moves them with the image."""
-
-    mask_keys: tuple[str, ...] = ("label",)
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Flip / rotate the masks with their image: they ride along as extra channels of one tensor, so one
-        random draw moves all (the shared augmentation only sees ``batch["image"]``)."""
-        image = batch["image"]
-        extra = [batch[k].reshape(image.shape[0], -1, *image.shape[2:]).to(image.dtype) for k in self.mask_keys]
-        packed = torch.cat([image, *extra], dim=1)
-        out = super().on_after_batch_transfer({**batch, "image": packed}, dataloader_idx)["image"]
-        if out is packed:  # not a training batch, or augmentation off
-            return batch
-        moved = dict(batch, image=out[:, : image.shape[1]])
-        start = image.shape[1]
-        for key, part in zip(self.mask_keys, extra):
-            values = out[:, start : start + part.shape[1]].reshape(batch[key].shape)
-            moved[key] = values.round().to(batch[key].dtype)
-            start += part.shape[1]
-        return moved
-
-
-class LIDCSegDataModule(MaskAugmentation, LIDCDataModule):
+class LIDCSegDataModule(LIDCDataModule):
     """LIDC nodule masks as 2-D slices or 3-D patches, phantom or DICOM; two classes: background, nodule.
 
     Args are :class:`~medrobust.datamodules.lidc.LIDCDataModule`'s, without ``label_rule``: every nodule is kept.
@@ -102,7 +77,8 @@ class LIDCSegDataModule(MaskAugmentation, LIDCDataModule):
     """
 
     augment_name = "lidc-seg-augment"
-    mask_keys = ("label", "reader_masks")
+    mask_keys = ("label", "reader_masks")  # flipped / rotated with the image
+    stratum_key = "malignant"
 
     def __init__(
         self,
@@ -143,28 +119,9 @@ class LIDCSegDataModule(MaskAugmentation, LIDCDataModule):
     def cache_path(self) -> Path:
         return super().cache_path().with_name(super().cache_path().name.replace("lidc_", "lidc_seg_", 1))
 
-    def _patches(self, nodules: list[Nodule]) -> tuple[list[Nodule], np.ndarray]:
-        """The nodules found and their int16 HU patches ``(N, *patch)``, rendered (phantom) or read (dicom)."""
-        if self.source == "phantom":
-            from medrobust.data.lung_phantom import render_patches
-
-            return nodules, render_patches(nodules, self.spatial_dims, self.patch_size, self.spacing_mm, self.seed)
-        from medrobust.data.lidc_annotations import read_slice_positions
-        from medrobust.data.lidc_dicom import read_patches
-
-        slice_z = read_slice_positions(self._db(), sorted({n.scan_id for n in nodules}))
-        return read_patches(self.root, nodules, slice_z, self.spatial_dims, self.patch_size, self.spacing_mm)
-
-    def _db(self) -> str:
-        return self.annotation_db or default_annotation_db()
-
     def _build(self) -> dict[str, np.ndarray]:
         """Every nodule's patch, its readers' masks, their consensus and agreement; writes the cache."""
-        nodules = sorted(load_nodules(self.cache_dir, self.annotation_db, self.spacing_mm), key=lambda n: n.nodule_id)
-        strata = np.array([nodule_label(n.median_malignancy, STRATUM_RULE) for n in nodules])
-        if self.max_nodules is not None and self.max_nodules < len(nodules):
-            nodules = [nodules[i] for i in select_subset(nodules, strata, self.max_nodules)]
-        nodules, images = self._patches(nodules)
+        nodules, images = self._patches(self._nodules(STRATUM_RULE))  # the rule keeps every nodule
         masks, counts = nodule_reader_masks(self._db(), nodules, self.spatial_dims, self.patch_size, self.spacing_mm)
         arrays = {
             "images": images,
@@ -177,21 +134,14 @@ class LIDCSegDataModule(MaskAugmentation, LIDCDataModule):
             "nodule_ids": np.array([n.nodule_id for n in nodules]),
             "diameter_mm": np.array([n.diameter_mm for n in nodules]),
         }
-        save_npz_atomic(self.cache_path(), {**self._settings(), "n_nodules": len(nodules)}, **arrays)
-        return arrays
+        return self._write_cache(arrays, n_nodules=len(nodules))
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache and build the patient-level train / val / test datasets."""
-        if self.data_train is not None:
-            return
-        arrays = self.cached_arrays()
-        assign = split_patients(arrays["patient_ids"], arrays["malignant"], self.split, self.seed)
-        sets = []
-        for k, name in enumerate(SPLITS):
-            idx = np.flatnonzero(assign == k)
-            sets.append(LIDCSegDataset({key: v[idx] for key, v in arrays.items()}, self.intensity, self.spacing_mm))
-            self.split_counts[name], self.reader_agreement[name] = len(idx), sets[-1].agreement()
-        self.data_train, self.data_val, self.data_test = sets
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        dataset = LIDCSegDataset({key: v[idx] for key, v in arrays.items()}, self.intensity, self.spacing_mm)
+        self.split_counts[split], self.reader_agreement[split] = len(idx), dataset.agreement()
+        return dataset
+
+    def _log_setup(self) -> None:
         log.info(
             "LIDC nodule masks, %s %d-D (%d px at %.2g mm): %s",
             self.source, self.spatial_dims, self.patch_size, self.spacing_mm,

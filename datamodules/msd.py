@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 from medrobust.data.intensity import IntensityWindow
 from medrobust.data.msd import load_case, read_dataset
 from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
-from medrobust.datamodules.base import SplitDataModule, check_floats, check_int, default_cache_dir
-from medrobust.datamodules.lidc import augment_batch
-from medrobust.datamodules.lidc_seg import MaskAugmentation
+from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
+from medrobust.datamodules.base import SPLITS, SplitDataModule, default_cache_dir
+from medrobust.datamodules.base import check_floats, check_int, check_spatial_dims, check_split
 
 log = logging.getLogger("medrobust")
 
-SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when reading or preprocessing changes, so old caches miss
 
 
@@ -122,7 +121,7 @@ class SameShapeBatchSampler(BatchSampler):
         return sum(1 for _ in self)
 
 
-class MSDDataModule(MaskAugmentation, SplitDataModule):
+class MSDDataModule(SplitDataModule):
     """A Decathlon / nnU-Net v2 dataset folder as a segmentation DataModule.
 
     Args:
@@ -141,6 +140,7 @@ class MSDDataModule(MaskAugmentation, SplitDataModule):
     """
 
     augment_name = "msd-augment"
+    mask_keys = ("label",)  # flipped / rotated with the image
 
     def __init__(
         self,
@@ -163,8 +163,7 @@ class MSDDataModule(MaskAugmentation, SplitDataModule):
         super().__init__()
         if root is None or not os.path.isdir(str(root)):
             raise FileNotFoundError(f"data.root must be a Decathlon / nnU-Net v2 dataset folder, got {root!r}")
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"data.spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
         for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0),
                                 ("samples_per_volume", samples_per_volume, 1)):  # fmt: skip
             check_int(key, value, low)
@@ -183,9 +182,7 @@ class MSDDataModule(MaskAugmentation, SplitDataModule):
         self.percentiles = check_floats("percentiles", percentiles, 2)
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"data.percentiles must be 0 <= low < high <= 100, got {list(percentiles)}")
-        self.split = check_floats("split", split, 3)
-        if min(self.split) < 0 or self.split[0] <= 0 or abs(sum(self.split) - 1) > 1e-6:
-            raise ValueError(f"data.split must be 3 fractions >= 0 (train > 0) summing to 1, got {list(split)}")
+        self.split = check_split(split)
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction!r}")
         self.save_hyperparameters(logger=False)
@@ -241,22 +238,23 @@ class MSDDataModule(MaskAugmentation, SplitDataModule):
             raise ValueError(f"data.split {list(self.split)}: {n} cases in {self.root} leave no training case")
         return np.split(order, np.cumsum(counts)[:-1])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.data_train is not None:
-            return
-        arrays = self.cached_arrays()
-        store = CaseStore(self.cache_path().with_suffix(""), arrays["case_ids"].tolist(), arrays["spacings"])
-        sets = []
-        for name, cases in zip(SPLITS, self.split_cases(len(store.case_ids))):
-            cases = sorted(cases.tolist())
-            if self.spatial_dims == 2:
-                items = [(c, z) for c in cases for z in range(store.label(c).shape[2])]
-            else:
-                items = [(c, None) for c in cases for _ in range(self.samples_per_volume if name == "train" else 1)]
-            crop = self.patch_size if name == "train" else None
-            sets.append(MSDSamples(store, items, crop, self.foreground_fraction))
-            self.split_counts[name] = len(cases)
-        self.data_train, self.data_val, self.data_test = sets
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        self._store = CaseStore(self.cache_path().with_suffix(""), arrays["case_ids"].tolist(), arrays["spacings"])
+        assign = np.full(len(self._store.case_ids), -1)
+        for k, cases in enumerate(self.split_cases(len(assign))):
+            assign[cases] = k
+        return assign
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        store, cases = self._store, idx.tolist()
+        if self.spatial_dims == 2:
+            items = [(c, z) for c in cases for z in range(store.label(c).shape[2])]
+        else:
+            items = [(c, None) for c in cases for _ in range(self.samples_per_volume if split == "train" else 1)]
+        self.split_counts[split] = len(cases)
+        return MSDSamples(store, items, self.patch_size if split == "train" else None, self.foreground_fraction)
+
+    def _log_setup(self) -> None:
         log.info("%s (%s layout) %d-D, %d channel(s), classes %s: %s cases", self.spec.name, self.spec.layout,
                  self.spatial_dims, self.in_channels, self.class_names,
                  ", ".join(f"{n} {c}" for n, c in self.split_counts.items()))  # fmt: skip
@@ -269,5 +267,6 @@ class MSDDataModule(MaskAugmentation, SplitDataModule):
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
-    def augment_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augment_batch(images, generator)
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
+        """Random flips of every axis and an in-plane rot90, applied to the image and its label alike."""
+        return draw_flip_rot90(images.shape[0], images.dim() - 2, generator)

@@ -169,3 +169,57 @@ def test_example_grid_with_masks_writes_a_taller_png(seg2d, seg3d, dims, tmp_pat
     assert dense.is_file() and plt.imread(dense).shape[0] > 1.5 * plt.imread(plain).shape[0]  # 6 rows, not 3
     with pytest.raises(ValueError, match=r"masks\['ground truth'\] must have shape \(B, \*spatial\)"):
         save_example_grid(x, x_adv, tmp_path / "bad.png", "bad", masks={"ground truth": label[:, None]})
+
+
+def augmented(dm: BrainSegDataModule, batch: dict, seed: int = 0) -> dict:
+    """``batch`` through the training-time hook, with a fresh generator seeded by ``seed``."""
+    dm._aug_generator = torch.Generator().manual_seed(seed)
+    dm.trainer = type("T", (), {"training": True, "global_rank": 0})()  # a stand-in: the hook reads these only
+    try:
+        return dm.on_after_batch_transfer(batch, 0)
+    finally:
+        dm.trainer, dm._aug_generator = None, None
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_augmentation_flips_the_label_with_the_image(seg2d, seg3d, dims):
+    dm = seg2d if dims == 2 else seg3d
+    assert dm.augment and dm.mask_keys == ("label",)
+    batch = next(iter(dm.train_dataloader()))
+    # a phantom whose label is a function of the image: the image carries the label in its own voxels
+    phantom = {**batch, "image": batch["image"] + 10 * batch["label"][:, None]}
+    out = augmented(dm, phantom)
+    assert torch.equal(torch.div(out["image"][:, 0], 10, rounding_mode="floor").long(), out["label"])
+    assert out["label"].dtype == torch.int64 and out["image"].dtype == torch.float32
+    # the same draw on the real batch: left-right flips of the samples the phantom flipped, nothing else
+    real = augmented(dm, batch)
+    flipped = (real["label"] != batch["label"]).flatten(1).any(1)
+    assert 0 < int(flipped.sum()) < len(flipped)
+    expected = torch.where(flipped.reshape(-1, *[1] * dims), batch["label"].flip(1), batch["label"])
+    assert torch.equal(real["label"], expected) and torch.equal(real["label"], out["label"])
+    assert torch.equal(real["image"], torch.where(flipped.reshape(-1, 1, *[1] * dims), batch["image"].flip(2),
+                                                  batch["image"]))  # fmt: skip
+
+
+def test_augmentation_off_and_on_evaluation_batches_leaves_batches_alone(root, seg2d):
+    batch = next(iter(seg2d.train_dataloader()))
+    assert augmented(BrainSegDataModule(root=root, augment=False, **TINY), batch) is batch
+    assert seg2d.on_after_batch_transfer(batch, 0) is batch  # no trainer: not training
+    with pytest.raises(ValueError, match="data.augment must be true or false, got 'yes'"):
+        BrainSegDataModule(root=root, augment="yes")
+
+
+def test_classification_augmentation_is_bit_identical_to_the_image_only_flip(tmp_path):
+    """brain age (no masks) draws and flips exactly as its former image-only flip did."""
+    from medrobust.datamodules.brainage import BrainAgeDataModule
+
+    def former(images, generator):  # the pre-mask-aware implementation, verbatim
+        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+        return torch.where(flip.reshape(-1, *[1] * (images.dim() - 1)), images.flip(2), images)
+
+    dm = BrainAgeDataModule(root=str(tmp_path))
+    batch = {"image": torch.rand(16, 1, 6, 5, 4), "label": torch.rand(16)}
+    g_new, g_old = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):  # the generators stay in step across batches
+        out = dm.augment_batch(batch, g_new)
+        assert torch.equal(out["image"], former(batch["image"], g_old)) and out["label"] is batch["label"]

@@ -130,3 +130,55 @@ def test_augmentation_moves_the_masks_with_the_image(dm2d):
     assert not torch.equal(out["label"], batch["label"])  # something moved
     kept = out["reader_masks"].flatten(1).sum(1) == batch["reader_masks"].flatten(1).sum(1)
     assert kept.all()  # flips and rotations keep every reader's area
+
+
+def test_augmentation_3d_moves_label_and_reader_masks_with_the_image(lidc_mini_db, tmp_path):
+    dm = LIDCSegDataModule(root=str(tmp_path), annotation_db=lidc_mini_db, spatial_dims=3, patch_size=16,
+                           max_nodules=6, batch_size=6)  # fmt: skip
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    # the image encodes the label and every reader's mask, so any mismatch after the transform shows
+    bits = torch.tensor([2, 4, 8, 16]).reshape(1, 4, 1, 1, 1)
+    code = lambda b: b["label"] + (b["reader_masks"].long() * bits).sum(1)  # noqa: E731
+    out = dm.augment_batch({**batch, "image": code(batch)[:, None].float()}, torch.Generator().manual_seed(1))
+    assert torch.equal(out["image"][:, 0], code(out).float())
+    assert out["label"].dtype == torch.int64 and out["reader_masks"].dtype == torch.bool
+    assert not torch.equal(out["label"], batch["label"])
+    # and the same draw on the real image moves it as it moves the label
+    real = dm.augment_batch(batch, torch.Generator().manual_seed(1))
+    assert torch.equal(real["label"], out["label"]) and torch.equal(real["reader_masks"], out["reader_masks"])
+    values = lambda x: x.flatten(1).sort(1).values  # noqa: E731 -- flips and turns only permute the voxels
+    assert torch.equal(values(real["image"]), values(batch["image"]))
+
+
+def test_mask_of_the_wrong_grid_is_refused_naming_the_key(dm2d):
+    batch = {"image": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2, 8, 7, dtype=torch.int64),
+             "reader_masks": torch.zeros(2, 4, 8, 8, dtype=torch.bool)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"batch\['label'\] of shape \[2, 8, 7\] is not a map on the grid"):
+        dm2d.augment_batch(batch, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 6, 6), (8, 1, 6, 6, 6)])
+def test_classification_augmentation_is_bit_identical_to_the_former_one(shape, tmp_path):
+    """LIDC classification (no masks) draws and transforms exactly as before the mask-aware augmentation."""
+    from medrobust.datamodules.lidc import LIDCDataModule
+
+    def former(images, generator):  # the pre-mask-aware implementation, verbatim
+        b, nd = images.shape[0], images.dim()
+        shape = [b] + [1] * (nd - 1)
+        out = images
+        for axis in range(2, nd):
+            flip = (torch.rand(b, generator=generator) < 0.5).to(images.device).reshape(shape)
+            out = torch.where(flip, out.flip(axis), out)
+        k = torch.randint(0, 4, (b,), generator=generator).to(images.device).reshape(shape)
+        rotated = out
+        for r in (1, 2, 3):
+            rotated = torch.where(k == r, torch.rot90(out, r, dims=(-2, -1)), rotated)
+        return rotated
+
+    dm = LIDCDataModule(root=str(tmp_path))
+    batch = {"image": torch.rand(*shape), "label": torch.randint(0, 2, (shape[0],)), "nodule_id": ["a"] * shape[0]}
+    g_new, g_old = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        out = dm.augment_batch(batch, g_new)
+        assert torch.equal(out["image"], former(batch["image"], g_old)) and out["label"] is batch["label"]

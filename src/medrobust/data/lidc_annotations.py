@@ -25,15 +25,16 @@ import os
 import sqlite3
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from medrobust.data.contours import rasterize, slice_positions
 from medrobust.data.patches import file_fingerprint, load_npz, occupancy_around, save_npz_atomic, settings_key
 
 log = logging.getLogger("medrobust")
@@ -239,63 +240,69 @@ def _split_by_centroid(centroids: np.ndarray) -> list[np.ndarray]:
     return [np.array([i]) for i in range(len(centroids))]
 
 
-# --------------------------------------------------------------------------------- rasterization
-def _fill(mask2d: np.ndarray, pts: np.ndarray, origin: np.ndarray, value: bool) -> None:
-    """Fill (``value=True``) or carve out (``False``) one closed contour, ``pts (n, 2)`` row/col, in place.
-
-    The outline is drawn just outside the lesion, so its own pixels are cleared -- unless that leaves
-    nothing inside (a lesion smaller than the outline's resolution), then the outline is the lesion.
-    """
-    rc = pts - origin
-    canvas = Image.new("1", (mask2d.shape[1], mask2d.shape[0]), 0)
-    ImageDraw.Draw(canvas).polygon(rc[:, ::-1].ravel().tolist(), fill=1, outline=1)  # PIL wants x, y
-    inside = np.array(canvas, dtype=bool)
-    outline = np.zeros_like(mask2d)
-    outline[rc[:, 0], rc[:, 1]] = True
-    interior = inside & ~outline
-    if value:
-        mask2d |= interior if interior.any() else inside | outline
-    else:
-        mask2d &= ~(inside | outline)
+# --------------------------------------------------------------------------------- clusters and their boxes
+def slice_spacing(slice_z: np.ndarray) -> float:
+    """The median slice spacing (mm) of sorted slice positions; 1 for a single slice."""
+    return float(np.median(np.diff(slice_z))) if slice_z.size > 1 else 1.0
 
 
-def rasterize(ann: Annotation, k_of_z: dict[float, int], origin: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Boolean ``(D, H, W)`` mask of one annotation in a box whose voxel 0 is native index ``origin`` (k, row, col)."""
-    mask = np.zeros(shape, dtype=bool)
-    for inclusion in (True, False):  # all inclusions first, then carve exclusions
-        for inc, z, pts in ann.contours:
-            if inc == inclusion:
-                _fill(mask[k_of_z[z] - origin[0]], pts, origin[1:], inclusion)
-    return mask
+def scan_clusters(db_path: str) -> Iterator[tuple[dict, int, list[Annotation]]]:
+    """``(scan header, index, annotations)`` of every clustered lesion, scan by scan; ``index`` numbers a scan's
+    clusters by mean outline z, so ``nodule_id(scan, index)`` is stable (the nodules and the reader masks agree)."""
+    scans, per_scan = read_db(db_path)
+    for sid in sorted(per_scan):
+        scan = scans[sid]
+        tol = max(slice_spacing(scan["slice_z"]), scan["pixel_spacing"])  # outlines on adjacent slices touch
+        groups = cluster_annotations(per_scan[sid], scan["pixel_spacing"], tol)
+        groups.sort(key=lambda g: np.mean([z for a in g for _, z, _ in a.contours]))
+        for index, group in enumerate(groups):
+            yield scan, index, group
 
 
-def _slice_positions(slice_z: np.ndarray, k: np.ndarray, dz: float) -> np.ndarray:
-    """z (mm) of slice indices ``k``; indices past either end (the padding) extrapolate by ``dz``."""
-    inside = np.clip(k, 0, slice_z.size - 1)
-    return slice_z[inside] + (k - inside) * dz
+def nodule_id(scan: dict, index: int) -> str:
+    return f"{scan['patient_id']}:s{scan['scan_id']}:n{index:02d}"
+
+
+def native_box(scan: dict, group: list[Annotation]) -> NativeBox:
+    """The scan's native grid around a cluster's outlines, one background voxel of margin (interpolation tapers)."""
+    slice_z = scan["slice_z"]
+    zs = sorted({z for a in group for _, z, _ in a.contours})
+    k_of_z = {z: int(np.abs(slice_z - z).argmin()) for z in zs}
+    rc = np.concatenate([p for a in group for _, _, p in a.contours])
+    ks = list(k_of_z.values())
+    origin = np.array([min(ks) - 1, rc[:, 0].min() - 1, rc[:, 1].min() - 1])
+    shape = (max(ks) - min(ks) + 3, int(np.ptp(rc[:, 0])) + 3, int(np.ptp(rc[:, 1])) + 3)
+    box_z = slice_positions(slice_z, np.arange(origin[0], origin[0] + shape[0]), slice_spacing(slice_z))
+    return NativeBox(zs, k_of_z, origin, shape, box_z)
+
+
+@dataclass
+class NativeBox:
+    """``k_of_z``: slice of each outline z (``zs``); voxel 0 is native ``origin`` (k, row, col); ``box_z`` in mm."""
+
+    zs: list[float]
+    k_of_z: dict[float, int]
+    origin: np.ndarray
+    shape: tuple[int, int, int]
+    box_z: np.ndarray
+
+    def masks(self, group: list[Annotation]) -> list[np.ndarray]:
+        """Each reader's boolean ``(D, H, W)`` mask in the box (zero-area ones too)."""
+        return [rasterize(a, self.k_of_z, self.origin, self.shape) for a in group]
 
 
 def build_nodule(
     group: list[Annotation], scan: dict, index: int, consensus: float, spacing: float
 ) -> tuple[Nodule | None, str | None]:
     """Rasterize a cluster, take the consensus and resample it. Returns (nodule, None) or (None, reason)."""
-    slice_z, ps = scan["slice_z"], scan["pixel_spacing"]
-    zs = sorted({z for a in group for _, z, _ in a.contours})
-    k_of_z = {z: int(np.abs(slice_z - z).argmin()) for z in zs}
-    rc = np.concatenate([p for a in group for _, _, p in a.contours])
-    ks = list(k_of_z.values())
-    # box padded by one background voxel on every side so interpolation tapers to zero
-    origin = np.array([min(ks) - 1, rc[:, 0].min() - 1, rc[:, 1].min() - 1])
-    shape = (max(ks) - min(ks) + 3, int(np.ptp(rc[:, 0])) + 3, int(np.ptp(rc[:, 1])) + 3)
-    masks = [m for m in (rasterize(a, k_of_z, origin, shape) for a in group) if m.any()]
+    ps, box = scan["pixel_spacing"], native_box(scan, group)
+    origin, shape, box_z = box.origin, box.shape, box.box_z
+    masks = [m for m in box.masks(group) if m.any()]
     if not masks:
         return None, "all outlines have zero area"
     agree = np.mean(masks, axis=0) >= consensus - 1e-9
     if not agree.any():
         return None, f"no voxel reaches {consensus:.0%} reader consensus"
-    dz = float(np.median(np.diff(slice_z))) if slice_z.size > 1 else 1.0
-    box_z = _slice_positions(slice_z, np.arange(origin[0], origin[0] + shape[0]), dz)
-
     kk, ii, jj = np.nonzero(agree)
     zyx = np.column_stack([box_z[kk], (ii + origin[1]) * ps, (jj + origin[2]) * ps])
     centroid = zyx.mean(0)
@@ -308,7 +315,7 @@ def build_nodule(
     occ = occupancy_around(agree, box_z, ps, local_centre, offsets, spacing)
     ratings = lambda key: [a.ratings[key] for a in group]  # noqa: E731
     nod = Nodule(
-        nodule_id=f"{scan['patient_id']}:s{scan['scan_id']}:n{index:02d}",
+        nodule_id=nodule_id(scan, index),
         patient_id=scan["patient_id"],
         scan_id=scan["scan_id"],
         study_uid=scan["study_uid"],
@@ -320,8 +327,8 @@ def build_nodule(
         n_readers=len(group),
         centroid_zyx=tuple(float(c) for c in centroid),
         pixel_spacing=ps,
-        slice_spacing=dz,
-        contour_z=tuple(zs),
+        slice_spacing=slice_spacing(scan["slice_z"]),
+        contour_z=tuple(box.zs),
         volume_mm3=float(occ.sum() * spacing**3),
         occupancy=occ.astype(np.float32),
         occupancy_centre=tuple(int(-f) for f in first),
@@ -331,20 +338,13 @@ def build_nodule(
 
 def parse_nodules(db_path: str, spacing: float = 1.0, consensus: float = 0.5) -> tuple[list[Nodule], dict[str, int]]:
     """All nodules of the database and a ``{reason: count}`` of clusters that could not be used."""
-    scans, per_scan = read_db(db_path)
     nodules, excluded = [], Counter()
-    for sid in sorted(per_scan):
-        scan = scans[sid]
-        dz = float(np.median(np.diff(scan["slice_z"]))) if scan["slice_z"].size > 1 else 1.0
-        tol = max(dz, scan["pixel_spacing"])  # outlines on adjacent slices touch
-        groups = cluster_annotations(per_scan[sid], scan["pixel_spacing"], tol)
-        groups.sort(key=lambda g: np.mean([z for a in g for _, z, _ in a.contours]))
-        for index, group in enumerate(groups):
-            nod, reason = build_nodule(group, scan, index, consensus, spacing)
-            if nod is None:
-                excluded[reason] += 1
-            else:
-                nodules.append(nod)
+    for scan, index, group in scan_clusters(db_path):
+        nod, reason = build_nodule(group, scan, index, consensus, spacing)
+        if nod is None:
+            excluded[reason] += 1
+        else:
+            nodules.append(nod)
     return nodules, dict(excluded)
 
 

@@ -16,31 +16,14 @@ import itertools
 
 import numpy as np
 
-from medrobust.data.lidc_annotations import (
-    MAX_READERS,
-    Annotation,
-    Nodule,
-    _slice_positions,
-    cluster_annotations,
-    rasterize,
-    read_db,
-)
+from medrobust.data.lidc_annotations import MAX_READERS, Annotation, Nodule, native_box, nodule_id, scan_clusters
 from medrobust.data.patches import occupancy_around, patch_offsets
 
 
 def nodule_groups(db_path: str) -> dict[str, tuple[dict, list[Annotation]]]:
     """``nodule_id -> (scan header, the readers' annotations)``, clustered and numbered as
-    :func:`medrobust.data.lidc_annotations.parse_nodules` numbers its nodules (same tolerance, same order)."""
-    scans, per_scan = read_db(db_path)
-    out = {}
-    for sid in sorted(per_scan):
-        scan = scans[sid]
-        dz = float(np.median(np.diff(scan["slice_z"]))) if scan["slice_z"].size > 1 else 1.0
-        groups = cluster_annotations(per_scan[sid], scan["pixel_spacing"], max(dz, scan["pixel_spacing"]))
-        groups.sort(key=lambda g: np.mean([z for a in g for _, z, _ in a.contours]))
-        for index, group in enumerate(groups):
-            out[f"{scan['patient_id']}:s{sid}:n{index:02d}"] = (scan, group)
-    return out
+    :func:`medrobust.data.lidc_annotations.parse_nodules` numbers its nodules (:func:`scan_clusters` for both)."""
+    return {nodule_id(scan, index): (scan, group) for scan, index, group in scan_clusters(db_path)}
 
 
 def reader_masks(
@@ -49,24 +32,12 @@ def reader_masks(
 ) -> np.ndarray:
     """Boolean ``(R, *patch)`` masks of the ``R`` readers with a nonzero outline, on the patch grid centred on
     ``centre_zyx`` (mm); ``*patch`` is ``(H, W)`` (the axial plane through the centre) or ``(D, H, W)``."""
-    slice_z, ps = scan["slice_z"], scan["pixel_spacing"]
-    zs = sorted({z for a in group for _, z, _ in a.contours})
-    k_of_z = {z: int(np.abs(slice_z - z).argmin()) for z in zs}
-    rc = np.concatenate([p for a in group for _, _, p in a.contours])
-    ks = list(k_of_z.values())
-    origin = np.array([min(ks) - 1, rc[:, 0].min() - 1, rc[:, 1].min() - 1])  # one background voxel of margin
-    shape = (max(ks) - min(ks) + 3, int(np.ptp(rc[:, 0])) + 3, int(np.ptp(rc[:, 1])) + 3)
-    dz = float(np.median(np.diff(slice_z))) if slice_z.size > 1 else 1.0
-    box_z = _slice_positions(slice_z, np.arange(origin[0], origin[0] + shape[0]), dz)
-    local_centre = np.asarray(centre_zyx) - np.array([0.0, origin[1] * ps, origin[2] * ps])
+    ps, box = scan["pixel_spacing"], native_box(scan, group)  # the box the nodule's consensus was built in
+    local_centre = np.asarray(centre_zyx) - np.array([0.0, box.origin[1] * ps, box.origin[2] * ps])
     offsets = [patch_offsets(patch_size, spacing) if spatial_dims == 3 else np.zeros(1)]
     offsets += [patch_offsets(patch_size, spacing)] * 2
-    out = []
-    for ann in group:
-        native = rasterize(ann, k_of_z, origin, shape)
-        if native.any():
-            occupancy = occupancy_around(native, box_z, ps, local_centre, offsets, spacing)
-            out.append(occupancy >= 0.5)
+    out = [occupancy_around(native, box.box_z, ps, local_centre, offsets, spacing) >= 0.5
+           for native in box.masks(group) if native.any()]  # fmt: skip
     masks = np.stack(out) if out else np.zeros((0, *(len(o) for o in offsets)), dtype=bool)
     return masks[:, 0] if spatial_dims == 2 else masks
 
