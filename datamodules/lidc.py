@@ -34,7 +34,7 @@ from medrobust.data.lidc_annotations import (
 )
 from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
+from medrobust.datamodules.base import SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
 from medrobust.datamodules.base import check_choice, check_int, check_spatial_dims, check_split
 
 log = logging.getLogger("medrobust")

@@ -30,7 +30,7 @@ from medrobust.data.intensity import IntensityWindow
 from medrobust.data.msd import load_case, read_dataset
 from medrobust.data.patches import file_fingerprint, save_npz_atomic, settings_key, stable_seed
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import SPLITS, SplitDataModule, default_cache_dir
+from medrobust.datamodules.base import SplitDataModule, default_cache_dir
 from medrobust.datamodules.base import check_floats, check_int, check_spatial_dims, check_split
 
 log = logging.getLogger("medrobust")
