@@ -68,6 +68,7 @@ class BrainAgeDataset(Dataset):
             "label": torch.tensor(self.ages[i], dtype=torch.float32),
             "features": torch.from_numpy(self.features[i]),
             "subject_id": self.subject_ids[i],
+            "id": self.subject_ids[i],  # the stable per-sample key every datamodule gives (per-sample training state)
         }
 
 

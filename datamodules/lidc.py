@@ -67,6 +67,7 @@ class LIDCPatchDataset(Dataset):
             "label": torch.tensor(self.labels[i], dtype=torch.int64),
             "patient_id": self.patient_ids[i],
             "nodule_id": self.nodule_ids[i],
+            "id": self.nodule_ids[i],  # the stable per-sample key every datamodule gives (per-sample training state)
         }
 
     def class_counts(self) -> list[int]:

@@ -56,6 +56,7 @@ def test_attributes_shapes_and_range(phantom):
     assert batch["label"].shape == (8,) and batch["label"].dtype == torch.float32
     assert batch["features"].shape == (8, 10) and batch["features"].dtype == torch.float32
     assert len(batch["subject_id"]) == 8 and all(s.startswith("sub-") for s in batch["subject_id"])
+    assert batch["id"] == batch["subject_id"]  # the per-sample key of the batch contract
     x = torch.cat([b["image"] for b in dm.val_dataloader()])
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
     # the brain sits in the middle of the field of view, background around it

@@ -161,6 +161,7 @@ def test_split_is_patient_level_and_covers_every_nodule(lidc_mini_db, tmp_path):
     assert not (train & val or train & test or val & test)
     ids = [it["nodule_id"] for v in items.values() for it in v]
     assert len(ids) == len(set(ids)) == 40
+    assert [it["id"] for v in items.values() for it in v] == ids  # the per-sample key of the batch contract
     assert all(len(v) > 0 for v in items.values())
     assert {s: sum(c) for s, c in dm.split_counts.items()} == {s: len(v) for s, v in items.items()}
     # a unit check of the splitter on the whole mini DB: fractions are roughly honoured
