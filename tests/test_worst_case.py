@@ -112,3 +112,25 @@ def test_a_weaker_attack_reaching_a_worse_continuous_metric_is_flagged_per_metri
     assert [flag.name for flag in flags] == ["weaker_attack_wins_mae"]
     assert "directional_down_linf" in flags[0].message and "20.3" in flags[0].message
     assert check_metric_rows(rows[:2], strongest="directional_down_linf", directions=directions) == []
+
+
+def test_a_cascade_reads_its_continuous_metrics_at_the_worst_of_its_white_box_stages():
+    """The cascade's full-budget form runs each white-box stage on every sample (Square, black-box, stays out) and
+    keeps the highest loss: on the linear regressor it meets the exact worst MAE, as a single PGD does."""
+    from medrobust.attacks import Square
+    from medrobust.evaluation.suites import Cascade, WorstOf
+
+    model, x, batch = _problem((8, 1, 6, 7))
+    cascade = Cascade({"fgsm": FGSM("linf"), "pgd": PGD("linf", steps=10), "square": Square(queries=5)})
+    full = cascade.full_budget()
+    assert isinstance(full, WorstOf) and [type(s).__name__ for s in full.stages] == ["FGSM", "PGD"]
+    assert full.stages[1].early_stop is False
+    eps_values = [0.0, 0.01, 0.04]
+    curve = robustness_curve(cascade, model, x, batch, AbsoluteError(tau=0.1), eps_values=eps_values, bounds=(0, 1))
+    assert curve.worst_kind == WORST_LOSS
+    with torch.no_grad():
+        clean_error, w_l1 = (model(x) - batch["label"]).abs(), model.w.abs().sum()
+        for eps, worst in zip(eps_values, curve.worst):
+            mae = float((model(worst) - batch["label"]).abs().mean())
+            assert mae == pytest.approx(float((clean_error + eps * w_l1).mean()), rel=0.01)
+    assert Cascade({"square": Square(queries=5)}).full_budget() is None  # nothing white-box: labelled instead

@@ -77,10 +77,19 @@ def robustness_curve(attack: Perturbation, model: Callable, x: Tensor, batch: Ma
     return CurvePoints(accuracy_points, worst, WORST_LOSS)
 
 
-def _judge(model: Callable, objective: Any, x_adv: Tensor, batch: Mapping) -> tuple[Tensor, Tensor]:
+def judge(model: Callable, objective: Any, x_adv: Tensor, batch: Mapping) -> tuple[Tensor, Tensor]:
     """Task loss ``(B,)`` and correctness ``(B,)`` at ``x_adv``, no gradients."""
     with torch.no_grad():
         return objective_values(model, objective, x_adv, dict(batch))
+
+
+def keep_worse(model: Callable, objective: Any, batch: Mapping, best: Tensor, best_loss: Tensor,
+               candidate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per sample, ``candidate`` where its task loss beats ``best_loss``, else ``best``; returns the new best
+    point and loss, whether each sample took the candidate, and the candidate's correctness ``(B,)``."""
+    loss, correct = judge(model, objective, candidate, batch)
+    better = loss > best_loss
+    return torch.where(batch_view(better, best), candidate, best), torch.where(better, loss, best_loss), better, correct
 
 
 def _worst_points(full: Perturbation, model, x: Tensor, batch: Mapping, objective, eps_values, bounds,
@@ -88,7 +97,7 @@ def _worst_points(full: Perturbation, model, x: Tensor, batch: Mapping, objectiv
     """Per eps, the highest-loss point per sample among the full-budget run (warm-started from the previous
     worst), the previous worst and the first-failure point (the clean point at eps 0); and the accuracy points."""
     best = x.detach().clone()
-    best_loss, best_correct = _judge(model, objective, best, batch)
+    best_loss, best_correct = judge(model, objective, best, batch)
     worst, accuracy_points = [], []
     fooled = torch.zeros_like(best_correct)
     kept = best.clone()
@@ -96,12 +105,10 @@ def _worst_points(full: Perturbation, model, x: Tensor, batch: Mapping, objectiv
         first_correct = best_correct
         if eps_size(eps) > 0:
             found = full.attack_from(best, model, x, batch, objective, eps=eps, bounds=bounds)
-            for candidate, is_first in ((found, False), (first_point, True)):
-                loss, correct = _judge(model, objective, candidate, batch)
-                first_correct = correct if is_first else first_correct
-                better = loss > best_loss
-                best = torch.where(batch_view(better, x), candidate, best)
-                best_loss, best_correct = torch.where(better, loss, best_loss), torch.where(better, correct, best_correct)
+            best, best_loss, took, correct = keep_worse(model, objective, batch, best, best_loss, found)
+            best_correct = torch.where(took, correct, best_correct)
+            best, best_loss, took, first_correct = keep_worse(model, objective, batch, best, best_loss, first_point)
+            best_correct = torch.where(took, first_correct, best_correct)
         worst.append(best.clone())
         # accuracy: the first-failure point, or the worst point where only that one fools the sample; a sample
         # fooled at a smaller eps keeps that point (it lies inside this ball too), so the curve stays monotone
