@@ -1,14 +1,22 @@
 """Attack-engine cost ratios on the default LIDC phantom and a clean-trained default model, in one run.
 
-    python bench/bench_attacks.py [--epochs 3] [--repeats 9] [--threads 1]
+    python bench/bench_attacks.py [--epochs 3] [--repeats 9] [--threads 1] [--only engine|worst_case|segpgd]
 
 Prints: (1) one PGD step of ours vs a plain reference PGD loop on the same model and batch (target <= 1.0);
 (2) robust-accuracy evaluation time with per-sample early stopping vs without (target <= 0.6, on a model
 with < 50 % robust accuracy); (3) a 6-point curve from the `curve` suite vs six separate PGD runs
 (target <= 0.4 of the time, same accuracies within 1 point); (4) on a brain-age regressor, the worst-case
-curve (continuous metrics at worst-loss points, accuracy at first-failure points) vs the early-stopped one,
-time ratio and the MAE each reports (target <= 1.5x); (5) on the default brain-segmentation model (2-D, 64 x 64,
-batch 32), a SegPGD step vs a plain PGD step (target <= 1.05).
+curve (continuous metrics at worst-loss points, accuracy at first-failure points) vs the early-stopped one
+(the issue's target <= 1.5x, not met: see below) and vs PGD's whole budget at every eps from fresh starts, with
+the MAE each reports and that of a far stronger reference (PGD-50, 3 restarts); (5) on the default
+brain-segmentation model (2-D, 64 x 64, batch 32), a SegPGD step vs a plain PGD step (target <= 1.05).
+
+Why (4) misses 1.5x: the early-stopped curve is nearly free on a regressor most of whose samples are already
+outside the threshold (2.4 gradient passes per sample for the whole 4-eps curve on the benchmark model), while
+any worst case needs the attack's steps on every sample at every eps (40 for PGD-10). Cheaper schedules were
+measured and rejected: 3 or 2 steps per eps after the first, warm-started from the previous worst point scaled
+to the new radius, lose 2-10 % of the MAE at the largest eps; the loss still rises at every one of the 10 steps,
+so a per-sample plateau stop saves nothing.
 
 Timings alternate between the two sides of each ratio and report the median ratio over the rounds, on one
 torch thread by default: on a shared 2-core machine the other jobs' load otherwise swamps the ratios.
@@ -80,8 +88,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads while timing; on a shared machine a second thread mostly waits for a "
                              "core, which swamps the ratios with the other jobs' load")
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
+                        help="run only these comparisons (repeatable); default: all")
     args = parser.parse_args()
-    torch.manual_seed(0)
+    for name in args.only or SECTIONS:
+        torch.manual_seed(0)
+        SECTIONS[name](args)
+
+
+def engine_vs_reference(args) -> None:
+    """Our PGD step vs a plain loop, early stopping vs none, the curve suite vs separate runs (LIDC)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config("train", ["adv=none", "eval=none"], Path(tmp))
         datamodule, module = build_data_and_module(cfg)
@@ -125,9 +141,6 @@ def main() -> None:
     print(f"6-point curve suite / six PGD-{steps} runs, time: {ratio(t, 'curve', 'separate'):.2f}  (target <= 0.4); "
           f"curve weaker than PGD by at most {100 * max(worst, 0):.1f} points (target <= 1)")
 
-    worst_case_vs_early_stopped(args)
-    segpgd_step_vs_pgd_step(args)
-
 
 def trained_brainage(epochs: int):
     """The default brain-age task (3-D CNN on the phantom) trained for ``epochs``; its module and a test batch."""
@@ -142,6 +155,9 @@ def trained_brainage(epochs: int):
 
 
 def worst_case_vs_early_stopped(args) -> None:
+    """The worst-case curve against the early-stopped one (the issue's ratio), against the same attack's whole
+    budget spent at every eps from fresh starts (what a worst-case curve costs without the warm start), and its
+    MAE against a much stronger reference (PGD-50, 3 restarts, at every eps) and against cheaper schedules."""
     torch.set_num_threads(max(args.threads, torch.get_num_threads()))  # training is not timed
     module, batch = trained_brainage(args.brainage_epochs)
     torch.set_num_threads(args.threads)
@@ -149,18 +165,45 @@ def worst_case_vs_early_stopped(args) -> None:
     eps = [resolve_eps(e, "range", x=x) for e in (0.001, 0.002, 0.004, 0.008)]  # the default brain-age eval
     attack = PGD(steps=10)
     kwargs = dict(eps_values=eps, bounds=module.input_bounds)
-    t, out = timed_in_turns(
-        {"worst": lambda: robustness_curve(attack, module, x, batch, module, **kwargs),
-         "early": lambda: attack_curve(attack, module, x, batch, module, **kwargs)}, args.repeats)
+
+    def full_budget_each_eps(reference=attack):
+        return [reference.full_budget()(module, x, batch, module, eps=e, bounds=module.input_bounds) for e in eps]
+
+    runs = {"worst": lambda: robustness_curve(attack, module, x, batch, module, **kwargs).worst,
+            "early": lambda: attack_curve(attack, module, x, batch, module, **kwargs),
+            "independent": full_budget_each_eps}
+    passes = {name: gradient_passes(module, run) / len(x) for name, run in runs.items()}
+    t, out = timed_in_turns(runs, args.repeats)
+    out["reference"] = full_budget_each_eps(PGD(steps=50, restarts=3))
 
     def mae(point):
         with torch.no_grad():
             return module.error(module(point), batch).abs().mean().item()
 
-    print(f"brain-age PGD-10 curve (batch {len(x)}, range eps 0.001-0.008), clean MAE {mae(x):.2f} years")
-    print("MAE at early-stopped points: " + " ".join(f"{mae(p):6.2f}" for p in out["early"]))
-    print("MAE at worst-loss points:    " + " ".join(f"{mae(p):6.2f}" for p in out["worst"].worst))
+    correct = accuracy(module, x, batch)
+    print(f"brain-age PGD-10 curve (batch {len(x)}, range eps 0.001-0.008), clean MAE {mae(x):.2f} years, "
+          f"{correct:.0%} within the 5-year threshold at eps 0")
+    for name, label in (("early", "early-stopped points"), ("worst", "worst-loss points"),
+                        ("independent", "PGD-10 whole budget, each eps"), ("reference", "PGD-50 x 3 restarts")):
+        print(f"MAE at {label + ':':32s}" + " ".join(f"{mae(p):6.2f}" for p in out[name]))
+    print("gradient passes per sample, whole curve: " + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()))
     print(f"worst-case curve / early-stopped curve, time: {ratio(t, 'worst', 'early'):.2f}  (target <= 1.5)")
+    print(f"worst-case curve / PGD-10 whole budget at each eps, time: {ratio(t, 'worst', 'independent'):.2f}")
+
+
+def gradient_passes(module, run) -> int:
+    """Samples that went through a forward with gradients while ``run()`` ran (the attack steps)."""
+    counted = [0]
+
+    def count(_module, args):
+        counted[0] += args[0].shape[0] if torch.is_grad_enabled() else 0
+
+    handle = module.register_forward_pre_hook(count)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return counted[0]
 
 
 def segpgd_step_vs_pgd_step(args) -> None:
@@ -181,6 +224,10 @@ def segpgd_step_vs_pgd_step(args) -> None:
                                                 ("pgd", PGD(steps=steps).full_budget()))}, args.repeats)
     print(f"brainseg (2-D {size} x {size}, batch {batch_size}): a SegPGD-{steps} step / a PGD-{steps} step: "
           f"{ratio(t, 'segpgd', 'pgd'):.3f}  (target <= 1.05)")
+
+
+SECTIONS = {"engine": engine_vs_reference, "worst_case": worst_case_vs_early_stopped,
+            "segpgd": segpgd_step_vs_pgd_step}
 
 
 if __name__ == "__main__":
