@@ -22,6 +22,7 @@ from medrobust.reporting import format_eps, plot_curves, summary_markdown, write
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows
+from medrobust.reporting.wandb_examples import log_examples_to_wandb
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 from medrobust.tasks.base import compute_metrics, metric_collection
 
@@ -328,10 +329,12 @@ class RobustnessEvaluation(Callback):
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:
-        for label, (eps, x, x_adv, masks) in (self.last.examples if self.last else {}).items():
+        examples = self.last.examples if self.last else {}
+        for label, (eps, x, x_adv, masks) in examples.items():
             path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(eps)}.png"
             save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)",
                               masks=masks)
+        log_examples_to_wandb(trainer.loggers, examples, split, trainer.lightning_module.class_names, self.eps_unit)
 
     @rank_zero_only
     def _write_summary(self, trainer: Trainer) -> None:

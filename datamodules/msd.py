@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from medrobust.data.intensity import IntensityWindow
@@ -101,10 +101,27 @@ class MSDSamples(Dataset):
 
 class SameShapeBatchSampler(BatchSampler):
     """Batches of consecutive samples with one shape (the slices of one case, or equal-sized volumes), so whole
-    images of different sizes never meet in a batch."""
+    images of different sizes never meet in a batch.
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool, shapes: Sequence[tuple[int, ...]]):
+    Under DDP Lightning rebuilds this batch sampler around a ``DistributedSampler`` (validation and test: rank ``r``
+    of ``W`` takes samples ``r, r + W, ...``, the first samples repeated so that every rank holds equally many --
+    at most ``W - 1`` samples are evaluated twice, Lightning's usual padding); the grouping then runs on each rank's
+    share, so batches stay same-shape and every sample is evaluated (at least) once. Lightning rebuilds it with the
+    arguments given here when the loader came from a datamodule hook, and as ``cls(sampler, batch_size=...,
+    drop_last=...)`` when it did not (``trainer.test(dataloaders=dm.test_dataloader())``): ``shapes`` then come
+    from the sampler's dataset (:meth:`MSDSamples.shape`).
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, shapes: Sequence[tuple[int, ...]] | None = None):
         super().__init__(sampler, batch_size, drop_last)
+        if shapes is None:
+            # DistributedSampler keeps its dataset as .dataset, SequentialSampler as .data_source
+            distributed = isinstance(sampler, DistributedSampler)
+            dataset = sampler.dataset if distributed else getattr(sampler, "data_source", None)
+            if not isinstance(dataset, MSDSamples):
+                raise TypeError(f"SameShapeBatchSampler needs shapes, or a sampler over MSDSamples to read them from; "
+                                f"got a {type(sampler).__name__} over {type(dataset).__name__}")  # fmt: skip
+            shapes = [dataset.shape(i) for i in range(len(dataset))]
         self.shapes = list(shapes)
 
     def __iter__(self):

@@ -241,7 +241,11 @@ def read_patches(
         )
     present, patches = [], []
     for uid in tqdm(sorted(series), desc="LIDC DICOM patches", disable=not progress, leave=False):
-        slices = check_series(uid, series[uid], by_series[uid], slice_z[by_series[uid][0].scan_id])
+        try:
+            slices = check_series(uid, series[uid], by_series[uid], slice_z[by_series[uid][0].scan_id])
+        except DicomSeriesError as exc:  # a UID alone does not say which folder of a large download to fix
+            folders = sorted({os.path.dirname(s.path) for s in series[uid]})
+            raise DicomSeriesError(f"{exc} (the series' files are in {', '.join(folders)})") from exc
         cache: dict = {}
         for nod in by_series[uid]:
             present.append(nod)

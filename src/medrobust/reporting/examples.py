@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 MASK_COLOURS = "tab10"  # label value k -> colour k (mod 10); 0 (background) is left transparent
+EXAMPLES_SHOWN = 6  # samples per example grid (and W&B images per grid)
 
 
 def display_index(spatial: tuple[int, ...], mask: torch.Tensor | None = None) -> tuple[int, ...]:
@@ -31,6 +32,14 @@ def display_index(spatial: tuple[int, ...], mask: torch.Tensor | None = None) ->
     return tuple(index)
 
 
+def shown_planes(x: torch.Tensor, masks: dict[str, torch.Tensor] | None, n: int = EXAMPLES_SHOWN
+                 ) -> list[tuple[int, ...]]:
+    """The plane each of the first ``n`` samples of ``x`` ``(B, C, *spatial)`` is shown at: ``display_index``
+    with the sample's first label map in ``masks``. The PNG grid and the W&B images both use it, so they agree."""
+    first = next(iter((masks or {}).values()), None)
+    return [display_index(tuple(x.shape[2:]), None if first is None else first[i]) for i in range(min(n, len(x)))]
+
+
 def _plane(array: torch.Tensor, index: tuple[int, ...]) -> np.ndarray:
     """``(*spatial)`` -> the 2-D plane at ``index``, as a float NumPy array."""
     return array[index].detach().float().cpu().numpy()
@@ -41,7 +50,7 @@ def save_example_grid(
     x_adv: torch.Tensor,
     path: Path,
     title: str,
-    n: int = 6,
+    n: int = EXAMPLES_SHOWN,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Rows: clean, adversarial, perturbation (amplified to the full colour range, 0 = grey), then one row per
@@ -58,13 +67,12 @@ def save_example_grid(
         if tuple(mask.shape) != (x.shape[0], *x.shape[2:]):
             raise ValueError(f"save_example_grid: masks[{name!r}] must have shape (B, *spatial) = "
                              f"{(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}")  # fmt: skip
-    n = min(n, len(x))
+    planes = shown_planes(x, masks, n)
+    n = len(planes)
     rows = ["clean", "adversarial", "perturbation", *masks]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.65 * len(rows) + 0.1), dpi=100, squeeze=False)
     low, high = float(x[:n].min()), float(x[:n].max())
-    first_mask = next(iter(masks.values()), None)
-    for i in range(n):
-        index = display_index(tuple(x.shape[2:]), None if first_mask is None else first_mask[i])
+    for i, index in enumerate(planes):
         clean, adv = _plane(x[i, 0], index), _plane(x_adv[i, 0], index)
         delta = adv - clean
         scale = float(np.abs(delta).max()) or 1.0

@@ -35,6 +35,8 @@ guess them from names):
                                     metric with a ``higher_is_better`` direction (a metric the loss does not drive,
                                     such as segmentation's false-positive volume, may be beaten by a weaker attack
                                     without saying anything about the attack's strength)
+``class_names = None``              names of the label values of dense label maps (segmentation), for the masks of
+                                    the W&B example images; ``None``: no label maps, no masks
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class RobustTask(L.LightningModule):
     curve_metrics: tuple[str, ...] | None = None
     shift_metric: str | None = None
     attacked_metrics: tuple[str, ...] | None = None
+    class_names: list[str] | None = None
 
     def __init__(
         self,
