@@ -328,3 +328,10 @@ def test_bias_field_is_multiplicative_and_smooth(shape):
     assert residual.abs().max() < 1e-6 * log_field.abs().max()
     out = corrupt("bias_field", x, 0.05, bounds=(0.0, 1.0))
     assert torch.allclose(out, (x * log_field.exp()).clamp(0, 1))
+
+
+def test_dag_with_structure_or_given_targets_is_declared_targeted():
+    """Structure targets push named structures only, so their accuracy stays out of the masking checks' order."""
+    assert DAG(target="swap:3,4").targeted and DAG(target="dilate:1,2").targeted
+    assert DAG(target=torch.zeros(1, 4, 4, dtype=torch.long)).targeted
+    assert not DAG().targeted and not DAG(target="random").targeted and not DAG(target="next").targeted

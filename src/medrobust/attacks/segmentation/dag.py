@@ -185,5 +185,14 @@ class DAG(Attack):
     functional = staticmethod(dag_attack)
     requires = DENSE_OUTPUT  # segmentation tasks only; RobustnessEvaluation checks it at setup
 
+    @property
+    def targeted(self) -> bool:
+        """Structure targets (swap, dilate) and given target maps push chosen voxels to chosen classes: a Dice they
+        leave higher than an untargeted attack's says nothing of masking, so they stay out of the masking checks'
+        strength order. Per-voxel wrong classes (random, next, nearest) seek any error: untargeted."""
+        if isinstance(self.target, str):
+            return self.target.split(":")[0] in ("swap", "dilate")
+        return self.target is not None
+
     def full_budget(self) -> "DAG":
         return without_early_stop(self)
