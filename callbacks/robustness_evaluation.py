@@ -30,11 +30,16 @@ log = logging.getLogger("medrobust")
 
 
 def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
-    """Every rank's per-sample values, concatenated (ranks hold equally many: the sampler pads)."""
+    """Every rank's per-sample values ``(n_rank,)``, concatenated. Ranks may hold different counts (same-shape
+    batches of whole volumes, or ``max_batches`` cutting them unevenly): all_gather needs one shape, so each rank
+    pads to the largest count and the padding is cut off again."""
     trainer = getattr(pl_module, "_trainer", None)
     if trainer is None or trainer.world_size == 1:
         return values
-    return pl_module.all_gather(values).flatten()
+    counts = pl_module.all_gather(torch.tensor(values.shape[0], device=values.device)).flatten().tolist()
+    padded = torch.cat([values, values.new_zeros(max(counts) - values.shape[0])])
+    parts = pl_module.all_gather(padded).reshape(len(counts), -1)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
 def _cell(row: dict) -> tuple:

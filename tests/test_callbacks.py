@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -184,3 +185,35 @@ def test_tensorboard_logger_writes_event_files(tiny, tmp_path):
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     trainer.fit(module, datamodule=datamodule)
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+
+class GatherProbe(L.LightningModule):
+    """Each rank holds per-sample values of its own count (rank 0: 1, rank 1: 3), as same-shape batches of whole
+    volumes can leave them, and rank 0 writes what ``_gather`` returns."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out, self.layer = out, torch.nn.Linear(1, 1)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def on_validation_epoch_end(self):
+        from callbacks.robustness_evaluation import _gather
+
+        rank = self.global_rank
+        gathered = _gather(self, torch.arange(3 * rank, 3 * rank + 1 + 2 * rank, dtype=torch.float32))
+        if rank == 0:
+            Path(self.out).write_text(",".join(f"{v:g}" for v in gathered.tolist()))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+
+def test_ddp_gather_of_per_sample_values_takes_uneven_rank_counts(tmp_path):
+    """Radii gathered across ranks that hold different numbers of samples: every value once, in rank order."""
+    out = tmp_path / "gathered.txt"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.validate(GatherProbe(str(out)))
+    assert out.read_text() == "0,3,4,5"
