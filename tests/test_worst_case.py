@@ -134,3 +134,37 @@ def test_a_cascade_reads_its_continuous_metrics_at_the_worst_of_its_white_box_st
             mae = float((model(worst) - batch["label"]).abs().mean())
             assert mae == pytest.approx(float((clean_error + eps * w_l1).mean()), rel=0.01)
     assert Cascade({"square": Square(queries=5)}).full_budget() is None  # nothing white-box: labelled instead
+
+
+def test_samples_left_correct_by_the_early_stopped_run_are_not_attacked_again():
+    """PGD declares that a sample its early-stopped run leaves correct had its whole budget: the worst-case pass
+    attacks only the others, and the curve still meets the exact optimum. A wrapper that does not declare it
+    gets every sample attacked again."""
+    model, x, batch = _problem((16, 1, 6, 7))
+    with torch.no_grad():
+        clean_error = (model(x) - batch["label"]).abs()
+    eps, w_l1 = 0.005, float(model.w.abs().sum().detach())
+    objective = AbsoluteError(tau=float(clean_error.median()) + eps * w_l1)  # about half the samples survive eps
+    attacked = []
+    handle = model.register_forward_pre_hook(lambda _, args: attacked.append(len(args[0])) if torch.is_grad_enabled()
+                                             else None)
+
+    class Undeclared(PGD):
+        survivors_had_full_budget = False
+
+    for attack in (PGD("linf", steps=10), Undeclared("linf", steps=10)):
+        attacked.clear()
+        torch.manual_seed(0)  # the same random starts for the early-stopped run in both calls
+        robustness_curve(attack, model, x, batch, objective, eps_values=[eps], bounds=(0, 1), worst_case=False)
+        early = sum(attacked)  # the early-stopped run's gradient passes alone
+        attacked.clear()
+        torch.manual_seed(0)
+        curve = robustness_curve(attack, model, x, batch, objective, eps_values=[eps], bounds=(0, 1))
+        with torch.no_grad():
+            survivors = int(objective.is_correct(model(curve.first_failure[0]), batch).sum())
+            mae = float((model(curve.worst[0]) - batch["label"]).abs().mean())
+        assert 0 < survivors < 16
+        expected = 16 - survivors if attack.survivors_had_full_budget else 16
+        assert sum(attacked) - early == 10 * expected, (type(attack).__name__, attacked)
+        assert mae == pytest.approx(float((clean_error + eps * w_l1).mean()), rel=0.01)
+    handle.remove()

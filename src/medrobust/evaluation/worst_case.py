@@ -10,7 +10,10 @@ failure, an MAE curve goes flat at the threshold while the truth keeps growing.
 form (:meth:`~medrobust.attacks.Perturbation.full_budget`: no early stop, highest-loss point returned) at each
 eps on every sample, warm-started from the previous eps's worst point (a point found at a smaller eps lies
 inside every larger ball, so it also stands as a candidate), and keeps per sample the point of highest task loss
-(``objective.attack_loss``) among that run, the previous worst and the first-failure point. The accuracy points
+(``objective.attack_loss``) among that run, the previous worst and the first-failure point. A sample the
+early-stopped run left correct at an eps already had the whole budget there (for attacks that declare
+``survivors_had_full_budget``: PGD, APGD, FGSM, Square, DAG, the segmentation ensemble), so only the samples it
+fooled are attacked again: on a robust model that is about half of them. The accuracy points
 take the worst point where it fools a sample the early-stopped run left standing, so both agree on who fails.
 """
 
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from medrobust.attacks.core.base import Perturbation
+from medrobust.attacks.core.batch import index_batch
 from medrobust.attacks.core.session import objective_values
 from medrobust.attacks.core.threat import batch_view
 from medrobust.evaluation.curve import attack_curve, eps_size
@@ -73,7 +77,7 @@ def robustness_curve(attack: Perturbation, model: Callable, x: Tensor, batch: Ma
     full = attack.full_budget() if worst_case else None
     if full is None:
         return CurvePoints(first, first, FIRST_FAILURE)
-    worst, accuracy_points = _worst_points(full, model, x, batch, objective, eps_values, bounds, first)
+    worst, accuracy_points = _worst_points(attack, full, model, x, batch, objective, eps_values, bounds, first)
     return CurvePoints(accuracy_points, worst, WORST_LOSS)
 
 
@@ -84,18 +88,21 @@ def judge(model: Callable, objective: Any, x_adv: Tensor, batch: Mapping) -> tup
 
 
 def keep_worse(model: Callable, objective: Any, batch: Mapping, best: Tensor, best_loss: Tensor,
-               candidate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               candidate: Tensor, judged: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per sample, ``candidate`` where its task loss beats ``best_loss``, else ``best``; returns the new best
-    point and loss, whether each sample took the candidate, and the candidate's correctness ``(B,)``."""
-    loss, correct = judge(model, objective, candidate, batch)
+    point and loss, whether each sample took the candidate, and the candidate's correctness ``(B,)``.
+    ``judged``: the candidate's loss and correctness where already known."""
+    loss, correct = judged or judge(model, objective, candidate, batch)
     better = loss > best_loss
     return torch.where(batch_view(better, best), candidate, best), torch.where(better, loss, best_loss), better, correct
 
 
-def _worst_points(full: Perturbation, model, x: Tensor, batch: Mapping, objective, eps_values, bounds,
-                  first: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def _worst_points(attack: Perturbation, full: Perturbation, model, x: Tensor, batch: Mapping, objective,
+                  eps_values, bounds, first: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Per eps, the highest-loss point per sample among the full-budget run (warm-started from the previous
-    worst), the previous worst and the first-failure point (the clean point at eps 0); and the accuracy points."""
+    worst), the previous worst and the first-failure point (the clean point at eps 0); and the accuracy points.
+    Where ``attack`` declares ``survivors_had_full_budget``, the samples its first-failure run left correct at an
+    eps are not attacked again there: their first-failure point already is a full-budget point."""
     best = x.detach().clone()
     best_loss, best_correct = judge(model, objective, best, batch)
     worst, accuracy_points = [], []
@@ -104,10 +111,18 @@ def _worst_points(full: Perturbation, model, x: Tensor, batch: Mapping, objectiv
     for eps, first_point in zip(eps_values, first):
         first_correct = best_correct
         if eps_size(eps) > 0:
-            found = full.attack_from(best, model, x, batch, objective, eps=eps, bounds=bounds)
+            first_loss, first_correct = judge(model, objective, first_point, batch)
+            run = ~first_correct if attack.survivors_had_full_budget else torch.ones_like(first_correct)
+            found = best.clone()
+            if bool(run.any()):
+                idx = run.nonzero().flatten()
+                found[idx] = full.attack_from(best[idx], model, x[idx], index_batch(batch, idx, batch_size=len(x)),
+                                              objective, eps=eps[idx] if isinstance(eps, Tensor) else eps,
+                                              bounds=bounds)
             best, best_loss, took, correct = keep_worse(model, objective, batch, best, best_loss, found)
             best_correct = torch.where(took, correct, best_correct)
-            best, best_loss, took, first_correct = keep_worse(model, objective, batch, best, best_loss, first_point)
+            best, best_loss, took, _ = keep_worse(model, objective, batch, best, best_loss, first_point,
+                                                  judged=(first_loss, first_correct))
             best_correct = torch.where(took, first_correct, best_correct)
         worst.append(best.clone())
         # accuracy: the first-failure point, or the worst point where only that one fools the sample; a sample

@@ -149,6 +149,8 @@ class Square(Attack):
     ``name``: ``"square"``.
     """
 
+    survivors_had_full_budget = True  # its full-budget form only drops the early stop
+
     name = "square"
     black_box = True  # gradient-free: the masking checks compare it with the white-box attacks
 

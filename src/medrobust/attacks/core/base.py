@@ -49,6 +49,9 @@ class Perturbation:
       (:func:`~medrobust.attacks.core.session.attack_session`);
     - ``requires`` (()): task-module members it needs beyond the task contract (``("prediction",)``), checked
       when an evaluation is set up;
+    - ``survivors_had_full_budget`` (False): a sample the attack leaves correct went through all that
+      :meth:`full_budget` would do to it, so the point returned for it already is a worst-loss point (true where
+      the full-budget form only drops the stop on ``is_correct``); worst-case curves then attack only the others;
     - ``reset_stats()`` / ``black_box_wins()``: running tallies over an evaluation (cascades keep them) and the
       messages they raise; by default none.
     """
@@ -62,6 +65,7 @@ class Perturbation:
     bn_eval: bool = True
     dropout_eval: bool = True
     requires: tuple[str, ...] = ()
+    survivors_had_full_budget: bool = False
 
     @property
     def label(self) -> str:

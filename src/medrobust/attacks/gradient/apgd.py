@@ -254,6 +254,8 @@ class APGD(Attack):
     DLR), ``"apgd-t-ce"``.
     """
 
+    survivors_had_full_budget = True  # its full-budget form only drops the early stop
+
     functional = staticmethod(apgd_attack)
 
     @property

@@ -72,6 +72,8 @@ class FGSM(Attack):
     Call: ``FGSM()(model, x, batch, objective, eps=..., bounds=...)``.
     """
 
+    survivors_had_full_budget = True  # one step: every sample it attacks gets its whole budget
+
     functional = staticmethod(fgsm_attack)
 
     @property

@@ -196,6 +196,8 @@ class PGD(Attack):
     (``"pgd10x5"`` with 5 restarts).
     """
 
+    survivors_had_full_budget = True  # its full-budget form only drops the early stop
+
     functional = staticmethod(pgd_attack)
 
     @property

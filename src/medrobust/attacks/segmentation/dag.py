@@ -181,6 +181,8 @@ class DAG(Attack):
     ``(B, K, *spatial)``; ``name`` is ``"dag"``.
     """
 
+    survivors_had_full_budget = True  # its full-budget form only drops the early stop
+
     name = "dag"
     functional = staticmethod(dag_attack)
     requires = DENSE_OUTPUT  # segmentation tasks only; RobustnessEvaluation checks it at setup

@@ -113,6 +113,8 @@ class SegEnsemble(Attack):
     Call: ``SegEnsemble(steps=50)(model, x, batch, task, eps=..., bounds=...)``; ``name`` is ``"seg-ensemble"``.
     """
 
+    survivors_had_full_budget = True  # its full-budget form only drops the early stop
+
     name = "seg-ensemble"
     functional = staticmethod(seg_ensemble_attack)
     requires = DENSE_OUTPUT
