@@ -166,9 +166,7 @@ def render_image(grid: BuildGrid, labels: np.ndarray, rng: np.random.Generator, 
     """
     linear = random_pose(rng)
     shift_mm = rng.normal(0.0, 3.0, 3)
-    wm = 550.0 * rng.uniform(0.8, 1.2)
-    csf, gm = rng.normal(0.25, 0.04), rng.normal(0.66, 0.03)  # relative to white matter
-    contrast = np.array([0.0, csf, csf, gm, 1.0])
+    wm, contrast = draw_contrast(rng)
     tissue_image = (contrast * wm).astype(np.float32)[labels]
     out_mm = image_spacing_mm(image_size)
     # partial volume of the coarser output voxels: blur before sampling (sigma ~ 0.4 output voxels)
@@ -181,11 +179,26 @@ def render_image(grid: BuildGrid, labels: np.ndarray, rng: np.random.Generator, 
     shape = (image_size,) * 3
     signal = ndimage.affine_transform(tissue_image, matrix, offset, output_shape=shape, order=1, cval=0.0)
     label_map = ndimage.affine_transform(labels, matrix, offset, output_shape=shape, order=0, cval=0)
-    bias = np.exp(smooth_fields(rng, shape, image_size / 3, [rng.uniform(0.05, 0.15)])[0])
+    return scanner_effects(signal, rng, wm), label_map.astype(np.uint8), linear
+
+
+def draw_contrast(rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """A subject's T1 contrast: white-matter signal (a.u.) and the signal per tissue label relative to it,
+    ``(len(TISSUE_LABELS),)``. Shared with the AFIDs landmark phantom."""
+    wm = 550.0 * rng.uniform(0.8, 1.2)
+    csf, gm = rng.normal(0.25, 0.04), rng.normal(0.66, 0.03)  # relative to white matter
+    return wm, np.array([0.0, csf, csf, gm, 1.0])
+
+
+def scanner_effects(signal: np.ndarray, rng: np.random.Generator, wm: float) -> np.ndarray:
+    """A smooth multiplicative bias field and Rician noise on a 2-D or 3-D ``signal`` (a.u.), as uint16.
+    ``wm`` (the white-matter signal) scales the noise."""
+    shape = signal.shape
+    field_shape = tuple(shape) + (1,) * (3 - len(shape))  # smooth_fields is 3-D: a 2-D image is one slab
+    bias = np.exp(smooth_fields(rng, field_shape, max(shape) / 3, [rng.uniform(0.05, 0.15)])[0]).reshape(shape)
     sigma = wm * rng.uniform(0.02, 0.05)
     noisy = np.hypot(signal * bias + rng.normal(0.0, sigma, shape), rng.normal(0.0, sigma, shape))  # Rician
-    image = np.clip(np.rint(noisy), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-    return image, label_map.astype(np.uint8), linear
+    return np.clip(np.rint(noisy), 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
 def image_spacing_mm(image_size: int) -> float:
@@ -219,7 +232,7 @@ def generate_subjects(
     out = {"images": np.zeros(cube, np.uint16), "label_maps": np.zeros(cube, np.uint8), "ages": np.zeros(n),
            "volumes_ml": np.zeros((n, len(FEATURE_NAMES))),
            "subject_ids": np.asarray(subject_ids, dtype=str)}  # fmt: skip
-    with _single_threaded_blas():
+    with single_threaded_blas():
         for i, sid in enumerate(tqdm(subject_ids, desc="brain-age phantom", unit="subject", disable=not progress)):
             rng = np.random.default_rng(stable_seed("brainage-phantom", seed, sid))
             age = rng.uniform(*age_range)
@@ -230,7 +243,7 @@ def generate_subjects(
     return out
 
 
-def _single_threaded_blas() -> contextlib.AbstractContextManager:
+def single_threaded_blas() -> contextlib.AbstractContextManager:
     """The matrix products here are tiny: BLAS threads only spin (5-10x slower on a busy 2-core machine)."""
     try:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn, which nilearn needs
