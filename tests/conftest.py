@@ -38,13 +38,27 @@ def msd_tiny_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_for(data_dir, lidc_mini_db, msd_tiny_root):
+def landmark_tiny_data(tmp_path_factory) -> dict[str, str]:
+    """Small real-format landmark folders for task=isbi2015 (the ISBI 2015 layout) and task=landmarks (NIfTI + Slicer
+    markups): ``{"isbi2015": root, "fcsv": subjects table}``."""
+    from medrobust.data.landmark_examples import write_fcsv_scans, write_isbi
+
+    root = tmp_path_factory.mktemp("landmarks")
+    write_isbi(root / "ISBI2015")
+    return {"isbi2015": str(root / "ISBI2015"), "fcsv": str(write_fcsv_scans(root / "scans"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_for(data_dir, lidc_mini_db, msd_tiny_root, landmark_tiny_data):
     """``tiny_for(task)``: overrides for a tiny run of that task, ``debug=tiny`` (LIDC: a few dozen real nodules,
     here from the mini annotation DB this session builds; brain age: a few dozen small phantom brains)."""
+    isbi_root, fcsv_table = landmark_tiny_data["isbi2015"], landmark_tiny_data["fcsv"]
     built = {  # data only a fixture can make
         "lidc": [f"data.annotation_db={lidc_mini_db}"],
         "lidc_seg": [f"data.annotation_db={lidc_mini_db}"],
         "msd": [f"data.root={msd_tiny_root}", f"data.cache_dir={msd_tiny_root}_cache"],
+        "isbi2015": [f"data.root={isbi_root}", f"data.cache_dir={isbi_root}_cache"],
+        "landmarks": ["data.source=fcsv", f"data.csv={fcsv_table}", f"data.cache_dir={fcsv_table}_cache"],
     }
     return lambda task: [f"task={task}", DEBUG, *built.get(task, [])]
 

@@ -3,6 +3,8 @@
 
 ``${dataset_json:<root>,<key>}``: ``num_classes``, ``in_channels`` or ``class_names`` of a Decathlon / nnU-Net
 dataset (``conf/task/msd.yaml``); the reader is imported only when a config asks for it.
+``${landmarks:<what>,${data}}``: ``dims``, ``names``, ``count`` or ``coordinates`` of the landmark data that the
+data config describes (``conf/task/afids.yaml``, ...), from :func:`medrobust.datamodules.landmark_info.landmark_info`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ def _dataset_json(root: str, key: str):
     return dataset_json_field(root, key)
 
 
+def _landmarks(what: str, data):
+    from medrobust.datamodules.landmark_info import landmark_info
+
+    settings = {key: data.get(key) for key in ("spatial_dims", "csv", "root", "landmark_names")}
+    return landmark_info(what, data.get("source", "phantom"), **settings)
+
+
 def register_resolvers() -> None:
     """Register every resolver (idempotent)."""
     if not OmegaConf.has_resolver("dataset_json"):
         OmegaConf.register_new_resolver("dataset_json", _dataset_json, use_cache=True)
+    if not OmegaConf.has_resolver("landmarks"):
+        OmegaConf.register_new_resolver("landmarks", _landmarks)  # no cache: its argument is a config node

@@ -1,5 +1,6 @@
 """Adversarial-example grids: clean image, adversarial image, the perturbation (amplified) and, for dense tasks,
-label maps (ground truth, clean and adversarial predictions) over the clean image."""
+label maps (ground truth, clean and adversarial predictions) over the clean image; for landmark tasks, named points
+(:class:`~medrobust.reporting.points.PointSet`: truth, clean and adversarial predictions) in one row."""
 
 from __future__ import annotations
 
@@ -12,17 +13,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from medrobust.reporting.points import PointSet  # noqa: E402
+
 MASK_COLOURS = "tab10"  # label value k -> colour k (mod 10); 0 (background) is left transparent
 EXAMPLES_SHOWN = 6  # samples per example grid (and W&B images per grid)
+POINT_STYLES = (("o", "#00e000"), ("+", "#00bfff"), ("x", "#ff3030"), ("^", "#ffb000"))  # marker, colour per set
+POINTS_ROW = "landmarks"
 
 
 def display_index(spatial: tuple[int, ...], mask: torch.Tensor | None = None) -> tuple[int, ...]:
     """Leading indices that reduce a sample's spatial shape to 2-D: ``()`` for 2-D; for volumes, the slice along
-    the first spatial axis with the most foreground (``mask > 0``) in ``mask`` ``(*spatial)``, or the middle one
-    without a mask (or with an empty one)."""
+    the first spatial axis with the most foreground (``mask > 0``) in ``mask`` ``(*spatial)``, through the median
+    of a :class:`PointSet` ``(K, D)``'s points, or the middle one without a mask (or with an empty one)."""
     index = []
     while len(spatial) - len(index) > 2:
         middle = spatial[len(index)] // 2
+        if isinstance(mask, PointSet) and mask.numel():
+            index.append(min(max(int(torch.round(mask[:, len(index)].float().median())), 0), spatial[len(index)] - 1))
+            continue
         if mask is None:
             index.append(middle)
             continue
@@ -54,22 +62,29 @@ def save_example_grid(
     masks: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Rows: clean, adversarial, perturbation (amplified to the full colour range, 0 = grey), then one row per
-    label map in ``masks``, drawn over the clean image.
+    label map in ``masks``, drawn over the clean image, and one row with every point set in ``masks`` over it.
 
     Args:
         x, x_adv: ``(B, C, *spatial)`` clean and adversarial images; the first ``n`` are shown (first channel).
         masks: optional ``name -> (B, *spatial)`` integer label maps, e.g. ``{"ground truth": label,
             "clean prediction": logits.argmax(1), "adversarial prediction": adv_logits.argmax(1)}``.
-            Volumes show, per sample, the slice (first spatial axis) with the most foreground in the first map.
+            Entries that are :class:`PointSet` ``(B, K, D)`` (voxel coordinates) are drawn as markers in one row,
+            the first set's points labelled with its ``point_names``; in volumes they are projected onto the slice.
+            Volumes show, per sample, the slice (first spatial axis) with the most foreground in the first map, or
+            through the median of the first point set.
     """
     masks = dict(masks or {})
     for name, mask in masks.items():
-        if tuple(mask.shape) != (x.shape[0], *x.shape[2:]):
-            raise ValueError(f"save_example_grid: masks[{name!r}] must have shape (B, *spatial) = "
-                             f"{(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}")  # fmt: skip
-    planes = shown_planes(x, masks, n)
+        expected = (x.shape[0], mask.shape[1], x.ndim - 2) if isinstance(mask, PointSet) else (x.shape[0], *x.shape[2:])
+        if tuple(mask.shape) != expected:
+            what = "(B, K, D)" if isinstance(mask, PointSet) else "(B, *spatial)"
+            raise ValueError(f"save_example_grid: masks[{name!r}] must have shape {what} = {expected}, "
+                             f"got {tuple(mask.shape)}")  # fmt: skip
+    points = {name: mask for name, mask in masks.items() if isinstance(mask, PointSet)}
+    masks = {name: mask for name, mask in masks.items() if name not in points}
+    planes = shown_planes(x, masks or points, n)
     n = len(planes)
-    rows = ["clean", "adversarial", "perturbation", *masks]
+    rows = ["clean", "adversarial", "perturbation", *masks, *([POINTS_ROW] if points else [])]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.65 * len(rows) + 0.1), dpi=100, squeeze=False)
     low, high = float(x[:n].min()), float(x[:n].max())
     for i, index in enumerate(planes):
@@ -85,14 +100,41 @@ def save_example_grid(
             axes[row, i].imshow(clean, cmap="gray", vmin=low, vmax=high)
             axes[row, i].imshow(np.ma.masked_where(labels == 0, labels % 10), cmap=MASK_COLOURS, vmin=0, vmax=9,
                                 alpha=0.6, interpolation="nearest")  # fmt: skip
+        if points:
+            axes[-1, i].imshow(clean, cmap="gray", vmin=low, vmax=high)
+            _draw_points(axes[-1, i], {name: sets[i] for name, sets in points.items()})
     for row, name in enumerate(rows):
         axes[row, 0].set_ylabel(name, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    if points:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker=marker, color=colour, linestyle="", markersize=4, label=name)
+                   for name, (marker, colour) in zip(points, POINT_STYLES * len(points))]
+        columns = len(handles) if n >= 3 else 1  # below the grid, not over an image
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=6, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    legend_rows = 0 if not points else 1 if n >= 3 else len(points)
+    fig.tight_layout(rect=(0, 0.12 * legend_rows / fig.get_figheight(), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _draw_points(ax, sets: dict[str, PointSet]) -> None:
+    """One sample's point sets ``(K, D)`` on ``ax`` (the last two axes are the image's rows and columns), each in its
+    marker and colour; the first set's points carry their names. Points off the image leave the view as it is."""
+    limits = ax.get_xlim(), ax.get_ylim()
+    for index, (name, points) in enumerate(sets.items()):
+        marker, colour = POINT_STYLES[index % len(POINT_STYLES)]
+        rows, cols = points[:, -2].float().numpy(), points[:, -1].float().numpy()
+        ax.scatter(cols, rows, marker=marker, c=colour, s=12, linewidths=0.8)
+        if index == 0:
+            for label, r, c in zip(points.point_names, rows, cols):
+                ax.annotate(label, (c, r), xytext=(2, 2), textcoords="offset points", fontsize=4, color="yellow",
+                            annotation_clip=True)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])

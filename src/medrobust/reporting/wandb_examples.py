@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from medrobust.reporting.examples import EXAMPLES_SHOWN, shown_planes
+from medrobust.reporting.points import PointSet  # landmarks' points: PNG grids only, not W&B masks (yet)
 
 
 def mask_key(name: str) -> str:
@@ -49,12 +50,13 @@ def log_examples_to_wandb(loggers, examples: dict, split: str, class_names: Sequ
                           eps_unit: str = "model") -> None:
     """``examples/<split>_<attack>``: the mask images of each attack's example (``attack -> (eps, x, x_adv,
     masks)``, as ``RobustnessEvaluation`` keeps them) to every ``WandbLogger`` among ``loggers``. A no-op without
-    W&B, and for examples without label maps (classification, regression keep their PNG grids only)."""
+    W&B, and for examples without label maps (classification, regression and landmarks keep their PNG grids only)."""
     from lightning.pytorch.loggers import WandbLogger
 
     wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger)]
-    payload = {f"examples/{split}_{label}": mask_images(x, masks, class_names, f"{label} at eps={eps:g} ({eps_unit})")
-               for label, (eps, x, _, masks) in examples.items() if masks}
+    payload = {f"examples/{split}_{label}": mask_images(x, maps, class_names, f"{label} at eps={eps:g} ({eps_unit})")
+               for label, (eps, x, _, masks) in examples.items()
+               for maps in [{k: m for k, m in (masks or {}).items() if not isinstance(m, PointSet)}] if maps}
     if not (wandb_loggers and payload):
         return
     for logger in wandb_loggers:

@@ -1,7 +1,9 @@
 from medrobust.tasks.base import RobustTask, clean_objective
 from medrobust.tasks.brainage import BrainAgeTask
 from medrobust.tasks.classification import ClassificationTask
+from medrobust.tasks.landmarks import LandmarkTask
 from medrobust.tasks.regression import RegressionTask
 from medrobust.tasks.segmentation import SegmentationTask
 
-__all__ = ["RobustTask", "BrainAgeTask", "ClassificationTask", "RegressionTask", "SegmentationTask", "clean_objective"]
+__all__ = ["RobustTask", "BrainAgeTask", "ClassificationTask", "LandmarkTask", "RegressionTask", "SegmentationTask",
+           "clean_objective"]
