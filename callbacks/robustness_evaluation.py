@@ -11,13 +11,14 @@ from typing import Mapping, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
+from torchmetrics import MeanMetric
 
 from medrobust.attacks.core.base import CurveAttack, Perturbation
 from medrobust.datamodules.base import SplitDataModule
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
-from medrobust.evaluation.worst_case import CLEAN, FIRST_FAILURE, points_note, robustness_curve
+from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, points_note, robustness_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.radii import plot_radii
@@ -52,11 +53,13 @@ def _metrics_for(kind: str, metrics: dict, success: str) -> dict:
     return {name: metric for name, metric in metrics.items() if (name == success) == (kind == "success")}
 
 
-def _example(pl_module, eps: float, x, x_adv, clean_output, batch, forward_context) -> tuple:
-    """``(eps, x, x_adv, masks)`` on the CPU for the example grid; ``masks``: the task's label maps to show
-    (segmentation: ground truth, clean and adversarial prediction), ``None`` for the other tasks."""
+def _example(pl_module, attack, eps: float, x, x_adv, clean_output, batch, forward_context) -> tuple:
+    """``(eps, x, x_adv, masks)`` on the CPU for the example grid; ``masks``: the task's label maps or points to show
+    (ground truth, clean and adversarial prediction) and the attack's marks (its targets), ``None`` for neither."""
     with torch.no_grad(), forward_context():
         masks = pl_module.example_masks(clean_output, batch, pl_module(x_adv))
+        marks = attack.example_marks(pl_module, clean_output, batch)
+    masks = {**(masks or {}), **marks} or None
     masks = None if masks is None else {name: mask.detach().cpu() for name, mask in masks.items()}
     return eps, x.detach().cpu(), x_adv.detach().cpu(), masks
 
@@ -264,6 +267,8 @@ class RobustnessEvaluation(Callback):
         cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
+        extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
+                 for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
         forward_context = precision.forward_context if precision is not None else nullcontext
         result = Evaluation()
         for attack in self.attacks.values():
@@ -294,11 +299,16 @@ class RobustnessEvaluation(Callback):
                         pairs = [("success", success_point), ("other", worst_point)]
                         with torch.no_grad(), forward_context():
                             for kind, point in pairs:
-                                cells[label, eps, kind].update(*pl_module.metric_inputs(pl_module(point), batch,
+                                output = pl_module(point)
+                                cells[label, eps, kind].update(*pl_module.metric_inputs(output, batch,
                                                                                         reference=clean_output))
+                                if kind == "success" and attack.extra_metrics:  # the attack's own, at its points
+                                    for name, values in attack.extra_values(pl_module, output, clean_output,
+                                                                            batch).items():
+                                        extra[label, eps][name].update(values)
                         if index == 0 and eps == self.eps[-1]:
-                            result.examples[label] = _example(pl_module, eps, x, worst_point, clean_output, batch,
-                                                              forward_context)
+                            result.examples[label] = _example(pl_module, attack, eps, x, worst_point, clean_output,
+                                                              batch, forward_context)
         result.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
         order = list(pl_module.robust_metrics())
@@ -307,10 +317,13 @@ class RobustnessEvaluation(Callback):
                 if eps == 0:
                     values = {m: (v, CLEAN) for m, v in clean_values.items()}
                 else:
-                    kinds = {"success": FIRST_FAILURE, "other": result.points.get(label, FIRST_FAILURE)}
+                    worst_kind = result.points.get(label, FIRST_FAILURE)
+                    kinds = {"success": EACH_EPS if worst_kind == EACH_EPS else FIRST_FAILURE, "other": worst_kind}
                     found = {m: (v, kinds[kind]) for kind in ("success", "other")
                              for m, v in compute_metrics(cells[label, eps, kind]).items()}
                     values = {m: found[m] for m in order if m in found}  # rows in the task's metric order
+                    if (label, eps) in extra:  # then the attack's own metrics
+                        values.update({m: (v, kinds["success"]) for m, v in compute_metrics(extra[label, eps]).items()})
                 result.rows.extend(
                     {"epoch": epoch, "split": split, "attack": label, "norm": attack.norm, "eps": eps,
                      "eps_unit": self.eps_unit, "metric": metric, "value": float(value), "points": points}
@@ -324,8 +337,10 @@ class RobustnessEvaluation(Callback):
         out = self.run_dir(trainer)
         write_csv(self.history, out / "robustness.csv")
         module = trainer.lightning_module
+        extra = [name for attack in self.attacks.values() for name in attack.extra_metrics]
         plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_",
-                    metrics=module.curve_metrics, bounded=module.bounded_metrics)
+                    metrics=None if module.curve_metrics is None else [*module.curve_metrics, *extra],
+                    bounded=module.bounded_metrics)
         epoch = self.history[-1]["epoch"]
         log_robustness_to_wandb(trainer.loggers, self.history, split,
                                 flags=[flag.name for flag in self.flags.get((split, epoch), [])])

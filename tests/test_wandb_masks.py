@@ -124,3 +124,34 @@ def test_a_segmentation_test_run_logs_its_masks(tiny_for, tmp_path, monkeypatch)
     assert config["mask/class_labels"][f"examples/{logged}_wandb_delimeter_ground_truth"]["value"] == {
         str(k): v for k, v in names.items()}
     assert names == {0: "background", 1: "csf", 2: "ventricles", 3: "gm", 4: "wm"}
+
+
+def test_landmarks_are_named_boxes_on_the_grids_plane(tmp_path, monkeypatch):
+    """Point sets (landmarks, a targeted attack's targets) as W&B box groups: one 3 x 3 pixel box per point on the
+    plane the PNG grid shows (3-D: through the first set's median slice), captioned with the point's name."""
+    from medrobust.reporting.points import PointSet
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    x = torch.rand(2, 1, 6, 8, 9)
+    truth = PointSet(torch.tensor([[[2.0, 3.0, 4.0], [2.0, 5.0, 1.0], [4.0, 1.0, 7.0]]] * 2), ["AC", "PC", "GENU"])
+    clean = PointSet(truth + 0.5, truth.point_names)
+    targets = PointSet(truth[:, :1] + torch.tensor([0.0, 2.0, 0.0]), ["AC target"])
+    masks = {"ground truth": truth, "clean prediction": clean, "targets": targets}
+    logger = wandb_logger(offline=None, save_dir=str(tmp_path), project="medrobust-test")
+    log_examples_to_wandb([logger], {"pgd10_linf": (0.004, x, x, masks)}, "test")
+    logger.experiment.finish()
+
+    history, config, files = _offline_run(tmp_path)
+    logged = "examples/test_pgd10_linf"
+    assert history[f"{logged}/captions"] == ["pgd10_linf at eps=0.004 (model): sample 0, slice 2",
+                                             "pgd10_linf at eps=0.004 (model): sample 1, slice 2"]
+    one = history[f"{logged}/all_boxes"][0]
+    assert set(one) == {"ground_truth", "clean_prediction", "targets"}
+    boxes = json.loads((files / one["ground_truth"]["path"]).read_text())["box_data"]
+    assert [box["box_caption"] for box in boxes] == ["AC", "PC", "GENU"]
+    ac = boxes[0]["position"]  # AC at (slice 2, row 3, column 4): W&B's x is the column, y the row
+    assert (ac["minX"], ac["maxX"], ac["minY"], ac["maxY"]) == (2.5, 5.5, 1.5, 4.5)
+    target = json.loads((files / one["targets"]["path"]).read_text())["box_data"]
+    assert [box["box_caption"] for box in target] == ["AC target"] and target[0]["position"]["minY"] == 3.5
+    labels = config["bounding_box/class_labels"]
+    assert labels[f"{logged}_wandb_delimeter_ground_truth"]["value"] == {"0": "AC", "1": "PC", "2": "GENU"}

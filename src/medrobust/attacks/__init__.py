@@ -6,7 +6,7 @@
   ``group``: universal perturbations;
 - task families, for attacks that only make sense there: ``classification`` (targeted attacks, the
   convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG, SegPGD, CosPGD, the
-  lowest-Dice ensemble).
+  lowest-Dice ensemble), ``landmarks`` (the targeted landmark attack).
 
 Functional form (adv_lib style)::
 
@@ -43,6 +43,7 @@ from medrobust.attacks.group.universal import (
     fit_universal_perturbation,
     universal_attack,
 )
+from medrobust.attacks.landmarks.targeted import LandmarkAimObjective, LandmarkTargeted
 from medrobust.attacks.minimum_norm.base import MinimumNormAttack
 from medrobust.attacks.minimum_norm.cw import CWL2, cw_l2_attack
 from medrobust.attacks.minimum_norm.deepfool import DeepFool, deepfool_attack
@@ -80,7 +81,7 @@ def __getattr__(name: str):
 __all__ = [
     "APGD", "Attack", "AttackResult", "BiasField", "CORRUPTIONS", "CWL2", "Cascade", "ClassifierObjective",
     "Corruption", "CosPGD", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS",
-    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
+    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "LandmarkAimObjective", "LandmarkTargeted", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
     "PGD", "RicianNoise", "SUITES", "SegEnsemble", "SegPGD", "ShiftObjective", "Square", "Targeted",
     "TargetedObjective", "ThreatModel", "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve",
     "batch_view", "build_suite", "check_rows", "cospgd_attack", "cw_l2_attack", "dag_attack", "deepfool_attack",

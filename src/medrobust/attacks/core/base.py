@@ -52,6 +52,9 @@ class Perturbation:
     - ``survivors_had_full_budget`` (False): a sample the attack leaves correct went through all that
       :meth:`full_budget` would do to it, so the point returned for it already is a worst-loss point (true where
       the full-budget form only drops the stop on ``is_correct``); worst-case curves then attack only the others;
+    - ``extra_metrics`` (()): metrics of its own, beside the task's (a targeted attack's success rate), which
+      :meth:`extra_values` computes per sample at its points; curves, the CSV and the summary carry them;
+      :meth:`example_marks` adds what it aimed at to the example images (a targeted attack's targets);
     - ``reset_stats()`` / ``black_box_wins()``: running tallies over an evaluation (cascades keep them) and the
       messages they raise; by default none.
     """
@@ -66,6 +69,7 @@ class Perturbation:
     dropout_eval: bool = True
     requires: tuple[str, ...] = ()
     survivors_had_full_budget: bool = False
+    extra_metrics: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -82,6 +86,15 @@ class Perturbation:
         point it visits: the worst case that continuous metrics (MAE, Dice, AUROC) are read at. ``None`` (the
         default) where it has no such mode; curves then read those metrics at its own points and say so."""
         return None
+
+    def extra_values(self, task: Any, output: Any, clean_output: Any, batch: Mapping) -> dict[str, Tensor]:
+        """Per-sample values ``(B,)`` of each of :attr:`extra_metrics` at the model's ``output`` for this attack's
+        points, given the clean output and the batch (their mean over the evaluation is the metric)."""
+        return {}
+
+    def example_marks(self, task: Any, clean_output: Any, batch: Mapping) -> dict[str, Tensor]:
+        """Extra rows for the example images, name -> label maps or point sets (none by default)."""
+        return {}
 
     def reset_stats(self) -> None:
         """Zero any running tallies before an evaluation (none by default)."""

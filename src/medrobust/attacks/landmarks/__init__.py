@@ -1,0 +1,1 @@
+"""Attacks that only make sense on landmark tasks: the targeted landmark attack."""
