@@ -1,6 +1,6 @@
 """Peak memory of a 3-D attack relative to one clean training step on the same batch, measured in one run.
 
-    python bench/bench_attack_memory.py [--task brainage|brainseg] [--steps 10] [--batch-size N] [--repeats 5]
+    python bench/bench_attack_memory.py [--task brainage|brainseg|afids] [--steps 10] [--batch-size N] [--repeats 5]
                                         [--override KEY=VALUE ...]
 
 Each measurement runs in a fresh process (so one high-water mark cannot hide another): the task's default
@@ -14,7 +14,7 @@ parameters frozen) against a forward, backward and optimizer step of the paramet
 
 ``--override`` (repeatable) passes Hydra overrides to the composed config, e.g. ``--task brainseg --override
 data.spatial_dims=3`` (3-D volumes). ``--batch-size`` defaults to 16 (the batch this benchmark has always
-used for brain age and LIDC); for brainseg it defaults to the datamodule's own batch size (4 volumes in 3-D).
+used for brain age and LIDC); for brainseg and afids it defaults to the datamodule's own batch size (4 volumes in 3-D).
 The data are generated or loaded once in the parent process before the measured ones start, so no measured
 process pays for generating the phantom.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_BATCH_SIZE = 16  # tasks whose datamodule's batch size is not used (below)
-OWN_BATCH_SIZE_TASKS = ("brainseg",)  # tasks measured at their datamodule's batch size by default
+OWN_BATCH_SIZE_TASKS = ("brainseg", "afids")  # tasks measured at their datamodule's batch size by default
 
 
 def _rss_bytes() -> int:

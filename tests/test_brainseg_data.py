@@ -144,6 +144,8 @@ def test_config_class_names_match_the_data_and_models_give_dense_logits(dims, tm
         assert cfg.optimized_metric == cfg.callbacks.model_checkpoint.monitor == "val/dice"
         dm = instantiate(cfg.data)
         assert isinstance(dm, BrainSegDataModule) and dm.spatial_dims == dims and dm.num_classes == cfg.num_outputs
+        # 3-D learns the CSF only at the higher rate, in the epochs that fit its run time (${by_dims:...})
+        assert (cfg.module.optimizer.lr, cfg.trainer.max_epochs) == ((0.003, 12) if dims == 2 else (0.01, 10))
         net = instantiate(cfg.model).eval()
         with torch.no_grad():
             assert net(torch.rand(1, 1, *(32,) * dims)).shape == (1, 5, *(32,) * dims)

@@ -166,6 +166,26 @@ def test_tau_is_recomputed_from_each_clean_validation_and_survives_a_checkpoint(
     assert fixed.tau.item() == 0.25  # a configured tau beats the checkpoint's
 
 
+def test_tau_over_two_ddp_ranks_is_the_tau_of_all_their_losses():
+    """The Huber tau needs every validation loss, not a mean of per-rank taus: ``val/loss_tau`` gathers the losses
+    (``dist_reduce_fx="cat"``), so two ``ddp_spawn`` ranks, each with half of the 10 samples, give the tau of all
+    10 that one process computes (and that the losses give directly)."""
+    taus = {}
+    for strategy, devices in (("auto", 1), ("ddp_spawn", 2)):
+        task = LandmarkTask(_heatmap_net(2), num_landmarks=3)
+        trainer = L.Trainer(accelerator="cpu", strategy=strategy, devices=devices, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(task, _loader(n=10), verbose=False)
+        taus[strategy] = float(trainer.callback_metrics["val/loss_tau"])
+    task = LandmarkTask(_heatmap_net(2), num_landmarks=3).eval()
+    with torch.no_grad():
+        losses = torch.cat([task.attack_loss(task(b["image"]), b) for b in _loader(n=10)])
+    assert taus["auto"] == pytest.approx(loss_threshold(losses), rel=1e-5)
+    assert taus["ddp_spawn"] == pytest.approx(taus["auto"], rel=1e-5)
+    half = loss_threshold(losses[::2])  # what a rank alone would have said: not the answer
+    assert half != pytest.approx(taus["auto"], rel=1e-3)
+
+
 @pytest.mark.parametrize("rule", ("loss", "mre", "loss before validation"))
 def test_the_margin_is_positive_exactly_where_a_sample_is_correct(rule):
     torch.manual_seed(6)

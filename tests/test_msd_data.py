@@ -152,3 +152,16 @@ def test_bad_arguments_name_the_key(msd_root):
         MSDDataModule(str(msd_root), spatial_dims=2, patch_size=[8, 8, 8])
     with pytest.raises(FileNotFoundError, match="data.root must be a Decathlon"):
         MSDDataModule(str(msd_root / "nowhere"))
+
+
+def test_by_dims_picks_the_2d_or_3d_value_and_rejects_other_dims():
+    from medrobust.resolvers import register_resolvers
+
+    register_resolvers()
+    cfg = OmegaConf.create({"dims": 2, "lr": "${by_dims:${dims},0.003,0.01}"})
+    assert cfg.lr == 0.003
+    cfg.dims = 3
+    assert cfg.lr == 0.01
+    cfg.dims = 1
+    with pytest.raises(Exception, match="by_dims.*spatial_dims 2 or 3 first, got 1"):
+        _ = cfg.lr

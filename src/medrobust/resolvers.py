@@ -5,6 +5,8 @@
 dataset (``conf/task/msd.yaml``); the reader is imported only when a config asks for it.
 ``${landmarks:<what>,${data}}``: ``dims``, ``names``, ``count`` or ``coordinates`` of the landmark data that the
 data config describes (``conf/task/afids.yaml``, ...), from :func:`medrobust.datamodules.landmark_info.landmark_info`.
+``${by_dims:${data.spatial_dims},<2-D value>,<3-D value>}``: a setting that differs between 2-D and 3-D data
+(``conf/task/brainseg.yaml``'s learning rate).
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ def _landmarks(what: str, data):
     return landmark_info(what, data.get("source", "phantom"), **settings)
 
 
+def _by_dims(dims, value_2d, value_3d):
+    if dims not in (2, 3):
+        raise ValueError(f"${{by_dims:...}} takes spatial_dims 2 or 3 first, got {dims!r}")
+    return value_2d if dims == 2 else value_3d
+
+
 def register_resolvers() -> None:
     """Register every resolver (idempotent)."""
     if not OmegaConf.has_resolver("dataset_json"):
         OmegaConf.register_new_resolver("dataset_json", _dataset_json, use_cache=True)
     if not OmegaConf.has_resolver("landmarks"):
         OmegaConf.register_new_resolver("landmarks", _landmarks)  # no cache: its argument is a config node
+    if not OmegaConf.has_resolver("by_dims"):
+        OmegaConf.register_new_resolver("by_dims", _by_dims)
