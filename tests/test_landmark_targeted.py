@@ -13,6 +13,7 @@ from torch import nn
 from medrobust.attacks import PGD, LandmarkTargeted
 from medrobust.attacks.landmarks.targeted import AIM_KEY
 from medrobust.callbacks import RobustnessEvaluation
+from medrobust.reporting.examples import save_example_grid
 from medrobust.tasks import LandmarkTask
 
 SHAPE = (9, 7)  # 2-D images; normalised coordinate u -> voxel (n - 1) / 2 * (u + 1) along each axis
@@ -122,7 +123,7 @@ def test_aims_shift_in_mm_per_axis_or_onto_another_landmark_and_stay_in_the_imag
     assert AIM_KEY not in batch
 
 
-def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps():
+def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps(tmp_path):
     torch.manual_seed(0)
     task = _linear_task({0: torch.randn(SHAPE[0] * SHAPE[1])})
     task.input_bounds = (0.0, 1.0)
@@ -136,3 +137,9 @@ def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps():
     assert rows[0.05, "target_success"]["points"] == "each_eps"
     assert (0.0, "target_success") not in rows  # no attack at eps 0
     assert evaluation._masking_flags(task, result, "val") == []  # a targeted shift is no masking evidence
+    eps, x_shown, x_adv, marks = result.examples[attack.label]  # the largest eps, drawn with the targets named
+    assert set(marks) == {"ground truth", "clean prediction", "adversarial prediction", "targets"}
+    assert marks["targets"].point_names == ("AC target",) and marks["targets"].shape == (4, 1, 2)
+    assert torch.allclose(marks["targets"][:, 0, 0], marks["clean prediction"][:, 0, 0] + 4.0 / SPACING[0])
+    path = save_example_grid(x_shown, x_adv, tmp_path / "targeted.png", title="targeted", masks=marks)
+    assert path.stat().st_size > 0

@@ -126,13 +126,15 @@ def save_example_grid(
 
 def _draw_points(ax, sets: dict[str, PointSet]) -> None:
     """One sample's point sets ``(K, D)`` on ``ax`` (the last two axes are the image's rows and columns), each in its
-    marker and colour; the first set's points carry their names. Points off the image leave the view as it is."""
+    marker and colour; the first set's points carry their names, and so do those of a set named otherwise (a targeted
+    attack's targets). Points off the image leave the view as it is."""
     limits = ax.get_xlim(), ax.get_ylim()
+    first_names = next(iter(sets.values())).point_names if sets else ()
     for index, (name, points) in enumerate(sets.items()):
         marker, colour = POINT_STYLES[index % len(POINT_STYLES)]
         rows, cols = points[:, -2].float().numpy(), points[:, -1].float().numpy()
         ax.scatter(cols, rows, marker=marker, c=colour, s=12, linewidths=0.8)
-        if index == 0:
+        if index == 0 or points.point_names != first_names:
             for label, r, c in zip(points.point_names, rows, cols):
                 ax.annotate(label, (c, r), xytext=(2, 2), textcoords="offset points", fontsize=4, color="yellow",
                             annotation_clip=True)
