@@ -267,8 +267,6 @@ class RobustnessEvaluation(Callback):
         cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
-        extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
-                 for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
         forward_context = precision.forward_context if precision is not None else nullcontext
         result = Evaluation()
         for attack in self.attacks.values():
@@ -276,6 +274,9 @@ class RobustnessEvaluation(Callback):
         radii: dict[str, list[torch.Tensor]] = {}
         # Lightning runs validation under inference mode; attacks need gradients w.r.t. the input.
         with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
+            # the attacks' own metrics update in place: their states must not be inference tensors
+            extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
+                     for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break

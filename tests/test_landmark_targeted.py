@@ -130,7 +130,8 @@ def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps(tmp
     x, batch = _batch(4)
     attack = LandmarkTargeted(PGD("linf", steps=10, random_start=False), move=["AC"], shift_mm=4.0, radius_mm=1.0)
     evaluation = RobustnessEvaluation([attack], eps=[0.0, 0.001, 0.05])
-    result = evaluation.evaluate(task, [batch], split="val", epoch=0, max_batches=None)
+    with torch.inference_mode():  # as Lightning's validation and test loops call it
+        result = evaluation.evaluate(task, [batch], split="val", epoch=0, max_batches=None)
     rows = {(row["eps"], row["metric"]): row for row in result.rows}
     assert rows[0.05, "target_success"]["value"] == 1.0 and rows[0.05, "target_error"]["value"] <= 1.0
     assert rows[0.001, "target_success"]["value"] == 0.0 and rows[0.001, "target_error"]["value"] > 3.0
