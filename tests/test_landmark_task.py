@@ -19,7 +19,7 @@ from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.points import PointSet
 from medrobust.tasks import LandmarkTask
 from medrobust.tasks.base import compute_metrics, metric_collection
-from medrobust.tasks.landmark_heatmaps import gaussian_log_targets, js_divergence, soft_argmax
+from medrobust.tasks.landmark_heatmaps import gaussian_js_divergence, gaussian_log_targets, js_divergence, soft_argmax
 from medrobust.tasks.landmark_metrics import (LandmarkTarget, huber_location_scale, landmark_metrics, loss_threshold,
                                               per_landmark_errors)
 
@@ -99,6 +99,23 @@ def test_js_divergence_is_zero_for_equal_maps_and_ln2_for_disjoint_ones():
     leaf = torch.randn(1, 1, 4, requires_grad=True)  # finite gradients where the other map is exactly 0
     (grad,) = torch.autograd.grad(js_divergence(leaf.log_softmax(-1), log_q).sum(), leaf)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((24, 20), 1.0), ((12, 12), 0.5), ((14, 12, 16), 1.0)])
+def test_the_windowed_divergence_equals_the_whole_grid_one_in_value_and_gradient(shape, sigma):
+    """The loss computes the JS divergence only near each landmark (the target is 0 beyond 8 std): the same value,
+    and the same gradient with respect to the heatmap logits, as over the whole grid, also at the image's edge."""
+    torch.manual_seed(0)
+    points = torch.rand(3, 4, len(shape)) * (torch.tensor(shape) - 1)
+    points[0, 0] = 0.2  # the window is cut by the image's corner
+    for logits in (torch.randn(3, 4, *shape) * 3, 4 * gaussian_log_targets(points + 0.4, shape, sigma).view(3, 4, *shape)):
+        leaf = logits.clone().requires_grad_(True)
+        whole = js_divergence(leaf.flatten(2).log_softmax(-1), gaussian_log_targets(points, shape, sigma))
+        (whole_grad,) = torch.autograd.grad(whole.sum(), leaf)
+        windowed = gaussian_js_divergence(leaf.flatten(2).log_softmax(-1), points, shape, sigma)
+        (windowed_grad,) = torch.autograd.grad(windowed.sum(), leaf)
+        assert torch.allclose(windowed, whole, atol=1e-6) and whole.min() > 1e-3
+        assert torch.allclose(windowed_grad, whole_grad, atol=1e-6, rtol=1e-4)
 
 
 def test_regressed_coordinates_are_normalised_per_axis():

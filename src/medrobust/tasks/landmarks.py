@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from medrobust.reporting.points import PointSet
 from medrobust.tasks.base import RobustTask
-from medrobust.tasks.landmark_heatmaps import gaussian_log_targets, js_divergence, soft_argmax, spatial_log_softmax
+from medrobust.tasks.landmark_heatmaps import gaussian_js_divergence, soft_argmax, spatial_log_softmax
 from medrobust.tasks.landmark_metrics import LandmarkTarget, LossThreshold, landmark_metrics, per_landmark_errors
 from medrobust.tasks.landmark_metrics import radial_errors
 
@@ -171,8 +171,8 @@ class LandmarkTask(RobustTask):
             log_p = self.log_probs(output)
             coords = soft_argmax(log_p, shape)
             if self.heatmap_weight > 0:
-                log_q = gaussian_log_targets(true, shape, self.sigma_vox)
-                loss = loss + self.heatmap_weight * js_divergence(log_p, log_q).mean(dim=1)
+                divergence = gaussian_js_divergence(log_p, true, shape, self.sigma_vox)
+                loss = loss + self.heatmap_weight * divergence.mean(dim=1)
         squared = ((coords - true) * spacing[:, None, :]).square().sum(dim=-1)
         return loss + self.coord_weight * (squared + _SMOOTH_MM2).sqrt().mean(dim=1)
 
