@@ -99,9 +99,9 @@ class LandmarkDataModule(SplitDataModule):
         csv: fcsv: the subjects table.
         spatial_dims: phantom: 2 (mid-sagittal slices, 10 midline fiducials) or 3 (volumes, 32); null: 2 for the
             phantom and isbi2015, 3 for fcsv (the only values those take).
-        image_size: voxels per side (an int) or per axis (a list); null: phantom 64 (2-D) / 48 (3-D), isbi2015
+        image_size: voxels per side (an int) or per axis (a list); null: phantom 64 (2-D) / 40 (3-D), isbi2015
             [128, 104] (rows, columns), fcsv 64.
-        spacing_mm: phantom: voxel size; null: 2.5 (2-D), 3.0 (3-D).
+        spacing_mm: phantom: voxel size; null: 2.5 (2-D), 3.6 (3-D).
         num_subjects: phantom: subjects to draw (one sample each).
         elastic_mm: phantom: strength of the elastic part of each subject's deformation (<= 3: no folding).
         folders: isbi2015: the ``RawImage`` folder(s) of each split.
