@@ -13,6 +13,7 @@ from torch import nn
 from medrobust.attacks import PGD, LandmarkTargeted
 from medrobust.attacks.landmarks.targeted import AIM_KEY
 from medrobust.callbacks import RobustnessEvaluation
+from medrobust.reporting import summary_markdown
 from medrobust.reporting.examples import save_example_grid
 from medrobust.tasks import LandmarkTask
 
@@ -138,6 +139,10 @@ def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps(tmp
     assert rows[0.05, "target_success"]["points"] == "each_eps"
     assert (0.0, "target_success") not in rows  # no attack at eps 0
     assert evaluation._masking_flags(task, result, "val") == []  # a targeted shift is no masking evidence
+    table = summary_markdown(result.rows, "val", title="t").splitlines()
+    header = next(line for line in table if line.startswith("| attack"))
+    clean = next(line for line in table if line.startswith("| clean"))
+    assert header.endswith("| target_success |") and clean.endswith("|  |  |")  # no target at eps 0: blank cells
     eps, x_shown, x_adv, marks = result.examples[attack.label]  # the largest eps, drawn with the targets named
     assert set(marks) == {"ground truth", "clean prediction", "adversarial prediction", "targets"}
     assert marks["targets"].point_names == ("AC target",) and marks["targets"].shape == (4, 1, 2)

@@ -156,7 +156,9 @@ def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] 
             if clean_done:  # eps 0 is the same clean evaluation for every attack
                 continue
             clean_done, attack = True, "clean"
-        lines.append(f"| {attack} | {eps:g} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
+        # a metric only some attacks report (a targeted attack's success rate) is left blank elsewhere
+        lines.append(f"| {attack} | {eps:g} | " + " | ".join(f"{values[m]:.4f}" if m in values else "" for m in metrics)
+                     + " |")
     lines.extend(["", *_survival_lines(cells, success_metric, shift_metric), *(notes or [])])
     return "\n".join(lines).rstrip() + "\n"
 
