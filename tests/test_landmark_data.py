@@ -145,7 +145,7 @@ def test_batch_contract(afids2d, afids3d, dims):
     assert batch["image"].shape == (b, 1) + (n,) * dims and batch["image"].dtype == torch.float32
     assert batch["landmarks"].shape == (b, k, dims) and batch["landmarks"].dtype == torch.float32
     assert batch["spacing"].shape == (b, dims) and torch.all(batch["spacing"] == dm.spacing_mm)
-    assert dm.spacing_mm == {2: 2.5, 3: 3.0}[dims] and dm.input_bounds == (0.0, 1.0) and dm.in_channels == 1
+    assert dm.spacing_mm == {2: 2.5, 3: 3.6}[dims] and dm.input_bounds == (0.0, 1.0) and dm.in_channels == 1
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1 and batch["image"].std() > 0.05
     assert batch["landmarks"].min() >= 0 and batch["landmarks"].max() <= n - 1
     assert dm.intensity.unit == "a.u." and dm.spatial_dims == dims and dm.image_shape == (n,) * dims
