@@ -83,7 +83,9 @@ def _short_suites(cfg) -> None:
     (tests/test_suites.py and the attack tests check that)."""
     from omegaconf import open_dict
 
-    for attack in (cfg.eval.get("attacks") or {}).values():
+    attacks = list((cfg.eval.get("attacks") or {}).values())
+    attacks += [attack.attack for attack in attacks if attack.get("attack") is not None]  # wrapped (targeted) attacks
+    for attack in attacks:
         with open_dict(attack):
             if attack.get("steps", 0) > 10:
                 attack.steps = 2
