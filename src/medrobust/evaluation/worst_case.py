@@ -113,14 +113,14 @@ def _worst_points(attack: Perturbation, full: Perturbation, model, x: Tensor, ba
         if eps_size(eps) > 0:
             first_loss, first_correct = judge(model, objective, first_point, batch)
             run = ~first_correct if attack.survivors_had_full_budget else torch.ones_like(first_correct)
-            found = best.clone()
-            if bool(run.any()):
+            if bool(run.any()):  # only the attacked rows are judged: the others keep their known best
                 idx = run.nonzero().flatten()
-                found[idx] = full.attack_from(best[idx], model, x[idx], index_batch(batch, idx, batch_size=len(x)),
-                                              objective, eps=eps[idx] if isinstance(eps, Tensor) else eps,
-                                              bounds=bounds)
-            best, best_loss, took, correct = keep_worse(model, objective, batch, best, best_loss, found)
-            best_correct = torch.where(took, correct, best_correct)
+                sub_batch = index_batch(batch, idx, batch_size=len(x))
+                found = full.attack_from(best[idx], model, x[idx], sub_batch, objective,
+                                         eps=eps[idx] if isinstance(eps, Tensor) else eps, bounds=bounds)
+                rows, rows_loss, took, correct = keep_worse(model, objective, sub_batch, best[idx], best_loss[idx], found)
+                best[idx], best_loss[idx] = rows, rows_loss
+                best_correct[idx] = torch.where(took, correct, best_correct[idx])
             best, best_loss, took, _ = keep_worse(model, objective, batch, best, best_loss, first_point,
                                                   judged=(first_loss, first_correct))
             best_correct = torch.where(took, first_correct, best_correct)
