@@ -4,8 +4,8 @@ MICCAI 2020): move chosen landmarks to chosen positions while the others stay wh
 Aims per sample ``(B, K, D)`` voxels: the moved landmarks' targets (their clean prediction shifted by ``shift_mm``,
 or another landmark's clean prediction with ``onto``), the pinned landmarks' clean predictions. The wrapped attack
 (PGD by default: iterative FGSM, as the paper's) climbs :class:`LandmarkAimObjective`: minus the distances (mm) to
-the aims, each weighted by its share of their sum (the paper's adaptive weighting: the landmark farthest from its
-aim pulls hardest, a pinned landmark that starts to drift is pulled back). A sample succeeds once every landmark is
+the aims beyond ``slack`` of the success radius, each weighted by its share of their sum (the paper's adaptive
+weighting: the landmark farthest from its aim pulls hardest, a pinned landmark that starts to drift is pulled back). A sample succeeds once every landmark is
 within ``radius_mm`` of its aim; the attack stops there. Curves report the success rate (``target_success``) and the
 moved landmarks' distance to their targets (``target_error``, mm) next to the task's own metrics.
 """
@@ -37,8 +37,8 @@ class LandmarkAimObjective:
       (mm) of landmark k to its aim, and ``w_k = h_k / sum_j h_j`` (detached): Yao et al.'s adaptive weights. Their
       loss is the distance itself (``slack=0``); a landmark already within a fraction of the success radius needs no
       pull, and leaving it there spends the budget where it is needed: on a linear model with a pinned landmark the
-      attack then succeeds at 1.05x the exact smallest eps, where the plain distances need 1.1x
-      (``tests/test_landmark_targeted.py``);
+      attack then succeeds at 1.05x the exact smallest eps (``tests/test_landmark_targeted.py``), where the plain
+      distances needed 1.1x;
     - ``correct_margin -> (B,)``: ``max_k d_k - radius_mm``, > 0 exactly while some landmark is farther than
       ``radius_mm`` from its aim; ``is_correct``: the margin > 0 (the attack has not yet succeeded).
     """
