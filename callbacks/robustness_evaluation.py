@@ -299,8 +299,10 @@ class RobustnessEvaluation(Callback):
                     for eps, success_point, worst_point in zip(attacked_eps, curve.first_failure, curve.worst):
                         pairs = [("success", success_point), ("other", worst_point)]
                         with torch.no_grad(), forward_context():
+                            output = None
                             for kind, point in pairs:
-                                output = pl_module(point)
+                                # one forward where both kinds are the same points (no full-budget form, no errors sought)
+                                output = output if kind == "other" and point is success_point else pl_module(point)
                                 cells[label, eps, kind].update(*pl_module.metric_inputs(output, batch,
                                                                                         reference=clean_output))
                                 if kind == "success" and attack.extra_metrics:  # the attack's own, at its points

@@ -144,7 +144,9 @@ class LandmarkTargeted(Attack):
 
     def extra_values(self, task: Any, output: Tensor, clean_output: Tensor, batch: Mapping) -> dict[str, Tensor]:
         """Per sample ``(B,)``: ``target_success`` (1 where every landmark is within ``radius_mm`` of its aim) and
-        ``target_error``, the moved landmarks' mean distance (mm) to their targets, at the adversarial ``output``."""
+        ``target_error``, the moved landmarks' mean distance (mm) to their targets, at the adversarial ``output``:
+        the attack's own points, which stop once a sample succeeds, so a succeeded sample reads at most
+        ``radius_mm`` there, not the smallest distance the budget could reach."""
         aims, moved = self.aims(task, clean_output, batch, _image_shape(output, batch))
         distances = LandmarkAimObjective(task, self.radius_mm).distances(output, {**batch, AIM_KEY: aims})
         return {"target_success": (distances.amax(dim=1) <= self.radius_mm).float(),
