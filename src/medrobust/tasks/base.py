@@ -48,6 +48,8 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from medrobust.models.memory_format import apply_memory_format
+
 TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
 
 
@@ -82,6 +84,8 @@ class RobustTask(L.LightningModule):
         optimizer: a partial optimizer factory taking the parameters (Hydra ``_partial_: true``).
         scheduler: optional partial LR-scheduler factory taking the optimizer.
         input_bounds: valid input range; ``None`` takes the datamodule's ``input_bounds`` at setup.
+        memory_format: ``channels_last`` (default: convolution weights NHWC / NDHWC, faster on CPU and for mixed
+            precision on GPU) or ``contiguous`` (:mod:`medrobust.models.memory_format`).
     """
 
     outputs_logits: bool = True
@@ -99,9 +103,10 @@ class RobustTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         input_bounds: tuple[float, float] | None = None,
+        memory_format: str = "channels_last",
     ) -> None:
         super().__init__()
-        self.net = net
+        self.net = apply_memory_format(net, memory_format)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.input_bounds = tuple(input_bounds) if input_bounds is not None else None

@@ -65,17 +65,16 @@ def gaussian_js_divergence(log_p: Tensor, points: Tensor, shape: tuple[int, ...]
     normalised maps (a spatial log-softmax, as the task's): the identity uses ``sum p = 1``, so the value and the
     gradient with respect to the logits are the whole-grid form's, at a fraction of its cost (a 3-D heatmap of
     48^3 voxels: a 17^3 window at 1 voxel std)."""
-    dims = len(shape)
     radius = max(1, math.ceil(WINDOW_SIGMAS * sigma))
     steps = torch.arange(-radius, radius + 1, device=points.device)
-    offsets = torch.stack(torch.meshgrid(*[steps] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (W, D)
-    centre = points.detach().float().round().long()
-    voxels = centre[:, :, None, :] + offsets  # (B, K, W, D)
-    extent = torch.tensor(shape, device=points.device)
-    inside = ((voxels >= 0) & (voxels < extent)).all(dim=-1)  # (B, K, W)
-    strides = torch.tensor([math.prod(shape[d + 1:]) for d in range(dims)], device=points.device)
-    flat = (voxels.clamp_min(0).minimum(extent - 1) * strides).sum(dim=-1)
-    squared = (voxels.float() - points.detach().float()[:, :, None, :]).square().sum(dim=-1)
+    # the cube is the outer product of one window per axis: build (B, K, D, w) per-axis terms and combine them by
+    # broadcasting, never a (B, K, w^D, D) tensor of voxel indices (3-D: 3x less index work, the loss 1.6x faster)
+    axis_voxels = points.detach().float().round().long()[..., None] + steps  # (B, K, D, w)
+    extent = torch.tensor(shape, device=points.device)[:, None]
+    strides = torch.tensor([math.prod(shape[d + 1:]) for d in range(len(shape))], device=points.device)[:, None]
+    inside = _outer(((axis_voxels >= 0) & (axis_voxels < extent)), torch.logical_and)  # (B, K, W)
+    flat = _outer(axis_voxels.clamp_min(0).minimum(extent - 1) * strides, torch.add)
+    squared = _outer((axis_voxels.float() - points.detach().float()[..., None]).square(), torch.add)
     log_q = (-squared / (2.0 * sigma**2)).masked_fill(~inside, -math.inf).log_softmax(dim=-1)
     log_p_window = log_p.gather(-1, flat).clamp_min(LOG_ZERO)
     log_q = log_q.clamp_min(LOG_ZERO)
@@ -84,3 +83,12 @@ def gaussian_js_divergence(log_p: Tensor, points: Tensor, shape: tuple[int, ...]
     kl_pm = (p_window * (log_p_window - log_m)).sum(dim=-1) + math.log(2.0) * (1.0 - p_window.sum(dim=-1)).clamp_min(0)
     kl_qm = (log_q.exp() * inside * (log_q - log_m)).sum(dim=-1)
     return 0.5 * (kl_pm + kl_qm)
+
+
+def _outer(per_axis: Tensor, combine) -> Tensor:
+    """``(B, K, D, w)`` per-axis values -> ``(B, K, w^D)``: ``combine`` of one value per axis at every voxel of the
+    cube, in the flattening order of a ``(w,) * D`` grid (the first axis slowest, as ``meshgrid(indexing="ij")``)."""
+    combined = per_axis[:, :, 0]
+    for axis in range(1, per_axis.shape[2]):
+        combined = combine(combined[..., :, None], per_axis[:, :, axis, None, :]).flatten(-2)
+    return combined
