@@ -9,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from medrobust.allocator import keep_large_blocks
 from medrobust.resolvers import register_resolvers
 
 log = logging.getLogger("medrobust")
@@ -17,6 +18,8 @@ register_resolvers()  # before any config is composed or instantiated
 
 def build_data_and_module(cfg: DictConfig):
     """The datamodule and the task module (network inside) from ``cfg.data``, ``cfg.model``, ``cfg.module``."""
+    if cfg.get("keep_large_blocks", True):
+        keep_large_blocks()
     # plain lists and dicts, not OmegaConf containers: hyperparameters land in checkpoints, which torch.load
     # (weights_only) reads back only when they hold plain types
     datamodule = instantiate(cfg.data, _convert_="all")
