@@ -88,7 +88,8 @@ def gaussian_blur(x: Tensor, sigma: float | Tensor) -> Tensor:
         kernel = gaussian_1d(torch.tensor(value, dtype=torch.float64), truncated=4.0, approx="erf")
         kernel = kernel / kernel.sum()  # exactly normalized: a flat image stays flat, even in float64
         chosen = sigma == value
-        out[chosen] = separable_filtering(x[chosen], [kernel] * spatial_dims, mode="replicate")
+        # under autocast the convolution returns bfloat16 / float16: the corrupted image keeps the input's dtype
+        out[chosen] = separable_filtering(x[chosen], [kernel] * spatial_dims, mode="replicate").to(out.dtype)
     return out
 
 
