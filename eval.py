@@ -11,6 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from medrobust.checkpoints import check_checkpoint
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer, report, save_config
 
 
@@ -24,6 +25,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"eval.py needs an evaluation suite: eval={cfg.get('eval')} has none (try eval=quick)")
     run_dir = Path(cfg.paths.output_dir)
     datamodule, module = build_data_and_module(cfg)
+    check_checkpoint(ckpt, cfg.task_name, module)  # readable with weights_only, this task's, fits the model
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     if trainer.is_global_zero:
         save_config(cfg, run_dir)

@@ -2,6 +2,8 @@
 
     python train.py task=lidc adv=pgd
     python train.py -m task=lidc adv=pgd,fgsm,none adv.eps=0.002,0.004
+    python train.py -m task=lidc sweep=optuna             # returns cfg.optimized_metric to the sweeper
+    python train.py -m task=lidc +cluster=slurm           # one SLURM job per run (conf/cluster/slurm.yaml)
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer, report, save_config
+from medrobust.runner import (
+    build_callbacks,
+    build_data_and_module,
+    build_loggers,
+    build_trainer,
+    finish_wandb_run,
+    optimized_value,
+    report,
+    save_config,
+)
 
 log = logging.getLogger("medrobust")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | list[float] | None:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule, module = build_data_and_module(cfg)
@@ -29,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metric = trainer.callback_metrics.get(cfg.optimized_metric)
+    fit_metrics = dict(trainer.callback_metrics) if cfg.train else {}  # the last validation's, before test's
 
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -37,7 +48,13 @@ def main(cfg: DictConfig) -> float | None:
 
     if trainer.is_global_zero:
         print(report(run_dir))
-    return None if metric is None else float(metric)
+    finish_wandb_run()
+    if not fit_metrics:  # nothing trained (train=false, or a resume of a finished run): no value for a sweeper
+        return None
+    # the sweepers' objective: one metric, or a list of them for a multi-objective (Pareto) search
+    value = optimized_value(cfg.optimized_metric, fit_metrics)
+    log.info("optimized_metric %s = %s", cfg.optimized_metric, value)
+    return value
 
 
 if __name__ == "__main__":

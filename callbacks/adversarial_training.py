@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.attacks.core.session import eval_mode
 from medrobust.defenses import Adversary, Defense, MadryObjective
 from medrobust.evaluation.eps_units import EPS_UNITS
@@ -41,6 +42,8 @@ class AdversarialTraining(Callback):
             (FGSM training); ``guard_action`` then warns or stops training.
         method: the run's training method in its ``state_key`` (default: the attack's name).
         defense: the training objective (:class:`~medrobust.defenses.Defense`).
+        seed: seeds the attacks' random starts, per (epoch, batch, rank), so a resumed run draws what the
+            uninterrupted one drew; ``None``: the run's seed (``seed_everything``'s).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class AdversarialTraining(Callback):
         guard_action: str = "stop",
         method: str | None = None,
         defense: Defense | None = None,
+        seed: int | None = None,
     ) -> None:
         if eps is None or float(eps) < 0:
             raise ValueError(f"adv.eps must be >= 0, got {eps!r}")
@@ -78,11 +82,14 @@ class AdversarialTraining(Callback):
         self.guard_drop = guard_drop
         self.guard_action = guard_action
         self.method = method or attack.name
+        self.seed = seed
         # state that must survive a resume
         self.eps_history: list[tuple[int, float]] = []
         self.guard_history: list[tuple[int, float]] = []
         self.guard_best: float | None = None
         self._epoch = 0
+        self._batch_idx = 0
+        self._rank = 0
         self._guard_batch: dict | None = None
 
     @property
@@ -91,6 +98,7 @@ class AdversarialTraining(Callback):
         return self._generate_state_key(method=self.method, attack=self.attack.name, eps=self.eps, eps_unit=self.eps_unit)
 
     def state_dict(self) -> dict:
+        # plain values only: checkpoints are read back with torch.load(weights_only=True)
         return {"eps_history": list(self.eps_history), "guard_history": list(self.guard_history),
                 "guard_best": self.guard_best, "defense": self.defense.state_dict()}
 
@@ -119,16 +127,22 @@ class AdversarialTraining(Callback):
             pl_module.train_objective = clean_objective
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch = trainer.current_epoch
+        self._epoch, self._rank = trainer.current_epoch, trainer.global_rank
         eps = self.eps_at(self._epoch)
         self.eps_history = [item for item in self.eps_history if item[0] != self._epoch] + [(self._epoch, eps)]
         pl_module.log("train/adv_eps", eps, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
 
     def objective(self, module: LightningModule, batch: dict) -> torch.Tensor:
         """The defence's training loss for one batch (installed as ``module.train_objective``)."""
         if self.guard_attack is not None:
             self._guard_batch = batch  # the epoch's last batch is what the guard checks
-        return self.defense(module, batch, self._adversary(self.attack, module))
+        # random starts from (seed, epoch, batch, rank), not from the running RNG a resume would not restore
+        seed = derived_seed("adversarial_training", run_seed(self.seed), self._epoch, self._batch_idx, self._rank)
+        with seeded(seed, batch["image"].device):
+            return self.defense(module, batch, self._adversary(self.attack, module))
 
     def _adversary(self, attack, module: LightningModule) -> Adversary:
         return Adversary(attack, module, self.eps_at(self._epoch), self.eps_unit)
@@ -151,7 +165,8 @@ class AdversarialTraining(Callback):
                 trainer.should_stop = True
 
     def _guard_accuracy(self, pl_module: LightningModule, batch: dict) -> float:
-        with eval_mode(pl_module):  # the check must not move BatchNorm statistics
+        seed = derived_seed("guard", run_seed(self.seed), self._epoch, self._rank)
+        with eval_mode(pl_module), seeded(seed, batch["image"].device):  # eval: BatchNorm statistics stay
             x_adv = self._adversary(self.guard_attack, pl_module)(batch["image"], batch)
             with torch.no_grad():
                 return pl_module.is_correct(pl_module(x_adv), batch).float().mean().item()

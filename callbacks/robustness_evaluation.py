@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from torchmetrics import MeanMetric
 
 from medrobust.attacks.core.base import CurveAttack, Perturbation
+from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.datamodules.base import SplitDataModule
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
@@ -105,6 +106,8 @@ class RobustnessEvaluation(Callback):
             (:mod:`medrobust.evaluation.worst_case`); accuracy stays at the cheap first-failure points.
             ``False``: every metric at the first-failure points, rows labelled ``points=first_failure``
             (cheaper; not worst case for continuous metrics).
+        seed: seeds the attacks' random draws per (split, batch, attack, rank), so the same weights get the same
+            rows whenever they are evaluated (a resumed run included); ``None``: the run's seed.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class RobustnessEvaluation(Callback):
         output_dir: str | None = None,
         probe_splits: Sequence[str] = ("test",),
         worst_case: bool = True,
+        seed: int | None = None,
     ) -> None:
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
@@ -150,6 +154,7 @@ class RobustnessEvaluation(Callback):
         self.flags: dict[tuple[str, int], list] = {}  # (split, epoch) -> gradient-masking flags
         self.history: list[dict] = []
         self.worst_case = bool(worst_case)
+        self.seed = seed
         self.last: Evaluation | None = None  # the latest evaluation's examples and radii, for the files
         self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
 
@@ -158,14 +163,22 @@ class RobustnessEvaluation(Callback):
         return self._generate_state_key(attacks=tuple(self.attacks), eps=tuple(self.eps), eps_unit=self.eps_unit)
 
     def state_dict(self) -> dict:
-        return {"history": [dict(row) for row in self.history]}
+        # plain values only (checkpoints are read back with torch.load(weights_only=True))
+        return {"history": [dict(row) for row in self.history],
+                "flags": [[split, epoch, flag.name, flag.message] for (split, epoch), flags in self.flags.items()
+                          for flag in flags]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # A resume starts empty and takes the checkpoint's history. Testing the best checkpoint after fit
-        # also loads callback states: rows from later epochs already in memory must survive that.
+        # A resume starts empty and takes the checkpoint's history: rows of later epochs that a killed run wrote
+        # to robustness.csv are not in it, and are evaluated again and replaced. Testing the best checkpoint after
+        # fit also loads callback states: rows from later epochs already in memory must survive that.
         loaded = [dict(row) for row in state_dict.get("history", [])]
         seen = {_cell(row) for row in loaded}
         self.history = loaded + [row for row in self.history if _cell(row) not in seen]
+        flags: dict[tuple[str, int], list[MaskingFlag]] = {}
+        for split, epoch, name, message in state_dict.get("flags", []):
+            flags.setdefault((split, epoch), []).append(MaskingFlag(name, message))
+        self.flags = {**flags, **self.flags}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         self._checkpoint_epoch = checkpoint.get("epoch")
@@ -210,7 +223,8 @@ class RobustnessEvaluation(Callback):
         self.last = result = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
                                            precision=trainer.precision_plugin)
         rows = result.rows
-        flags = self._masking_flags(pl_module, result, split)
+        with seeded(derived_seed("masking_probe", run_seed(self.seed), split, trainer.global_rank), pl_module.device):
+            flags = self._masking_flags(pl_module, result, split)
         self.flags[split, epoch] = flags
         for row in rows:
             row["flags"] = ";".join(flag.name for flag in flags)
@@ -263,6 +277,7 @@ class RobustnessEvaluation(Callback):
         worst-loss points where the attack has a full-budget form (``worst_case``); each row's ``points`` says
         which (:mod:`medrobust.evaluation.worst_case`)."""
         device = pl_module.device
+        rank = pl_module.global_rank
         success = pl_module.success_metric
         cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
@@ -290,7 +305,9 @@ class RobustnessEvaluation(Callback):
                 attacked_eps = [eps for eps in self.eps if eps > 0]
                 eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
-                    with forward_context():
+                    # the same draws for the same weights, whatever ran before (a resume, another evaluation)
+                    seed = derived_seed("robustness", run_seed(self.seed), split, rank, index, label)
+                    with forward_context(), seeded(seed, device):
                         curve = robustness_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
                                                  bounds=pl_module.input_bounds, worst_case=self.worst_case)
                     result.points[label] = curve.worst_kind

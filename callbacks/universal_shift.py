@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from medrobust.attacks import EPS_UNITS, DEFAULT_GROUP_SIZES, universal_shift  # noqa: E402
 from medrobust.attacks.core.session import eval_mode  # noqa: E402
 from medrobust.reporting import format_eps, write_summary_section  # noqa: E402
+from medrobust.reporting.atomic import atomic_path, save_figure_atomic  # noqa: E402
 
 log = logging.getLogger("medrobust")
 
@@ -120,8 +121,7 @@ class UniversalShiftEvaluation(Callback):
 
     def _write(self, trainer: Trainer) -> None:
         out = self.run_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "universal.csv").open("w", newline="") as handle:
+        with atomic_path(out / "universal.csv") as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=KEYS)
             writer.writeheader()
             writer.writerows(self.rows)
@@ -161,6 +161,7 @@ def plot_shift_vs_group_size(rows: list[dict], path: Path) -> None:
     ax.set_title("test: universal perturbation shift")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)

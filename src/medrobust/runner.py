@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +47,29 @@ def build_loggers(cfg: DictConfig) -> list:
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def optimized_value(names, metrics: Mapping) -> float | list[float] | None:
+    """What train.py returns to a sweeper: the value of ``optimized_metric`` in ``metrics`` (the trainer's
+    ``callback_metrics``), or a list of values when it names several (a multi-objective sweep). A name the run did not
+    log fails here, with the names it did log, instead of handing the sweeper a None."""
+    if names is None:
+        return None
+    wanted = [names] if isinstance(names, str) else list(names)
+    missing = [name for name in wanted if name not in metrics]
+    if missing:
+        raise ValueError(f"optimized_metric: {', '.join(missing)} not logged by this run; expected one of the logged "
+                         f"metrics: {', '.join(sorted(metrics)) or '(none)'}")
+    values = [float(metrics[name]) for name in wanted]
+    return values[0] if isinstance(names, str) else values
+
+
+def finish_wandb_run() -> None:
+    """End this process's W&B run, if any: the next job of an in-process multirun (Hydra's basic launcher, Optuna's
+    trials) then starts a run of its own, where Lightning's WandbLogger would log into this one."""
+    wandb = sys.modules.get("wandb")  # imported only when a W&B logger was built
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:

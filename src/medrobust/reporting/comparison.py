@@ -1,331 +1,309 @@
-"""Compare the runs of a sweep: one row per job with its clean metric and each attack's metric at one eps, written
-as ``comparison.md``, ``comparison.csv`` and ``comparison.png`` (clean value on x: generalizability; value under
-attack on y: robustness; one point per run and attack).
+"""Compare runs (the jobs of a sweep, or any run folders): one row per run with the overrides that tell the runs
+apart, its clean metric, each attack's metric at each eps, its best epoch and run time; the curves of all runs
+overlaid; and the most robust run named. Written as ``compare.md``, ``compare.csv``, ``compare.png`` (clean vs
+robust, one point per run and attack) and ``compare_<attack>_<metric>.png`` (metric vs eps, one line per run).
 
-Only what each job left on disk is read: ``robustness.csv`` (rows of ``ROW_KEYS``), ``.hydra/overrides.yaml`` and
-``.hydra/hydra.yaml`` (the run's name), ``config.yaml`` (the task, for the default metric; the model, for its
-parameter count). A job folder without ``robustness.csv`` (a failed or unfinished run) keeps its row, saying so.
+Only what each run left on disk is read (:mod:`medrobust.reporting.comparison_runs`): ``robustness.csv`` (rows of
+``ROW_KEYS``), ``config.yaml`` or ``.hydra/``, its job log and checkpoint names. A run folder without
+``robustness.csv`` (a failed or unfinished run) keeps its row, saying so.
 
-    python -m medrobust.reporting.comparison <sweep_dir> [--metric dice] [--eps 0.004] [--label-key model]
+    python compare.py <sweep_dir> [--metric dice] [--eps 0.004] [--attack pgd10_linf]
+    python compare.py runA runB runC --out comparison/
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from medrobust.reporting.robustness import format_eps, is_cell_row, read_csv  # noqa: E402
+from medrobust.reporting import comparison_runs as runs_on_disk
+from medrobust.reporting.comparison_runs import RESULTS
+from medrobust.reporting.robustness import format_eps, is_cell_row, read_csv
 
 log = logging.getLogger("medrobust")
 
-RESULTS = "robustness.csv"
-OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
 NO_RESULTS = f"no {RESULTS} (the run failed or has not finished)"
+
+
+class SelectionError(ValueError):
+    """A metric, attack, eps or split asked for that no run has; the message lists those that exist."""
 
 
 @dataclass
 class RunResult:
-    """One job's line: ``robust`` maps attack -> metric at the chosen eps; ``note`` says what is missing."""
+    """One run's line. ``curves`` maps attack -> {eps: metric}; ``robust`` attack -> metric at the ranking eps;
+    ``note`` says what is missing."""
 
     job: str
     label: str
+    settings: dict[str, str] = field(default_factory=dict)
     params: int | None = None
     clean: float | None = None
+    curves: dict[str, dict[float, float]] = field(default_factory=dict)
     robust: dict[str, float] = field(default_factory=dict)
     points: dict[str, str] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    best_epoch: int | None = None
+    epoch_from: str = ""
+    seconds: float | None = None
+    time_from: str = ""
     note: str = ""
+
+    def value(self, attack: str, eps: float) -> float | None:
+        return next((v for e, v in self.curves.get(attack, {}).items() if _same_eps(e, eps)), None)
 
 
 @dataclass
 class Comparison:
-    sweep_dir: Path
+    sweep_dir: Path | None
     metric: str
-    eps: float | None
+    eps_values: list[float]
     eps_unit: str
     split: str
-    label_name: str
+    keys: list[str]
     attacks: list[str]
     runs: list[RunResult]
+    higher_is_better: bool | None = None
+    direction_from: str = ""
+    bounded: bool = False
+    most_robust: RunResult | None = None
+    verdict: str = ""
+
+    @property
+    def eps(self) -> float | None:
+        """The eps the runs are ranked at: the largest shown."""
+        return max(self.eps_values) if self.eps_values else None
 
     @property
     def missing(self) -> list[RunResult]:
         return [run for run in self.runs if run.note]
 
-    def column(self, attack: str) -> str:
-        return f"{self.metric}_{attack}_eps{format_eps(self.eps or 0.0)}"
+    def column(self, attack: str, eps: float | None = None) -> str:
+        return f"{self.metric}_{attack}_eps{format_eps(self.eps if eps is None else eps)}"
+
+    def worst(self, run: RunResult) -> tuple[str, float] | None:
+        """The strongest attack on ``run`` at the ranking eps and its value (the worst over attacks); ``None``
+        unless every attack has a value there or the direction is unknown."""
+        if self.higher_is_better is None or not self.attacks or any(a not in run.robust for a in self.attacks):
+            return None
+        pick = min if self.higher_is_better else max
+        attack = pick(self.attacks, key=lambda a: run.robust[a])
+        return attack, run.robust[attack]
 
 
-# -- the jobs and their names ---------------------------------------------------------------------------------
-def find_jobs(sweep_dir: str | Path) -> list[Path]:
-    """The job folders under ``sweep_dir``: those holding ``.hydra/overrides.yaml``, in job-number order."""
-    sweep_dir = Path(sweep_dir)
-    jobs = {path.parent.parent for path in sweep_dir.rglob("overrides.yaml") if path.parent.name == ".hydra"}
-    return sorted(jobs, key=lambda job: _natural(job.relative_to(sweep_dir).as_posix()))
-
-
-def _natural(text: str) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
-
-
-def _overrides(job: Path) -> list[str]:
-    return [str(item) for item in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
-
-
-def _choice(job: Path, key: str) -> str | None:
-    """``key``'s value in the job's command-line overrides, else its config-group choice (``hydra.yaml``)."""
-    for item in _overrides(job):
-        name, _, value = item.partition("=")
-        if name.lstrip("+~") == key:
-            return value
-    hydra_yaml = job / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
-        choices = OmegaConf.load(hydra_yaml).hydra.runtime.get("choices") or {}
-        value = choices.get(key)
-        return None if value is None else str(value)
-    return None
-
-
-def job_labels(jobs: list[Path], sweep_dir: Path, label_key: str | None) -> list[str]:
-    """A name per job: ``label_key``'s value (``model`` -> ``unet_wide``); without one, the overrides that differ
-    between the jobs (``adv=fgsm``). A name shared by several jobs gets the job folder added."""
-    folders = [job.relative_to(sweep_dir).as_posix() or "." for job in jobs]
-    if label_key is not None:
-        labels = [_choice(job, label_key) or folder for job, folder in zip(jobs, folders)]
-    else:
-        overrides = [_overrides(job) for job in jobs]
-        shared = set.intersection(*map(set, overrides)) if len(jobs) > 1 else set()
-        labels = [" ".join(o for o in items if o not in shared) or folder for items, folder in zip(overrides, folders)]
-    return [f"{label} ({folder})" if labels.count(label) > 1 else label for label, folder in zip(labels, folders)]
-
-
-# -- what a job's config tells ---------------------------------------------------------------------------------
-def _config(job: Path):
-    path = job / "config.yaml"  # written resolved by train.py / eval.py
-    return OmegaConf.load(path) if path.is_file() else None
-
-
-def task_metric(job: Path) -> str | None:
-    """The task's headline continuous metric (the first it declares its attack loss drives, segmentation's
-    ``dice``), else its success metric (``accuracy``); ``None`` without a readable config."""
-    from hydra.utils import get_class
-
-    cfg = _config(job)
-    target = OmegaConf.select(cfg, "module._target_") if cfg is not None else None
-    if target is None:
-        return None
-    try:
-        task = get_class(target)
-    except (ImportError, ValueError):  # a task class from code not installed here: no default from it
-        return None
-    attacked = getattr(task, "attacked_metrics", None)
-    return attacked[0] if isinstance(attacked, (tuple, list)) and attacked else task.success_metric
-
-
-def count_parameters(job: Path) -> int | None:
-    """Parameters of the job's network, built from its ``config.yaml`` (``None`` where it cannot be built)."""
-    from hydra.utils import instantiate
-
-    cfg = _config(job)
-    if cfg is None or OmegaConf.select(cfg, "model._target_") is None:
-        return None
-    try:
-        net = instantiate(cfg.model, _convert_="all")
-    except Exception as error:  # a model needing data or a missing package: the table says n/a, not fail
-        log.warning("comparison: cannot build the model of %s to count its parameters: %s", job, error)
-        return None
-    return sum(p.numel() for p in net.parameters())
-
-
-# -- the table --------------------------------------------------------------------------------------------------
 def _same_eps(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def _read_run(run: RunResult, rows: list[dict], metric: str, eps: float, attacks: list[str]) -> None:
+# -- reading the runs ----------------------------------------------------------------------------------------------
+def _run_paths(paths: Sequence[str | Path]) -> tuple[Path | None, list[Path]]:
+    """``(sweep_dir, run folders)``: one folder that is not itself a run is a sweep, searched for its runs;
+    otherwise each path must be a run folder."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_dir():
+            raise SelectionError(f"no such folder: {path}")
+    if len(paths) == 1 and not runs_on_disk.is_run(paths[0]):
+        jobs = runs_on_disk.find_jobs(paths[0])
+        if not jobs:
+            raise SelectionError(f"no run folders (with config.yaml or .hydra/overrides.yaml) under {paths[0]}")
+        return paths[0], jobs
+    not_runs = [str(p) for p in paths if not runs_on_disk.is_run(p)]
+    if not_runs:
+        raise SelectionError("not run folders (no config.yaml or .hydra/overrides.yaml): " + ", ".join(not_runs))
+    return None, paths
+
+
+def _labels(jobs: list[Path], names: list[str], settings: list[dict[str, str]], label_key: str | None) -> list[str]:
+    """A name per run: ``label_key``'s value; without one, the settings that differ (``adv=fgsm adv.eps=0.004``),
+    else the folder. A name shared by several runs gets the folder added."""
+    if label_key is not None:
+        labels = [runs_on_disk.setting(job, label_key) or name for job, name in zip(jobs, names)]
+    else:
+        labels = [" ".join(f"{k}={v}" for k, v in s.items()) or name for s, name in zip(settings, names)]
+    return [f"{label} ({name})" if labels.count(label) > 1 else label for label, name in zip(labels, names)]
+
+
+def _check(kind: str, asked: Sequence, found: Sequence, where: str, same=lambda a, b: a == b) -> None:
+    unknown = [a for a in asked if not any(same(a, f) for f in found)]
+    if unknown and found:  # nothing found at all (no run finished yet): the table says so per run instead
+        listed = ", ".join(f"{f:g}" if isinstance(f, float) else str(f) for f in found)
+        raise SelectionError(f"{kind} {', '.join(map(str, unknown))} not in {where}; there: {listed}")
+
+
+def _fill(run: RunResult, rows: list[dict], metric: str, attacks: list[str], eps_values: list[float],
+          rank_eps: float | None) -> None:
     """Fill ``run`` from its rows (one split, one epoch); what is missing goes to ``run.note``."""
-    missing = []
-    for attack in attacks:
-        row = next((r for r in rows if r["attack"] == attack and r["metric"] == metric and _same_eps(r["eps"], eps)),
-                   None)
-        if row is None:
-            missing.append(attack)
-        else:
-            run.robust[attack], run.points[attack] = row["value"], row.get("points") or ""
+    for row in rows:
+        if row["metric"] == metric and row["attack"] in attacks and row["eps"] > 0:
+            run.curves.setdefault(row["attack"], {})[row["eps"]] = row["value"]
+            if rank_eps is not None and _same_eps(row["eps"], rank_eps):
+                run.robust[row["attack"]], run.points[row["attack"]] = row["value"], row.get("points") or ""
     clean = next((r for r in rows if r["metric"] == metric and r["eps"] == 0), None)
     run.clean = None if clean is None else clean["value"]
     run.flags = sorted({flag for r in rows for flag in (r.get("flags") or "").split(";") if flag})
     notes = [] if clean is not None else [f"no clean {metric} row"]
-    notes += [f"no {metric} row at eps {eps:g} for {', '.join(missing)}"] if missing else []
+    for eps in eps_values:
+        lacking = [a for a in attacks if run.value(a, eps) is None]
+        notes += [f"no {metric} row at eps {eps:g} for {', '.join(lacking)}"] if lacking else []
     run.note = "; ".join(notes)
 
 
-def compare_runs(sweep_dir: str | Path, metric: str | None = None, eps: float | None = None, split: str = "test",
-                 label_key: str | None = None, attacks: list[str] | None = None,
-                 count_params: bool = True) -> Comparison:
-    """The comparison of every job under ``sweep_dir``.
+def compare_runs(runs: str | Path | Sequence[str | Path], metric: str | None = None,
+                 eps: float | Sequence[float] | None = None, split: str = "test", label_key: str | None = None,
+                 attacks: Sequence[str] | None = None, count_params: bool = True,
+                 higher_is_better: bool | None = None) -> Comparison:
+    """The comparison of the runs in a sweep folder, or of the given run folders.
 
     Args:
-        metric: the metric compared (a ``metric`` of ``robustness.csv``); ``None``: the task's (:func:`task_metric`).
-        eps: the attack strength of the robust column (the rows' unit); ``None``: the largest eps in the results.
+        runs: a sweep folder (its job folders are found), or run folders (from any sweeps or machines).
+        metric: the metric compared (a ``metric`` of ``robustness.csv``); ``None``: the task's (``task_metric``).
+        eps: the eps (one or more, the rows' unit) of the table's robust columns; the runs are ranked at the largest.
+            ``None``: every evaluated eps.
         split: whose rows (``test``: the tested checkpoint; ``val``: the last evaluated epoch).
         label_key: names each run (a config group or key, e.g. ``model``); ``None``: the overrides that differ.
         attacks: the attacks (``dag_linf``, ``pgd10_linf``, ...) to show; ``None``: every attack in the results.
-        count_params: build each job's network from its ``config.yaml`` to count its parameters.
+        count_params: build each run's network from its config to count its parameters.
+        higher_is_better: the metric's direction; ``None``: the task's (its torchmetrics' ``higher_is_better``).
+
+    Raises:
+        SelectionError: a folder that is no run (or holds none), or a metric / attack / eps / split no run has.
     """
-    sweep_dir = Path(sweep_dir)
-    jobs = find_jobs(sweep_dir)
-    if not jobs:
-        log.warning("comparison: no job folders (with .hydra/overrides.yaml) under %s", sweep_dir)
-    labels = job_labels(jobs, sweep_dir, label_key)
-    runs, all_rows = [], {}
-    for job, label in zip(jobs, labels):
-        run = RunResult(job=job.relative_to(sweep_dir).as_posix() or ".", label=label)
-        run.params = count_parameters(job) if count_params else None
-        runs.append(run)
+    sweep_dir, jobs = _run_paths([runs] if isinstance(runs, (str, Path)) else list(runs))
+    names = [job.relative_to(sweep_dir).as_posix() or "." if sweep_dir else str(job) for job in jobs]
+    settings = runs_on_disk.differing_settings(jobs)
+    keys = list(dict.fromkeys(([label_key] if label_key else []) + [k for s in settings for k in s]))
+    labels = _labels(jobs, names, settings, label_key)
+    results, rows_of, all_rows = [], {}, []
+    for job, name, label in zip(jobs, names, labels):
+        run = RunResult(job=name, label=label, settings={k: runs_on_disk.setting(job, k) or "-" for k in keys})
+        run.params = runs_on_disk.count_parameters(job) if count_params else None
+        run.seconds, run.time_from = runs_on_disk.run_time(job)
+        results.append(run)
         if not (job / RESULTS).is_file():
             run.note = NO_RESULTS
+            run.best_epoch, run.epoch_from = runs_on_disk.best_epoch(job, [])
             continue
-        rows = [r for r in read_csv(job / RESULTS) if r["split"] == split and is_cell_row(r)]
-        last = max((r["epoch"] for r in rows), default=None)
-        all_rows[run.job] = [r for r in rows if r["epoch"] == last]
-        if not rows:
+        cells = [r for r in read_csv(job / RESULTS) if is_cell_row(r)]
+        all_rows += cells
+        run.best_epoch, run.epoch_from = runs_on_disk.best_epoch(job, [r for r in cells if r["split"] == "test"])
+        mine = [r for r in cells if r["split"] == split]
+        last = max((r["epoch"] for r in mine), default=None)
+        rows_of[name] = [r for r in mine if r["epoch"] == last]
+        if not mine:
             run.note = f"no {split} rows in {RESULTS}"
-    found = [row for rows in all_rows.values() for row in rows]
+    _check("split", [split], sorted({r["split"] for r in all_rows}), f"the runs' {RESULTS}")
+    found = [row for rows in rows_of.values() for row in rows]
+    where = f"the runs' {RESULTS} ({split} split)"
     if metric is None:
-        metric = next((m for m in map(task_metric, jobs) if m is not None), None) or "accuracy"
-    if eps is None:
-        eps = max((r["eps"] for r in found if r["metric"] == metric), default=None)
-    if attacks is None:
-        attacks = list(dict.fromkeys(r["attack"] for r in found if r["metric"] == metric and r["eps"] > 0))
-    for run in runs:
-        if all_rows.get(run.job):
-            _read_run(run, all_rows[run.job], metric, eps if eps is not None else 0.0, attacks)
-    unit = next((r["eps_unit"] for r in found), "model")
-    for run in runs:
+        metric = next((m for m in map(runs_on_disk.task_metric, jobs) if m is not None), None) or "accuracy"
+        if found and metric not in {r["metric"] for r in found}:  # the task's metric not evaluated: the first one
+            metric = found[0]["metric"]
+    _check("metric", [metric], sorted({r["metric"] for r in found}), where)
+    found = [r for r in found if r["metric"] == metric]
+    present = list(dict.fromkeys(r["attack"] for r in found if r["eps"] > 0))
+    attacks = list(attacks) if attacks is not None else present
+    _check("attack", attacks, present, f"{where} for {metric}")
+    present = sorted({r["eps"] for r in found if r["eps"] > 0 and r["attack"] in attacks})
+    eps_values = present if eps is None else [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
+    _check("eps", eps_values, present, f"{where} for {metric} under {', '.join(attacks)}", same=_same_eps)
+    rank_eps = max(eps_values) if eps_values else None
+    for run in results:
+        if rows_of.get(run.job):
+            _fill(run, rows_of[run.job], metric, attacks, eps_values, rank_eps)
+    comparison = Comparison(sweep_dir, metric, eps_values, next((r["eps_unit"] for r in found), "model"), split,
+                            keys, attacks, results)
+    _direction(comparison, jobs, higher_is_better)
+    comparison.most_robust, comparison.verdict = rank(comparison)
+    for run in results:
         if run.note:
-            log.warning("comparison: job %s (%s): %s", run.job, run.label, run.note)
-    return Comparison(sweep_dir, metric, eps, unit, split, label_key or "run", list(attacks), runs)
+            log.warning("comparison: run %s (%s): %s", run.job, run.label, run.note)
+    return comparison
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _direction(comparison: Comparison, jobs: list[Path], higher_is_better: bool | None) -> None:
+    """The metric's direction and whether it lives in [0, 1], from the first run whose task module builds."""
+    facts = next((f for f in map(runs_on_disk.metric_facts, jobs) if f is not None), None)
+    if facts is not None:
+        comparison.higher_is_better = facts[0].get(comparison.metric)
+        comparison.bounded = comparison.metric in facts[1]
+        comparison.direction_from = "the task's metric declares (higher_is_better)"
+    if higher_is_better is not None:
+        comparison.higher_is_better, comparison.direction_from = higher_is_better, "given"
 
 
-def comparison_markdown(comparison: Comparison) -> str:
+# -- the most robust run --------------------------------------------------------------------------------------------
+def rank(comparison: Comparison) -> tuple[RunResult | None, str]:
+    """The run with the best worst-over-attacks metric at the ranking eps, ties broken by the clean metric, and a
+    sentence saying so (or why there is none)."""
     c = comparison
-    eps = "-" if c.eps is None else f"{c.eps:g}"
-    points = sorted({f"{attack}: {kind}" for run in c.runs for attack, kind in run.points.items() if kind})
-    lines = [f"# Clean vs robust {c.metric} ({c.split} split)", "",
-             f"Runs under {c.sweep_dir}. Robust {c.metric}: each attack's {c.metric} at eps {eps} ({c.eps_unit} "
-             f"units); the points it was read at: " + ("; ".join(points) or "-") + ".", ""]
-    if any(run.flags for run in c.runs):
-        lines += ["flags: the run's own gradient-masking checks on these rows (its summary.md says more).", ""]
-    if c.missing:
-        lines += [f"**Missing results in {len(c.missing)} of {len(c.runs)} runs:**", "",
-                  *(f"- {run.label} (job {run.job}): {run.note}" for run in c.missing), ""]
-    header = [c.label_name, "job", "params", f"clean {c.metric}", *(f"{a} {c.metric} @ {eps}" for a in c.attacks),
-              "flags", "note"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in c.runs:
-        cells = [run.label, run.job, "" if run.params is None else f"{run.params:,}", _fmt(run.clean),
-                 *(_fmt(run.robust.get(a)) for a in c.attacks), " ".join(run.flags), run.note]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if c.higher_is_better is None:
+        return None, (f"Most robust: not chosen, {c.metric} has no better direction known "
+                      "(give one with --higher-is-better / --lower-is-better).")
+    ranked = [(run, c.worst(run)) for run in c.runs if c.worst(run) is not None]
+    if not ranked:
+        return None, f"Most robust: not chosen, no run has {c.metric} under every attack at eps {c.eps or 0:g}."
+    sign = 1.0 if c.higher_is_better else -1.0
+    def goodness(item):  # under attack first, then clean; a run without a clean value loses a tie
+        run, (_, worst) = item
+        return sign * worst, -math.inf if run.clean is None else sign * run.clean
 
-
-def _write_csv(comparison: Comparison, path: Path) -> None:
-    c = comparison
-    fields = [c.label_name, "job", "params", f"clean_{c.metric}", *map(c.column, c.attacks), "flags", "note"]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(fields)
-        for run in c.runs:
-            writer.writerow([run.label, run.job, "" if run.params is None else run.params,
-                             "" if run.clean is None else repr(run.clean),
-                             *("" if run.robust.get(a) is None else repr(run.robust[a]) for a in c.attacks),
-                             ";".join(run.flags), run.note])
-    tmp.replace(path)  # a reader never sees half a file
-
-
-def _plot(comparison: Comparison, path: Path) -> None:
-    c = comparison
-    fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=100)
-    markers, colors = "osD^vP*X", plt.get_cmap("tab10")
-    values = []
-    for i, attack in enumerate(c.attacks):
-        points = [(run.clean, run.robust[attack]) for run in c.runs
-                  if run.clean is not None and run.robust.get(attack) is not None]
-        if points:
-            values += [v for point in points for v in point]
-            ax.scatter(*zip(*points), marker=markers[i % len(markers)], color=colors(i % 10), label=attack, zorder=3)
-    for run in c.runs:  # a run's attacks share its clean value: one line joins its points, one name labels them
-        ys = [run.robust[a] for a in c.attacks if run.robust.get(a) is not None]
-        if run.clean is not None and ys:
-            ax.plot([run.clean] * len(ys), ys, color="lightgrey", lw=0.8, zorder=2)
-            ax.annotate(run.label, (run.clean, max(ys)), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    if values:  # robust = clean: how far below it each point lies is what the attack took
-        low, high = min(values), max(values)
-        pad = 0.05 * (high - low or 1.0)
-        ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="grey", lw=0.8, label="robust = clean")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-    eps = "-" if c.eps is None else f"{c.eps:g}"
-    ax.set_xlabel(f"clean {c.metric} (generalizability)")
-    ax.set_ylabel(f"{c.metric} under attack, eps {eps} {c.eps_unit} units (robustness)")
-    ax.set_title(f"{c.split}: clean vs robust {c.metric}, one point per run and attack", fontsize=10)
-    ax.grid(alpha=0.3)
-    if c.missing:
-        fig.text(0.01, 0.01, "missing results: " + ", ".join(run.label for run in c.missing), fontsize=7, color="red")
-    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.92)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    best, (attack, value) = max(ranked, key=goodness)
+    tied = [run for run, (_, v) in ranked if v == value and run is not best]
+    clean = "-" if best.clean is None else f"{best.clean:.4f}"
+    text = (f"Most robust: {best.label} (run {best.job}): {c.metric} {value:.4f} under its strongest attack, "
+            f"{attack}, at eps {c.eps:g} ({c.eps_unit} units); clean {clean}; "
+            f"{'higher' if c.higher_is_better else 'lower'} is better, as {c.direction_from}.")
+    if tied:
+        fully = [run.label for run in tied if run.clean == best.clean]
+        text += (f" Tied under attack with {', '.join(run.label for run in tied)}; chosen by its clean {c.metric}"
+                 + (f" (tied there too with {', '.join(fully)}: the first in the table)." if fully else "."))
+    return best, text
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path | None = None) -> list[Path]:
-    """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``out_dir`` (default: the sweep folder)."""
-    out = Path(out_dir or comparison.sweep_dir)
+    """``compare.md``, ``compare.csv``, ``compare.png`` and ``compare_<attack>_<metric>.png`` in ``out_dir``
+    (default: the sweep folder, or the current folder for a list of runs)."""
+    from medrobust.reporting.comparison_plots import plot_clean_vs_robust, plot_curves
+    from medrobust.reporting.comparison_table import write_csv, write_markdown
+
+    out = Path(out_dir or comparison.sweep_dir or ".")
     out.mkdir(parents=True, exist_ok=True)
-    md, table, figure = (out / name for name in OUTPUTS)
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(comparison_markdown(comparison))
-    tmp.replace(md)
-    _write_csv(comparison, table)
-    _plot(comparison, figure)
-    return [md, table, figure]
+    return [write_markdown(comparison, out / "compare.md"), write_csv(comparison, out / "compare.csv"),
+            plot_clean_vs_robust(comparison, out / "compare.png"), *plot_curves(comparison, out)]
 
 
-def main(argv: list[str] | None = None) -> Comparison:
-    parser = argparse.ArgumentParser(prog="python -m medrobust.reporting.comparison",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun folder (its job folders hold robustness.csv)")
-    parser.add_argument("--metric", help="the metric compared (default: the task's, e.g. dice)")
-    parser.add_argument("--eps", type=float, help="the eps of the robust columns (default: the largest evaluated)")
+def main(argv: list[str] | None = None, prog: str = "python compare.py") -> Comparison:
+    from medrobust.reporting.comparison_table import comparison_markdown
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="a sweep folder (outputs/<task>/multirun/<time>), or run folders from any sweeps")
+    parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder, or the current folder)")
+    parser.add_argument("--metric", help="the metric compared (default: the task's, e.g. dice, mae, accuracy)")
+    parser.add_argument("--eps", type=float, nargs="+", help="the eps of the robust columns; the runs are ranked "
+                                                             "at the largest (default: every evaluated eps)")
+    parser.add_argument("--attack", "--attacks", dest="attacks", nargs="+",
+                        help="the attacks compared (default: all in the results)")
     parser.add_argument("--split", default="test", help="the split whose rows are compared (default: test)")
     parser.add_argument("--label-key", help="names the runs, e.g. model (default: the overrides that differ)")
-    parser.add_argument("--attacks", nargs="+", help="the attacks shown (default: all in the results)")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--higher-is-better", dest="higher", action="store_true", default=None,
+                           help="rank by this direction (default: the task's metric says)")
+    direction.add_argument("--lower-is-better", dest="higher", action="store_false")
     parser.add_argument("--no-params", action="store_true", help="do not build the models to count parameters")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"no such folder: {args.sweep_dir}")
-    comparison = compare_runs(args.sweep_dir, metric=args.metric, eps=args.eps, split=args.split,
-                              label_key=args.label_key, attacks=args.attacks, count_params=not args.no_params)
-    paths = write_comparison(comparison)
+    try:
+        comparison = compare_runs(args.runs, metric=args.metric, eps=args.eps, split=args.split,
+                                  label_key=args.label_key, attacks=args.attacks, count_params=not args.no_params,
+                                  higher_is_better=args.higher)
+    except SelectionError as error:
+        parser.error(str(error))
+    paths = write_comparison(comparison, args.out)
     print(comparison_markdown(comparison))
     print("written: " + ", ".join(map(str, paths)))
     return comparison
@@ -333,4 +311,4 @@ def main(argv: list[str] | None = None) -> Comparison:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    main()
+    main(prog="python -m medrobust.reporting.comparison")

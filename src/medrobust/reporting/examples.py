@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from medrobust.reporting.atomic import save_figure_atomic  # noqa: E402
 from medrobust.reporting.points import PointSet  # noqa: E402
 
 MASK_COLOURS = "tab10"  # label value k -> colour k (mod 10); 0 (background) is left transparent
@@ -118,10 +119,10 @@ def save_example_grid(
     fig.suptitle(title, fontsize=9)
     legend_rows = 0 if not points else 1 if n >= 3 else len(points)
     fig.tight_layout(rect=(0, 0.12 * legend_rows / fig.get_figheight(), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomic(fig, path)  # a stopped run leaves the previous grid, never half a PNG
+    finally:
+        plt.close(fig)
 
 
 def _draw_points(ax, sets: dict[str, PointSet]) -> None:

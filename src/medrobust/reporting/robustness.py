@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from medrobust.reporting.atomic import atomic_path, save_figure_atomic  # noqa: E402
+
 BOUNDED_YLIM = (-0.02, 1.02)  # a metric in [0, 1], with room for the markers at its ends
 ROW_KEYS = ("epoch", "split", "attack", "norm", "eps", "eps_unit", "metric", "value", "points", "flags", "sample")
 
@@ -42,14 +44,12 @@ def format_eps(eps: float) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write all rows (the whole history, so a resumed run rewrites a consistent file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
+    """Write all rows (the whole history, so a resumed run rewrites a consistent file); atomically: a run killed
+    mid-write, or a row that fails to serialise, leaves the previous file readable."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ROW_KEYS)
         writer.writeheader()
         writer.writerows({key: row.get(key, "") for key in ROW_KEYS} for row in rows)
-    tmp.replace(path)  # a run killed mid-write leaves the previous file readable
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -125,9 +125,10 @@ def _plot_lines(lines: list[tuple[str, list, object]], path: Path, metric: str, 
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def summary_markdown(rows: list[dict], split: str, title: str, notes: list[str] | None = None,

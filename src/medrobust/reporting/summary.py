@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from medrobust.reporting.atomic import write_text_atomic
+
 SECTIONS_DIR = ".summary"
 # where the known sections go; a section not listed here goes after them unless its writer gives an order
 SECTION_ORDER = {"robustness": 10, "universal_shift": 20}
@@ -31,22 +33,15 @@ def write_summary_section(run_dir: str | Path, name: str, markdown: str, order: 
         raise ValueError(f"summary section order must be an int in [0, 999], got {order!r} for section {name!r}")
     sections = Path(run_dir) / SECTIONS_DIR
     sections.mkdir(parents=True, exist_ok=True)
+    new = write_text_atomic(sections / f"{order:03d}_{name}.md", markdown.rstrip() + "\n")
     for path, (_, old_name) in _sections(sections):
-        if old_name == name:  # the same section written before, maybe at another order
-            path.unlink()
-    _write_atomic(sections / f"{order:03d}_{name}.md", markdown.rstrip() + "\n")
+        if old_name == name and path != new:  # the same section written before at another order (after the new
+            path.unlink()                     # one is whole: a kill in between never loses the section)
     text = "\n\n".join(path.read_text().rstrip() for path, _ in _sections(sections)) + "\n"
-    return _write_atomic(Path(run_dir) / "summary.md", text)
+    return write_text_atomic(Path(run_dir) / "summary.md", text)
 
 
 def _sections(folder: Path) -> list[tuple[Path, tuple[int, str]]]:
     """The section files with their ``(order, name)``, in summary order."""
     found = [(path, _FILE.fullmatch(path.name)) for path in folder.iterdir()]
     return sorted(((path, (int(m[1]), m[2])) for path, m in found if m), key=lambda item: item[1])
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # a run killed mid-write leaves the previous file readable
-    return path
