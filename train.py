@@ -13,7 +13,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
+
+from medrobust.checkpoints import check_checkpoint
 
 from medrobust.runner import (
     build_callbacks,
@@ -39,7 +42,12 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         save_config(cfg, run_dir)
 
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("ckpt_path"):  # a wrong-task or truncated file stops here, named, not inside Lightning
+            check_checkpoint(cfg.ckpt_path, cfg.task_name, module)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:  # files are written; a scheduler must not read the stop as success
+            raise SystemExit(143) from None
     fit_metrics = dict(trainer.callback_metrics) if cfg.train else {}  # the last validation's, before test's
 
     if cfg.test:

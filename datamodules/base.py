@@ -167,9 +167,12 @@ def _batch_position(trainer) -> tuple[int, int]:
 
 
 def default_cache_dir(source: str, root: str, dataset: str) -> str:
-    """A phantom caches under its ``root``; a real source under ``$XDG_CACHE_HOME/medrobust/<dataset>``."""
+    """A phantom caches under its ``root``; a real source under ``$MEDROBUST_DATA_DIR/<dataset>`` (what the configs'
+    ``${paths.data_dir}`` honours), else ``$XDG_CACHE_HOME/medrobust/<dataset>``."""
     if source == "phantom":
         return root
+    if os.environ.get("MEDROBUST_DATA_DIR"):
+        return os.path.join(os.environ["MEDROBUST_DATA_DIR"], dataset)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "medrobust", dataset)
 

@@ -11,6 +11,8 @@ data config describes (``conf/task/afids.yaml``, ...), from :func:`medrobust.dat
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 
@@ -33,11 +35,22 @@ def _by_dims(dims, value_2d, value_3d):
     return value_2d if dims == 2 else value_3d
 
 
+def _launch_dir() -> str:
+    """Hydra's runtime cwd once it is set, else the process's working directory (the same folder: jobs do not
+    chdir). ``${hydra:runtime.cwd}`` alone fails where a sweeper resolves ``hydra.sweep.dir`` before Hydra's
+    runtime config exists (``python train.py -m ...``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def register_resolvers() -> None:
     """Register every resolver (idempotent)."""
     if not OmegaConf.has_resolver("dataset_json"):
         OmegaConf.register_new_resolver("dataset_json", _dataset_json, use_cache=True)
     if not OmegaConf.has_resolver("landmarks"):
         OmegaConf.register_new_resolver("landmarks", _landmarks)  # no cache: its argument is a config node
+    if not OmegaConf.has_resolver("launch_dir"):
+        OmegaConf.register_new_resolver("launch_dir", _launch_dir)
     if not OmegaConf.has_resolver("by_dims"):
         OmegaConf.register_new_resolver("by_dims", _by_dims)

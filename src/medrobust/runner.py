@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medrobust.allocator import keep_large_blocks
+from medrobust.reporting.atomic import write_text_atomic
 from medrobust.resolvers import register_resolvers
 
 log = logging.getLogger("medrobust")
@@ -74,7 +75,7 @@ def finish_wandb_run() -> None:
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def report(run_dir: Path) -> str:

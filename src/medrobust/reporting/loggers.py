@@ -26,4 +26,6 @@ def wandb_logger(offline: bool | None = None, **kwargs) -> WandbLogger:
         offline = mode in ("offline", "dryrun", "disabled") if mode else not wandb_credentials_present()
     if kwargs.get("save_dir"):
         os.makedirs(kwargs["save_dir"], exist_ok=True)
+    if offline:  # Lightning's offline flag sets WANDB_MODE=dryrun, which this W&B no longer reads as offline
+        kwargs.setdefault("mode", "offline")
     return WandbLogger(offline=offline, **kwargs)

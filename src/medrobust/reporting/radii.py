@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from medrobust.reporting.atomic import save_figure_atomic  # noqa: E402
+
 def plot_radii(out_dir: Path, attack: str, split: str, epoch: int, radii: torch.Tensor) -> None:
     """``curves/<split>_<attack>_radii.png``: the radii's histogram (model units; ``inf`` = no adversarial point
     found) with robust accuracy = 1 - CDF."""
@@ -30,5 +32,5 @@ def plot_radii(out_dir: Path, attack: str, split: str, epoch: int, radii: torch.
     ax.set_title(f"{split}: {attack} radii, epoch {epoch} ({len(radii) - len(finite)} never fooled)")
     fig.tight_layout()
     (out_dir / "curves").mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "curves" / f"{split}_{attack}_radii.png")
+    save_figure_atomic(fig, out_dir / "curves" / f"{split}_{attack}_radii.png")
     plt.close(fig)
