@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from medrobust.attacks.core.base import CurveAttack, Perturbation
 from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.datamodules.base import SplitDataModule
+from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
@@ -42,6 +43,14 @@ def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([values, values.new_zeros(max(counts) - values.shape[0])])
     parts = pl_module.all_gather(padded).reshape(len(counts), -1)
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def _gather_in_order(pl_module: LightningModule, parts: list[tuple[int, torch.Tensor]], device) -> torch.Tensor:
+    """Per-sample values of ``(batch number, values)`` parts from every rank, in the one-process order."""
+    values = torch.cat([v for _, v in parts]) if parts else torch.zeros(0, device=device)
+    numbers = torch.cat([torch.full((len(v),), n, device=v.device) for n, v in parts]) if parts else values.long()
+    values, numbers = _gather(pl_module, values), _gather(pl_module, numbers)
+    return values[torch.sort(numbers, stable=True).indices]
 
 
 def _cell(row: dict) -> tuple:
@@ -80,8 +89,9 @@ class Evaluation:
 class RobustnessEvaluation(Callback):
     """Attack the model at several eps after every ``every_n_epochs``-th validation epoch and at test time.
 
-    Each DDP rank attacks its own shard (the trainer's distributed sampler), metrics reduce across ranks
-    through torchmetrics, and rank 0 writes ``robustness.csv`` (one row per epoch x split x attack x eps x
+    Each DDP rank attacks its own whole batches of the split (the datamodule's sharded loaders,
+    :mod:`medrobust.datamodules.sharding`), batch ``k`` seeded as batch ``k`` of one process, so the rows do not
+    depend on the number of processes; metrics reduce across ranks through torchmetrics, and rank 0 writes ``robustness.csv`` (one row per epoch x split x attack x eps x
     metric, with the kind of point the metric was read at), ``curves/<attack>_<metric>.png`` (one line per epoch)
     and, at test time, ``summary.md``.
 
@@ -91,8 +101,9 @@ class RobustnessEvaluation(Callback):
         eps_unit: ``model`` (input scale), ``native`` (e.g. HU, through the datamodule's window) or
             ``range`` (a fraction of each image's intensity range).
         every_n_epochs: evaluate after every n-th validation epoch.
-        max_batches: at most this many validation batches per rank (``None``: all).
-        test_max_batches: at most this many test batches per rank (``None``: all).
+        max_batches: at most this many validation batches, the first of the one-process order, shared out among
+            the ranks (``None``: all).
+        test_max_batches: the same for the test split (``None``: all).
         output_dir: where files go; default the trainer's ``default_root_dir``.
         probe_splits: splits whose evaluation also probes the model for gradient masking on its first batch
             (zero / non-finite input gradients, randomness, accuracy surviving a huge eps). The checks on
@@ -106,7 +117,7 @@ class RobustnessEvaluation(Callback):
             (:mod:`medrobust.evaluation.worst_case`); accuracy stays at the cheap first-failure points.
             ``False``: every metric at the first-failure points, rows labelled ``points=first_failure``
             (cheaper; not worst case for continuous metrics).
-        seed: seeds the attacks' random draws per (split, batch, attack, rank), so the same weights get the same
+        seed: seeds the attacks' random draws per (split, batch, attack), so the same weights get the same
             rows whenever they are evaluated (a resumed run included); ``None``: the run's seed.
     """
 
@@ -223,7 +234,7 @@ class RobustnessEvaluation(Callback):
         self.last = result = self.evaluate(pl_module, loader, split=split, epoch=epoch, max_batches=max_batches,
                                            precision=trainer.precision_plugin)
         rows = result.rows
-        with seeded(derived_seed("masking_probe", run_seed(self.seed), split, trainer.global_rank), pl_module.device):
+        with seeded(derived_seed("masking_probe", run_seed(self.seed), split), pl_module.device):
             flags = self._masking_flags(pl_module, result, split)
         self.flags[split, epoch] = flags
         for row in rows:
@@ -277,7 +288,8 @@ class RobustnessEvaluation(Callback):
         worst-loss points where the attack has a full-budget form (``worst_case``); each row's ``points`` says
         which (:mod:`medrobust.evaluation.worst_case`)."""
         device = pl_module.device
-        rank = pl_module.global_rank
+        trainer = getattr(pl_module, "_trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         success = pl_module.success_metric
         cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
                  for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
@@ -293,11 +305,12 @@ class RobustnessEvaluation(Callback):
             extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
                      for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
             for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
+                number = batch_number(index, rank, world_size)  # the batch's place in the one-process order
+                if max_batches is not None and number >= max_batches:
                     break
                 batch = move_data_to_device(batch, device)
                 x = batch["image"].clone()
-                if index == 0:
+                if number == 0:
                     result.probe_batch = (x, batch)
                 with torch.no_grad(), forward_context():
                     clean_output = pl_module(x)
@@ -306,13 +319,13 @@ class RobustnessEvaluation(Callback):
                 eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
                     # the same draws for the same weights, whatever ran before (a resume, another evaluation)
-                    seed = derived_seed("robustness", run_seed(self.seed), split, rank, index, label)
+                    seed = derived_seed("robustness", run_seed(self.seed), split, number, label)
                     with forward_context(), seeded(seed, device):
                         curve = robustness_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
                                                  bounds=pl_module.input_bounds, worst_case=self.worst_case)
                     result.points[label] = curve.worst_kind
                     if isinstance(attack, CurveAttack) and attack.last_radii is not None:
-                        radii.setdefault(label, []).append(attack.last_radii.float())
+                        radii.setdefault(label, []).append((number, attack.last_radii.float()))
                     for eps, success_point, worst_point in zip(attacked_eps, curve.first_failure, curve.worst):
                         pairs = [("success", success_point), ("other", worst_point)]
                         with torch.no_grad(), forward_context():
@@ -326,10 +339,16 @@ class RobustnessEvaluation(Callback):
                                     for name, values in attack.extra_values(pl_module, output, clean_output,
                                                                             batch).items():
                                         extra[label, eps][name].update(values)
-                        if index == 0 and eps == self.eps[-1]:
+                        if number == 0 and eps == self.eps[-1]:
                             result.examples[label] = _example(pl_module, attack, eps, x, worst_point, clean_output,
                                                               batch, forward_context)
-        result.radii = {label: _gather(pl_module, torch.cat(parts)) for label, parts in radii.items()}
+        # every rank gathers every curve attack's radii (a rank may have had no batch), in the same order
+        curve_labels = [label for label, attack in self.attacks.items() if isinstance(attack, CurveAttack)]
+        gathered = {label: _gather_in_order(pl_module, radii.get(label, []), device) for label in curve_labels}
+        result.radii = {label: values for label, values in gathered.items() if values.numel()}
+        if world_size > 1:
+            for attack in self.attacks.values():  # every rank, in the same order: the tallies sum across ranks
+                attack.sum_stats(lambda counts: trainer.strategy.reduce(counts.to(device), reduce_op="sum").cpu())
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
         order = list(pl_module.robust_metrics())
         for label, attack in self.attacks.items():

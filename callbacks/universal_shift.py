@@ -3,7 +3,7 @@
 At test time (the weights under test), for each eps and direction, one universal perturbation is fitted on
 groups of growing size drawn from the validation split and applied to the test split, which it never saw
 (:func:`medrobust.attacks.regression.universal_shift.universal_shift`, after Li et al., Neurocomputing 2020). Rank 0 does the work on the
-whole splits (the datamodule's own loaders, not the sharded ones) and writes ``universal.csv``,
+whole splits (the datamodule's ``whole_loader``, not the sharded ones) and writes ``universal.csv``,
 ``curves/test_universal_shift.png`` and its section of ``summary.md`` (after the robustness table, whichever
 callback writes first: :func:`medrobust.reporting.write_summary_section`); logged scalars go to every logger.
 """
@@ -88,14 +88,14 @@ class UniversalShiftEvaluation(Callback):
         if datamodule is None:
             raise RuntimeError("UniversalShiftEvaluation draws its groups from the datamodule's validation split; "
                                "this run has no datamodule")
-        heldout = self._heldout(datamodule.test_dataloader())
+        heldout = self._heldout(datamodule.whole_loader("test"))
         epoch = trainer.current_epoch
         rows = []
         with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
             for eps in self.eps:
                 for direction in self.directions:
                     found = universal_shift(
-                        pl_module, datamodule.val_dataloader(), heldout, pl_module, eps=eps,
+                        pl_module, datamodule.whole_loader("val"), heldout, pl_module, eps=eps,
                         eps_unit=self.eps_unit, intensity=pl_module.intensity, bounds=pl_module.input_bounds,
                         direction=direction, group_sizes=self.group_sizes, repeats=self.repeats,
                         epochs=self.epochs, seed=self.seed, device=pl_module.device)

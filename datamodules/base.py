@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medrobust.data.intensity import IntensityWindow
 from medrobust.data.patches import load_npz, save_npz_atomic, stable_seed
+from medrobust.datamodules.sharding import consecutive_batches, sharded_loader
 
 SPLITS = ("train", "val", "test")
 
@@ -88,14 +89,31 @@ class SplitDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
 
+    def eval_batches(self, dataset: Dataset) -> list[list[int]]:
+        """The batches (sample indices) of ``_loader(dataset, shuffle=False)``, for :meth:`_eval_loader`."""
+        return consecutive_batches(len(dataset), self.batch_size)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """The split's loader; under DDP this process's whole batches of it (:mod:`~medrobust.datamodules.sharding`)."""
+        dataset = getattr(self, f"data_{split}")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size == 1 or dataset is None:
+            return self._loader(dataset, shuffle=False)
+        return sharded_loader(dataset, self.eval_batches(dataset), self.trainer.global_rank, world_size,
+                              f"the {split} split of {type(self).__name__}", self.num_workers)  # fmt: skip
+
+    def whole_loader(self, split: str) -> DataLoader:
+        """Every sample of ``split`` in order, in every process (for work that rank 0 does on the whole split)."""
+        return self._loader(getattr(self, f"data_{split}"), shuffle=split == "train")
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
+        return self._eval_loader("test")
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Augment training batches here rather than in the dataset, so the draws are the same whatever the number

@@ -103,13 +103,12 @@ class SameShapeBatchSampler(BatchSampler):
     """Batches of consecutive samples with one shape (the slices of one case, or equal-sized volumes), so whole
     images of different sizes never meet in a batch.
 
-    Under DDP Lightning rebuilds this batch sampler around a ``DistributedSampler`` (validation and test: rank ``r``
-    of ``W`` takes samples ``r, r + W, ...``, the first samples repeated so that every rank holds equally many --
-    at most ``W - 1`` samples are evaluated twice, Lightning's usual padding); the grouping then runs on each rank's
-    share, so batches stay same-shape and every sample is evaluated (at least) once. Lightning rebuilds it with the
-    arguments given here when the loader came from a datamodule hook, and as ``cls(sampler, batch_size=...,
-    drop_last=...)`` when it did not (``trainer.test(dataloaders=dm.test_dataloader())``): ``shapes`` then come
-    from the sampler's dataset (:meth:`MSDSamples.shape`).
+    Under DDP the datamodule's validation and test loaders hand each process whole batches of these
+    (:mod:`medrobust.datamodules.sharding`). A loader made before the trainer (``trainer.test(dataloaders=
+    dm.test_dataloader())``) does not know the processes; Lightning rebuilds this batch sampler around its
+    ``DistributedSampler`` (rank ``r`` of ``W`` takes samples ``r, r + W, ...``, the first samples repeated so that
+    every rank holds equally many) as ``cls(sampler, batch_size=..., drop_last=...)``: ``shapes`` then come from the
+    sampler's dataset (:meth:`MSDSamples.shape`), and batches stay same-shape.
     """
 
     def __init__(self, sampler, batch_size: int, drop_last: bool, shapes: Sequence[tuple[int, ...]] | None = None):
@@ -279,10 +278,15 @@ class MSDDataModule(SplitDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if shuffle or dataset is None:
             return super()._loader(dataset, shuffle)
-        shapes = [dataset.shape(i) for i in range(len(dataset))]
-        sampler = SameShapeBatchSampler(SequentialSampler(dataset), self.batch_size, False, shapes)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+        return DataLoader(dataset, batch_sampler=self._same_shape(dataset), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def eval_batches(self, dataset: Dataset) -> list[list[int]]:
+        return list(self._same_shape(dataset))
+
+    def _same_shape(self, dataset: Dataset) -> SameShapeBatchSampler:
+        shapes = [dataset.shape(i) for i in range(len(dataset))]
+        return SameShapeBatchSampler(SequentialSampler(dataset), self.batch_size, False, shapes)
 
     def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
         """Random flips of every axis and an in-plane rot90, applied to the image and its label alike."""

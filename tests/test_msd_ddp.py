@@ -1,5 +1,6 @@
-"""task=msd validation under DDP (ddp_spawn, 2 CPU processes): Lightning rebuilds SameShapeBatchSampler around
-its DistributedSampler; every sample is evaluated, duplicates only as Lightning pads, and batches stay same-shape."""
+"""task=msd validation under DDP (ddp_spawn, 2 CPU processes): batches stay same-shape. The datamodule's loaders
+give each rank whole batches of the one-process order; a loader made before the run gets Lightning's
+DistributedSampler, around which Lightning rebuilds SameShapeBatchSampler (duplicates only as Lightning pads)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,16 @@ def test_ddp_validation_sees_every_slice_in_same_shape_batches(mixed_root, tmp_p
         trainer.validate(module, dataloaders=dm.val_dataloader())
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    seen = [[i for batch in rank for i in batch["ids"]] for rank in ranks]
-    # Lightning's DistributedSampler: rank r takes every other sample; the first sample pads the odd count
-    padded = ids + ids[: len(ids) % 2]
-    assert seen == [padded[0::2], padded[1::2]]
+    if loader_from == "datamodule":
+        # the datamodule's own sharding: rank r takes every other batch of the one-process order, nothing repeated
+        one_process = [[ids[i] for i in batch] for batch in dm.eval_batches(val)]
+        assert [[batch["ids"] for batch in rank] for rank in ranks] == [one_process[0::2], one_process[1::2]]
+    else:
+        # a loader made before the run: Lightning's DistributedSampler, rank r takes every other sample; the first
+        # sample pads the odd count
+        seen = [[i for batch in rank for i in batch["ids"]] for rank in ranks]
+        padded = ids + ids[: len(ids) % 2]
+        assert seen == [padded[0::2], padded[1::2]]
     for batch in (batch for rank in ranks for batch in rank):
         assert 1 <= len(batch["ids"]) <= 2
         assert all(shape_of[i] == batch["shape"] for i in batch["ids"]), batch

@@ -65,6 +65,12 @@ class Cascade(Attack):
         self.attacked = {stage: 0 for stage in self.stage_names}
         self.fooled = {stage: 0 for stage in self.stage_names}
 
+    def sum_stats(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        counts = torch.tensor([[self.attacked[name], self.fooled[name]] for name in self.stage_names])
+        summed = reduce_sum(counts).tolist()
+        self.attacked = {name: int(row[0]) for name, row in zip(self.stage_names, summed)}
+        self.fooled = {name: int(row[1]) for name, row in zip(self.stage_names, summed)}
+
     def black_box_wins(self) -> list[str]:
         """Messages for black-box stages that broke samples every white-box stage before them left standing."""
         total = self.attacked[self.stage_names[0]]

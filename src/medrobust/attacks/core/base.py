@@ -99,6 +99,10 @@ class Perturbation:
     def reset_stats(self) -> None:
         """Zero any running tallies before an evaluation (none by default)."""
 
+    def sum_stats(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """Replace the running tallies by their sums over the DDP ranks, ``reduce_sum`` summing a tensor across
+        them (every rank calls this, in the same order); none by default."""
+
     def black_box_wins(self) -> list[str]:
         """Messages for black-box parts that broke what white-box parts left standing (none by default)."""
         return []
