@@ -46,7 +46,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from medrobust.models.memory_format import apply_memory_format
 
@@ -114,6 +114,9 @@ class RobustTask(L.LightningModule):
         self.train_objective: TrainObjective = clean_objective
         self.val_metrics = metric_collection(self.clean_metrics(), prefix="val/")
         self.test_metrics = metric_collection(self.clean_metrics(), prefix="test/")
+        # the loss as a metric, not a logged float: Lightning's own mean of a float over DDP ranks holding unequal
+        # sample counts divides by an integer-rounded mean count (1.5x too high on 2 ranks with 2 and 1 batches)
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Any:
@@ -171,7 +174,8 @@ class RobustTask(L.LightningModule):
         output = self(batch["image"])
         loss = self.attack_loss(output, batch).mean()
         metrics.update(*self.metric_inputs(output, batch))
-        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=len(batch["image"]), sync_dist=True)
+        self.eval_loss[prefix].update(loss.detach(), weight=len(batch["image"]))
+        self.log(f"{prefix}/loss", self.eval_loss[prefix], prog_bar=True, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
