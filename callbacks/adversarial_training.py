@@ -148,6 +148,7 @@ class AdversarialTraining(Callback):
         return Adversary(attack, module, self.eps_at(self._epoch), self.eps_unit)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.defense.end_epoch(trainer, pl_module)
         if self.guard_attack is None or self._guard_batch is None:
             return
         accuracy = self._guard_accuracy(pl_module, self._guard_batch)

@@ -20,11 +20,20 @@ from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
+from medrobust.evaluation.sensitivity import SensitivityCurve, check_drop, sensitivity_curve
 from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, points_note, robustness_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
 from medrobust.reporting.examples import save_example_grid
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows
+from medrobust.reporting.sensitivity import (
+    SECTION,
+    SECTION_ORDER,
+    main_rows,
+    plot_sensitivity,
+    sensitivity_markdown,
+    sensitivity_rows,
+)
 from medrobust.reporting.wandb_examples import log_examples_to_wandb
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
 from medrobust.tasks.base import compute_metrics, metric_collection
@@ -74,16 +83,30 @@ def _example(pl_module, attack, eps: float, x, x_adv, clean_output, batch, forwa
     return eps, x.detach().cpu(), x_adv.detach().cpu(), masks
 
 
+def _check_sensitivity(drop: float | None, attacks: dict[str, object], eps_unit: str) -> float | None:
+    """``eval.sensitivity_drop`` checked against the attacks and the eps unit. An error, not a warning, where
+    nothing can honour it: a run that asked for the analysis must not finish without it unnoticed."""
+    drop = check_drop(drop)
+    if drop is not None and not any(isinstance(attack, CurveAttack) for attack in attacks.values()):
+        raise ValueError(f"eval.sensitivity_drop={drop} needs a curve attack for per-sample radii (eval=curve or "
+                         f"curve_l1); {sorted(attacks)} have none: set eval.sensitivity_drop=null")
+    if drop is not None and eps_unit == "range":  # radii are in model units; a range eps differs per image
+        raise ValueError("eval.sensitivity_drop needs eval.eps_unit model or native, got 'range'")
+    return drop
+
+
 @dataclass
 class Evaluation:
     """What one evaluation found: result rows, the example images, minimum-norm radii per attack, the batch the
-    masking probes use, and per attack which kind of point its continuous metrics were read at."""
+    masking probes use, per attack which kind of point its continuous metrics were read at, and the accuracy
+    without the most sensitive samples per curve attack."""
 
     rows: list[dict] = field(default_factory=list)
     examples: dict = field(default_factory=dict)  # attack -> (eps, x, x_adv, masks): first batch, largest eps
     radii: dict[str, torch.Tensor] = field(default_factory=dict)
     probe_batch: tuple | None = None
     points: dict[str, str] = field(default_factory=dict)
+    sensitivity: dict[str, SensitivityCurve] = field(default_factory=dict)
 
 
 class RobustnessEvaluation(Callback):
@@ -102,7 +125,8 @@ class RobustnessEvaluation(Callback):
             ``range`` (a fraction of each image's intensity range).
         every_n_epochs: evaluate after every n-th validation epoch.
         max_batches: at most this many validation batches, the first of the one-process order, shared out among
-            the ranks (``None``: all).
+            the ranks; under DDP rounded up to a multiple of the number of ranks, so each evaluates one at least
+            (``None``: all).
         test_max_batches: the same for the test split (``None``: all).
         output_dir: where files go; default the trainer's ``default_root_dir``.
         probe_splits: splits whose evaluation also probes the model for gradient masking on its first batch
@@ -119,6 +143,10 @@ class RobustnessEvaluation(Callback):
             (cheaper; not worst case for continuous metrics).
         seed: seeds the attacks' random draws per (split, batch, attack), so the same weights get the same
             rows whenever they are evaluated (a resumed run included); ``None``: the run's seed.
+        sensitivity_drop: after each evaluation, set aside this fraction of the samples with the smallest radius
+            (per curve attack: the most sensitive to attack) and report the accuracy of the rest at each eps
+            (:mod:`medrobust.evaluation.sensitivity`): ``accuracy_sensitive_removed`` rows, a PNG
+            ``curves/<split>_<attack>_accuracy_sensitive_removed.png`` and a ``summary.md`` section. ``None``, 0: off.
     """
 
     def __init__(
@@ -133,6 +161,7 @@ class RobustnessEvaluation(Callback):
         probe_splits: Sequence[str] = ("test",),
         worst_case: bool = True,
         seed: int | None = None,
+        sensitivity_drop: float | None = None,
     ) -> None:
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
@@ -155,6 +184,7 @@ class RobustnessEvaluation(Callback):
         if len(set(labels)) != len(labels):
             raise ValueError(f"eval.attacks must have distinct names, got {labels}")
         self.attacks = dict(zip(labels, attack_list))
+        self.sensitivity_drop = _check_sensitivity(sensitivity_drop, self.attacks, eps_unit)
         self.eps = sorted(set(eps) | {0.0})  # the clean point anchors every curve
         self.eps_unit = eps_unit
         self.every_n_epochs = every_n_epochs
@@ -237,6 +267,7 @@ class RobustnessEvaluation(Callback):
         with seeded(derived_seed("masking_probe", run_seed(self.seed), split), pl_module.device):
             flags = self._masking_flags(pl_module, result, split)
         self.flags[split, epoch] = flags
+        rows += self._sensitivity_rows(pl_module, result, split, epoch)
         for row in rows:
             row["flags"] = ";".join(flag.name for flag in flags)
         if flags and trainer.is_global_zero:
@@ -252,6 +283,19 @@ class RobustnessEvaluation(Callback):
         self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         if trainer.is_global_zero:
             self._write_files(trainer, split)
+
+    def _sensitivity_rows(self, pl_module, result: Evaluation, split: str, epoch: int) -> list[dict]:
+        """Rows of the accuracy without the most sensitive samples; the curves kept on ``result`` for the files."""
+        if self.sensitivity_drop is None:
+            return []
+        thresholds = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity) for eps in self.eps]
+        rows = []
+        for label, radii in result.radii.items():
+            curve = sensitivity_curve(radii.cpu(), self.eps, self.sensitivity_drop, thresholds=thresholds)
+            result.sensitivity[label] = curve
+            rows += sensitivity_rows(curve, epoch=epoch, split=split, attack=label, norm=self.attacks[label].norm,
+                                     eps_unit=self.eps_unit)
+        return rows
 
     def _masking_flags(self, pl_module, result: Evaluation, split: str) -> list[MaskingFlag]:
         # the checks assume each attack tries to make samples wrong: not corruptions, not prediction shifts
@@ -304,9 +348,12 @@ class RobustnessEvaluation(Callback):
             # the attacks' own metrics update in place: their states must not be inference tensors
             extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
                      for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
+            # a multiple of the ranks, so that every rank evaluates a batch: a rank without one would meet the
+            # others' metric syncs with empty states of another shape
+            limit = None if max_batches is None else -(-max_batches // world_size) * world_size
             for index, batch in enumerate(loader):
                 number = batch_number(index, rank, world_size)  # the batch's place in the one-process order
-                if max_batches is not None and number >= max_batches:
+                if limit is not None and number >= limit:
                     break
                 batch = move_data_to_device(batch, device)
                 x = batch["image"].clone()
@@ -377,7 +424,8 @@ class RobustnessEvaluation(Callback):
         write_csv(self.history, out / "robustness.csv")
         module = trainer.lightning_module
         extra = [name for attack in self.attacks.values() for name in attack.extra_metrics]
-        plot_curves(self.history, out / "curves", split=split, prefix="" if split == "val" else f"{split}_",
+        plot_curves(main_rows(self.history), out / "curves", split=split,
+                    prefix="" if split == "val" else f"{split}_",
                     metrics=None if module.curve_metrics is None else [*module.curve_metrics, *extra],
                     bounded=module.bounded_metrics)
         epoch = self.history[-1]["epoch"]
@@ -385,6 +433,8 @@ class RobustnessEvaluation(Callback):
                                 flags=[flag.name for flag in self.flags.get((split, epoch), [])])
         for label, values in (self.last.radii if self.last else {}).items():
             plot_radii(out, label, split, epoch, values.cpu())
+        for label, curve in (self.last.sensitivity if self.last else {}).items():
+            plot_sensitivity(out, label, split, epoch, curve, self.eps_unit)
 
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:
@@ -403,7 +453,8 @@ class RobustnessEvaluation(Callback):
         if isinstance(trainer.datamodule, SplitDataModule):
             notes += trainer.datamodule.summary_notes("test")
         success = trainer.lightning_module.success_metric
-        points = {row["attack"]: row["points"] for row in self.history  # what the non-success metrics were read at
+        history = main_rows(self.history)  # the sensitivity rows have a section of their own
+        points = {row["attack"]: row["points"] for row in history  # what the non-success metrics were read at
                   if row["split"] == "test" and row["metric"] != success and row.get("points") not in (None, "", CLEAN)}
         notes += ["", points_note(points, success)] if points else []
         test_flags = [flags for (split, _), flags in self.flags.items() if split == "test" and flags]
@@ -411,7 +462,10 @@ class RobustnessEvaluation(Callback):
         if test_flags:
             warnings = ["**Gradient masking suspected: these numbers may overstate robustness.**\n" +
                         "\n".join(f"- {flag.name}: {flag.message}" for flag in test_flags[-1])]
-        text = summary_markdown(self.history, "test", title="Robustness summary", notes=notes, warnings=warnings,
+        text = summary_markdown(history, "test", title="Robustness summary", notes=notes, warnings=warnings,
                                 success_metric=success, shift_metric=trainer.lightning_module.shift_metric)
         path = write_summary_section(self.run_dir(trainer), "robustness", text)
+        if self.last is not None and self.last.sensitivity:
+            text = sensitivity_markdown(self.last.sensitivity, "test", self.last.rows[0]["epoch"], self.eps_unit)
+            write_summary_section(self.run_dir(trainer), SECTION, text, order=SECTION_ORDER)
         log.info("robustness summary written to %s", path)

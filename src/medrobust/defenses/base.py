@@ -67,7 +67,8 @@ class Defense:
       with ``weights_only``). ``load_state_dict({})`` must give a fresh defence: checkpoints written before a
       defence had state hold none. State is per rank (each rank sees its own shard) and the checkpoint holds
       rank 0's: a defence whose state must cover every sample gathers it itself;
-    - :meth:`log`: a per-epoch value under ``train/<name>/<key>``, through the module.
+    - :meth:`log`: a per-epoch value under ``train/<name>/<key>``, through the module;
+    - :meth:`end_epoch`: work at the end of each training epoch (every rank calls it, so it may synchronise).
 
     Randomness: draw only through the attack or torch's global generator, in a fixed order, so a seed gives
     the same run.
@@ -85,6 +86,10 @@ class Defense:
             adversary: the configured attack on ``module`` at this epoch's eps.
         """
         raise NotImplementedError
+
+    def end_epoch(self, trainer, module: LightningModule) -> None:
+        """Called by the callback at the end of every training epoch, on every rank (e.g. to merge per-sample
+        state across ranks or to report it); nothing by default."""
 
     def state_dict(self) -> dict:
         return {}
