@@ -34,6 +34,9 @@ class AdversarialTraining(Callback):
         eps: target perturbation size, in ``eps_unit`` units.
         eps_unit: ``model``, ``native`` (e.g. HU) or ``range``.
         warmup_epochs: eps grows linearly, reaching ``eps`` at the start of epoch ``warmup_epochs``.
+        schedule: seed 000's iterative protocol instead of the warm-up: rounds of ``[epochs, eps]`` run in order
+            (``[[150, 0.001], [50, 0.002]]``: 150 epochs at 0.001, then 50 at 0.002), the last eps kept after the
+            last round; ``eps`` must be the last round's (it names the run's state).
         adv_fraction / clean_weight / adv_weight: the default Madry defence's settings (``None``: its
             defaults). Given with ``defense``, they must equal the defence's own (the shipped configs
             interpolate ``adv.defense.*`` from them, so ``adv.adv_fraction=...`` overrides as it always did).
@@ -61,9 +64,11 @@ class AdversarialTraining(Callback):
         method: str | None = None,
         defense: Defense | None = None,
         seed: int | None = None,
+        schedule: list | None = None,
     ) -> None:
         if eps is None or float(eps) < 0:
             raise ValueError(f"adv.eps must be >= 0, got {eps!r}")
+        self.schedule = _check_schedule(schedule, float(eps), warmup_epochs)
         if eps_unit not in EPS_UNITS:
             raise ValueError(f"adv.eps_unit must be one of {EPS_UNITS}, got {eps_unit!r}")
         if warmup_epochs < 0:
@@ -110,7 +115,15 @@ class AdversarialTraining(Callback):
 
     # -- schedule -------------------------------------------------------------------------------
     def eps_at(self, epoch: int) -> float:
-        """Linear warm-up: ``eps * (epoch + 1) / (warmup_epochs + 1)`` until it reaches ``eps``."""
+        """The ``schedule``'s eps of the round ``epoch`` falls in, else the linear warm-up:
+        ``eps * (epoch + 1) / (warmup_epochs + 1)`` until it reaches ``eps``."""
+        if self.schedule:
+            end = 0
+            for epochs, eps in self.schedule:
+                end += epochs
+                if epoch < end:
+                    return eps
+            return self.schedule[-1][1]
         return self.eps * min(1.0, (epoch + 1) / (self.warmup_epochs + 1))
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -171,6 +184,26 @@ class AdversarialTraining(Callback):
             x_adv = self._adversary(self.guard_attack, pl_module)(batch["image"], batch)
             with torch.no_grad():
                 return pl_module.is_correct(pl_module(x_adv), batch).float().mean().item()
+
+
+def _check_schedule(schedule, eps: float, warmup_epochs: int) -> list[tuple[int, float]] | None:
+    """``adv.schedule`` as ``[(epochs, eps), ...]``: rounds of >= 1 epoch at eps >= 0, the last at ``adv.eps``."""
+    if schedule is None:
+        return None
+    try:
+        rounds = [(item[0], float(item[1])) for item in schedule if len(item) == 2]
+    except (TypeError, ValueError, IndexError):
+        rounds = []
+    if not rounds or len(rounds) != len(schedule) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 or e < 0 for n, e in rounds):
+        raise ValueError(f"adv.schedule must be a list of [epochs, eps] rounds (epochs an integer >= 1, eps >= 0), "
+                         f"e.g. [[150, 0.001], [50, 0.002]]; got {schedule!r}")
+    if rounds[-1][1] != eps:
+        raise ValueError(f"adv.eps={eps} must be the last round's eps of adv.schedule ({rounds[-1][1]}): it names "
+                         f"the run's adversarial-training state")
+    if warmup_epochs:
+        raise ValueError(f"adv.schedule replaces the warm-up: set adv.warmup_epochs=0 (got {warmup_epochs})")
+    return rounds
 
 
 def _defense_from(defense: Defense | None, **madry) -> Defense:
