@@ -58,20 +58,31 @@ def _default_task() -> str:
         return compose("train", return_hydra_config=True).hydra.runtime.choices.task
 
 
+def _adv_applies(task: str, adv: str) -> bool:
+    """Whether the task module has every member the defence of ``adv`` declares in ``requires`` (MART: a
+    classifier), as AdversarialTraining checks at setup."""
+    if adv == "none":
+        return True
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"task={task}", f"adv={adv}"])
+    defense = cfg.adv.get("defense")
+    requires = getattr(get_class(defense._target_), "requires", ()) if defense is not None else ()
+    return all(_task_has(task, member) for member in requires)
+
+
 def _combos() -> list[tuple[str, str, str]]:
-    """The default task: every adv x applicable eval (the adv and eval callbacks together, every pair). Every other
-    task (each one a minute or more per pair with dense outputs or 3-D data): every applicable eval with adv=none,
-    and every adv with the task's own default eval."""
+    """Every task: every applicable eval with adv=none, and every applicable adv with the task's own default eval.
+    The default task also runs PGD training with every applicable eval (the adv and eval callbacks together on
+    every suite); every defence's own tests cover it beyond this."""
     combos = []
     for task in _options("task"):
-        cfg = _composed(task)
+        default_eval = _composed(task).hydra.runtime.choices.eval
         evals = [e for e in _options("eval") if _applies(task, e)]
+        combos += [(task, "none", e) for e in evals]
+        combos += [(task, adv, default_eval) for adv in _options("adv") if adv != "none" and _adv_applies(task, adv)]
         if task == _default_task():
-            combos += list(itertools.product([task], _options("adv"), evals))
-        else:
-            default_eval = cfg.hydra.runtime.choices.eval
-            combos += [(task, "none", e) for e in evals]
-            combos += [(task, adv, default_eval) for adv in _options("adv") if adv != "none"]
+            combos += [(task, "pgd", e) for e in evals if e != default_eval]
     return combos
 
 
