@@ -244,10 +244,7 @@ class LandmarkDataModule(SplitDataModule):
             assign = np.array([of_folder[f] for f in arrays["folders"].astype(str)])
             self.observer_mre_mm = {name: float(arrays["observer_mre_mm"][assign == k].mean())
                                     for k, name in enumerate(SPLITS) if (assign == k).any()}  # fmt: skip
-        elif self.source == "fcsv" and any(r["split"] for r in self.table):
-            missing = [r["image"] for r in self.table if not r["split"]]
-            if missing:
-                raise ValueError(f"data.csv: the split column is empty for {missing[:3]}; fill it for every row")
+        elif self.source == "fcsv" and any(r["split"] for r in self.table):  # every row filled: read_markups_table
             assign = np.array([SPLITS.index(r["split"]) for r in self.table])
         else:
             assign = split_by_subject(arrays["subject_ids"], self.split, self.seed)

@@ -17,6 +17,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from medrobust.data.brain_nifti import _resolve, _why_not_found, check_volume_shape
+
 ISBI_SPACING_MM = 0.1  # the challenge's pixel size
 ISBI_FOLDERS = ("TrainingData", "Test1Data", "Test2Data")
 ISBI_NAMES = ("sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton",
@@ -24,6 +26,8 @@ ISBI_NAMES = ("sella", "nasion", "orbitale", "porion", "subspinale", "supramenta
               "subnasale", "soft tissue pogonion", "posterior nasal spine", "anterior nasal spine",
               "articulare")  # fmt: skip
 ISBI_DOCTORS = ("400_senior", "400_junior")
+TABLE_COLUMNS = ("image", "markups", "split", "subject")
+SPLIT_NAMES = ("train", "val", "test")
 
 
 # ------------------------------------------------------------------------------------------ resizing
@@ -50,7 +54,47 @@ def check_inside(points: np.ndarray, shape: Sequence[int], names: Sequence[str],
     if len(outside):
         k = int(outside[0])
         raise ValueError(f"{path}: landmark {names[k]!r} at voxel {np.round(points[k], 2).tolist()} lies outside "
-                         f"the image of shape {list(shape)}")  # fmt: skip
+                         f"the image of shape {list(shape)}; expected every landmark on its image")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ reading files
+def read_failure(path: str | os.PathLike, err: Exception, expected: str, error: type = ValueError) -> Exception:
+    """The error for a file that is there but cannot be read. A file-system refusal (permissions, a folder) keeps
+    its type, worded as the LIDC reader words it; damage or a foreign format is an ``error`` (a ValueError) with
+    the reader's reason."""
+    if isinstance(err, OSError) and err.errno is not None:
+        from medrobust.data.lidc_dicom import _unreadable  # imports pydicom: only once a read has failed
+
+        return _unreadable(str(path), err, expected)
+    return error(f"{path}: unreadable ({type(err).__name__}: {err}); expected {expected}")
+
+
+def read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as err:
+        raise read_failure(path, err, expected) from None
+
+
+def load_nifti(path: str | os.PathLike, expected: str, error: type = ValueError):
+    """nibabel's image of ``path``, header read and voxels not yet; a file that cannot be opened or parsed raises
+    naming it."""
+    import nibabel as nib
+
+    try:
+        with open(path, "rb"):  # nibabel words a refused open as "Could not read file", without the reason
+            pass
+        return nib.load(str(path))
+    except Exception as err:  # nibabel raises many types on damaged or foreign files
+        raise read_failure(path, err, expected, error) from None
+
+
+def list_folder(folder: Path, expected: str) -> list[Path]:
+    """The folder's entries, sorted; one that cannot be listed raises naming it (``glob`` would skip it silently)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise read_failure(folder, err, expected) from None
 
 
 # ------------------------------------------------------------------------------------------ ISBI 2015
@@ -58,9 +102,10 @@ def read_isbi_annotation(path: str | os.PathLike, num_landmarks: int = len(ISBI_
     """The first ``num_landmarks`` lines ``x,y`` (pixels) of one doctor's file, float64 ``(K, 2)``; the lines after
     them are ignored."""
     path = Path(path)
+    expected = f"{num_landmarks} lines 'x,y' (pixels), one per landmark"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file missing")
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        raise FileNotFoundError(f"{path}: annotation file missing; expected {expected}")
+    lines = [line.strip() for line in read_text(path, f"a text file of {num_landmarks} lines 'x,y'").splitlines()]
     points = []
     for i, line in enumerate(lines[:num_landmarks], start=1):
         fields = line.split(",")
@@ -68,42 +113,86 @@ def read_isbi_annotation(path: str | os.PathLike, num_landmarks: int = len(ISBI_
             raise ValueError(f"{path}: line {i} is {line!r}, expected 'x,y' ({num_landmarks} landmarks expected, "
                              f"found {i - 1})")  # fmt: skip
         try:
-            points.append([float(f) for f in fields])
+            point = [float(f) for f in fields]
         except ValueError:
-            raise ValueError(f"{path}: line {i}: non-numeric coordinate in {line!r}") from None
+            point = [np.nan]
+        if not np.isfinite(point).all():
+            raise ValueError(f"{path}: line {i}: non-numeric or non-finite coordinate in {line!r}; expected 'x,y' "
+                             "pixel numbers")  # fmt: skip
+        points.append(point)
     if len(points) != num_landmarks:
-        raise ValueError(f"{path}: {len(points)} landmarks, expected {num_landmarks}")
-    if not np.isfinite(points).all():
-        raise ValueError(f"{path}: non-finite coordinate among the landmarks")
+        raise ValueError(f"{path}: {len(points)} landmarks, expected {expected}")
     return np.asarray(points)
 
 
 def read_grey_image(path: str | os.PathLike) -> np.ndarray:
-    """A bitmap as float32 grey levels ``(H, W)``; an unreadable file raises naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """A bitmap as float32 grey levels ``(H, W)``; a missing, unreadable, damaged or blank file raises naming it."""
+    from PIL import Image
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: image file missing")
+        raise FileNotFoundError(f"{path}: image file missing; expected a radiograph")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+            image = np.asarray(img.convert("L"), dtype=np.float32)
+    except (OSError, ValueError) as err:  # PIL: UnidentifiedImageError, "image file is truncated", ...
+        raise read_failure(path, err, "a complete bitmap radiograph") from None
+    if image.size == 0 or image.min() == image.max():
+        level = f", every pixel {image.flat[0]:g}" if image.size else ""
+        raise ValueError(f"{path}: blank image ({list(image.shape)} pixels{level}); expected a radiograph")
+    return image
 
 
-def isbi_cases(root: str | os.PathLike, folders: Sequence[str]) -> list[tuple[str, str]]:
-    """``(folder, stem)`` of every ``RawImage/<folder>/NNN.bmp``, folders in the given order, stems sorted."""
+def isbi_images(root: str | os.PathLike) -> dict[str, Path]:
+    """Every radiograph ``RawImage/<any folder>/NNN.bmp`` by stem. A stem in two folders is an error: both images
+    would take the one annotation file, and could land in two splits."""
+    images: dict[str, Path] = {}
+    expected = "ISBI 2015 radiographs RawImage/<folder>/NNN.bmp"
+    for folder in list_folder(Path(root) / "RawImage", expected):
+        for path in list_folder(folder, expected) if folder.is_dir() else []:
+            if path.suffix.lower() != ".bmp":
+                continue
+            if path.stem in images:
+                raise ValueError(f"{path}: image {path.stem} is also {images[path.stem]}; expected each radiograph "
+                                 f"once (both would take AnnotationsByMD/*/{path.stem}.txt)")  # fmt: skip
+            images[path.stem] = path
+    return images
+
+
+def isbi_cases(root: str | os.PathLike, folders: Sequence[str], images: dict[str, Path]) -> list[tuple[str, str]]:
+    """``(folder, stem)`` of every image of ``images`` in ``RawImage/<folder>``, folders in the given order, stems
+    sorted; a missing or empty folder raises."""
     cases = []
     for folder in folders:
         path = Path(root) / "RawImage" / folder
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: ISBI 2015 image folder missing (expected RawImage/{folder} in "
                                     f"data.root)")  # fmt: skip
-        stems = sorted(p.stem for p in path.iterdir() if p.suffix.lower() == ".bmp")
+        stems = sorted(s for s, p in images.items() if p.parent == path)
         if not stems:
-            raise FileNotFoundError(f"{path}: no .bmp images")
+            raise FileNotFoundError(f"{path}: no .bmp images; expected the radiographs NNN.bmp")
         cases += [(folder, s) for s in stems]
     return cases
+
+
+def check_isbi_annotations(root: str | os.PathLike, images: dict[str, Path], cases: Sequence[tuple[str, str]]) -> None:
+    """Both doctors annotated every image used, and no annotation file lacks its image (in any RawImage folder):
+    nothing on either side is dropped without a word."""
+    for doctor in ISBI_DOCTORS:
+        folder = Path(root) / "AnnotationsByMD" / doctor
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: annotation folder missing; expected AnnotationsByMD/{doctor}/NNN.txt "
+                                    "for every image")  # fmt: skip
+        listed = list_folder(folder, f"the annotation files AnnotationsByMD/{doctor}/NNN.txt")
+        names = {p.name for p in listed}
+        for image_folder, stem in cases:
+            if f"{stem}.txt" not in names:
+                image = Path(root) / "RawImage" / image_folder / f"{stem}.bmp"
+                raise FileNotFoundError(f"{folder / f'{stem}.txt'}: annotation file missing; expected one per image, "
+                                        f"here for {image}")  # fmt: skip
+        for path in listed:
+            if path.suffix == ".txt" and path.stem not in images:
+                raise FileNotFoundError(f"{path}: no radiograph RawImage/<folder>/{path.stem}.bmp for this "
+                                        "annotation; expected one image per annotation file")  # fmt: skip
 
 
 def read_isbi(root: str | os.PathLike, folders: Sequence[str] = ISBI_FOLDERS, image_size: Sequence[int] = (128, 104),
@@ -115,7 +204,9 @@ def read_isbi(root: str | os.PathLike, folders: Sequence[str] = ISBI_FOLDERS, im
     ``observer_mre_mm`` ``(N,)`` the doctors' mean radial disagreement per image (mm of the original);
     ``ids`` (the file stems, unique across folders) and ``folders`` ``(N,)``.
     """
-    cases = isbi_cases(root, folders)
+    images = isbi_images(root)
+    cases = isbi_cases(root, folders, images)
+    check_isbi_annotations(root, images, cases)
     shape = tuple(int(s) for s in image_size)
     n, k = len(cases), len(ISBI_NAMES)
     out = {"images": np.zeros((n, *shape), np.float32), "landmarks": np.zeros((n, k, 2)), "spacing": np.zeros((n, 2)),
@@ -141,9 +232,9 @@ def read_fcsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     are converted to RAS (x and y negated)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: markups file missing")
+        raise FileNotFoundError(f"{path}: markups file missing; expected a 3D Slicer .fcsv file")
     system, columns, rows = "RAS", ["id", "x", "y", "z"] + [""] * 7 + ["label"], []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_text(path, "a 3D Slicer .fcsv markups file").splitlines():
         if line.startswith("#"):
             key, _, value = (s.strip() for s in line[1:].partition("="))
             if key.lower() == "coordinatesystem":
@@ -155,21 +246,23 @@ def read_fcsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     if system not in ("RAS", "LPS"):
         raise ValueError(f"{path}: coordinate system {system!r} not supported (RAS / 0 or LPS / 1)")
     if not {"x", "y", "z"} <= set(columns):
-        raise ValueError(f"{path}: the '# columns =' header lacks x, y or z: {columns}")
+        raise ValueError(f"{path}: the '# columns =' header lacks x, y or z: {columns}; expected all three")
     ix, iy, iz = (columns.index(c) for c in "xyz")
     il = columns.index("label") if "label" in columns else None
     labels, points = [], []
     for n, row in enumerate(rows, start=1):
         try:
-            points.append([float(row[ix]), float(row[iy]), float(row[iz])])
+            point = [float(row[ix]), float(row[iy]), float(row[iz])]
         except (ValueError, IndexError):
-            raise ValueError(f"{path}: markup {n}: non-numeric or missing coordinate in {','.join(row)!r}") from None
+            point = [np.nan]
+        if not np.isfinite(point).all():
+            raise ValueError(f"{path}: markup {n}: non-numeric, non-finite or missing coordinate in {','.join(row)!r}; "
+                             "expected x, y and z in mm")  # fmt: skip
+        points.append(point)
         labels.append(row[il].strip() if il is not None and il < len(row) and row[il].strip() else f"L{n}")
     if not points:
-        raise ValueError(f"{path}: no markups in the file")
+        raise ValueError(f"{path}: no markups in the file; expected one line per landmark")
     ras = np.asarray(points)
-    if not np.isfinite(ras).all():
-        raise ValueError(f"{path}: non-finite coordinate among the markups")
     return labels, ras * [-1.0, -1.0, 1.0] if system == "LPS" else ras
 
 
@@ -178,19 +271,32 @@ def read_nifti_ras(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: image file missing")
+        raise FileNotFoundError(f"{path}: image file missing; expected a NIfTI volume")
+    expected = "a complete .nii or .nii.gz volume"
+    img = load_nifti(path, expected)
+    check_volume_shape(path)  # real-valued voxels, one 3-D volume: the brain-age reader's checks
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.as_closest_canonical(img)
         volume = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises many types on corrupt files
-        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
-    if volume.ndim > 3 and volume.size == np.prod(volume.shape[:3]):  # a 4-D file holding one volume
-        volume = volume.reshape(volume.shape[:3])
-    if volume.ndim != 3 or min(volume.shape) < 2:
-        raise ValueError(f"{path}: expected one 3-D volume, got shape {list(volume.shape)}")
+    except Exception as err:  # a truncated .nii.gz: EOFError, zlib.error, ...
+        raise read_failure(path, err, expected) from None
+    volume = volume.reshape(volume.shape[:3])  # a 4-D file holding one volume
     if not np.isfinite(volume).all():
-        raise ValueError(f"{path}: the volume holds NaN or infinite values")
+        raise ValueError(f"{path}: the volume holds NaN or infinite values; expected finite grey values")
     return volume, img.affine
+
+
+def check_names(labels: Sequence[str], names: Sequence[str], path: str | os.PathLike) -> None:
+    """A markups file holds each landmark of ``names`` once, and nothing else."""
+    missing = [n for n in names if n not in labels]
+    extra = [x for x in labels if x not in names]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    found = [f"{what} {items}" for what, items in (("lacks", missing), ("also has", extra), ("repeats", repeated))
+             if items]  # fmt: skip
+    if found:
+        raise ValueError(f"{path}: {len(labels)} landmarks {list(labels)} ({'; '.join(found)}); expected "
+                         f"{len(names)} landmarks {list(names)}, each once (data.landmark_names, else the labels of "
+                         "the first markups file)")  # fmt: skip
 
 
 def nifti_landmarks(image_path: str | os.PathLike, markups_path: str | os.PathLike, names: Sequence[str] | None,
@@ -200,8 +306,7 @@ def nifti_landmarks(image_path: str | os.PathLike, markups_path: str | os.PathLi
     the labels. Landmarks map from RAS mm to voxels through the image's affine."""
     labels, ras = read_fcsv(markups_path)
     if names is not None:
-        if sorted(labels) != sorted(names) or len(set(labels)) != len(labels):
-            raise ValueError(f"{markups_path}: {len(labels)} landmarks {labels}, expected {len(names)}: {list(names)}")
+        check_names(labels, names, markups_path)
         ras = ras[[labels.index(n) for n in names]]
         labels = list(names)
     volume, affine = read_nifti_ras(image_path)
@@ -210,32 +315,98 @@ def nifti_landmarks(image_path: str | os.PathLike, markups_path: str | os.PathLi
     check_inside(voxels, volume.shape, labels, markups_path)
     low, high = np.percentile(volume, percentiles)
     if high <= low:
-        raise ValueError(f"{image_path}: constant image (nothing between the {list(percentiles)} percentiles)")
+        raise ValueError(f"{image_path}: constant image (nothing between the {list(percentiles)} percentiles); "
+                         "expected a volume with contrast")  # fmt: skip
     scaled = np.clip((volume - low) / (high - low), 0.0, 1.0)
     spacing = np.linalg.norm(affine[:3, :3], axis=0) * np.asarray(volume.shape) / np.asarray(image_size)
     return resize(scaled, image_size), rescale_points(voxels, volume.shape, image_size), spacing, labels
 
 
+# ------------------------------------------------------------------------------------------ the subjects table
 def read_markups_table(csv_path: str | os.PathLike, root: str | os.PathLike | None) -> list[dict[str, str]]:
     """Rows ``image``, ``markups``[, ``split``][, ``subject``] of the subjects table, paths resolved against
-    ``root`` first, then the table's folder."""
+    ``root`` first, then the table's folder. Every row is checked: its files exist, each scan is listed once, a
+    split column is filled in every row with known splits, and a subject's scans share one split."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: subjects table missing (data.csv)")
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"image", "markups"} <= set(rows[0]):
+    rows = table_rows(csv_path)
+    bases = ([Path(root)] if root is not None else []) + [csv_path.parent]
+    entries = [table_entry(f"{csv_path} row {line}", row, bases) for line, row in rows]
+    check_scans(csv_path, [line for line, _ in rows], entries)
+    return entries
+
+
+def table_rows(csv_path: Path) -> list[tuple[int, dict]]:
+    """``(line, row)`` of the table: a header with image and markups, at least one row, one value per column."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [(reader.line_num, row) for row in reader]
+            header = list(reader.fieldnames or [])
+    except OSError as err:
+        raise read_failure(csv_path, err, "the subjects table (data.csv)") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{csv_path}: cannot read the table ({type(err).__name__}: {err}); expected UTF-8 text, "
+                         "comma-separated") from None  # fmt: skip
+    if not {"image", "markups"} <= set(header):
         raise ValueError(f"{csv_path}: needs columns 'image' and 'markups' (and optional 'split', 'subject'), "
-                         f"got {list(rows[0]) if rows else 'no rows'}")  # fmt: skip
-    bases = [Path(root)] if root is not None else []
-    bases.append(csv_path.parent)
-    out = []
-    for n, row in enumerate(rows, start=2):
-        entry = {k: (row.get(k) or "").strip() for k in ("image", "markups", "split", "subject")}
-        for key in ("image", "markups"):
-            found = [b / entry[key] for b in bases if entry[key] and (b / entry[key]).is_file()]
-            entry[key] = str(found[0]) if found else str(bases[0] / entry[key])
-        if entry["split"] and entry["split"] not in ("train", "val", "test"):
-            raise ValueError(f"{csv_path}: line {n}: split must be train, val or test, got {entry['split']!r}")
-        out.append(entry)
-    return out
+                         f"got {header}")  # fmt: skip
+    if not rows:
+        raise ValueError(f"{csv_path}: no subjects, only the header; expected one row per scan")
+    for line, row in rows:  # a stray separator shifts the later columns of its row: stop rather than misread
+        n_fields = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+        if n_fields != len(header):
+            raise ValueError(f"{csv_path} row {line}: {n_fields} fields, but the header has {len(header)}; expected "
+                             "one value per column")  # fmt: skip
+    return rows
+
+
+def table_entry(where: str, row: dict, bases: Sequence[Path]) -> dict[str, str]:
+    """One row's ``image``, ``markups`` (resolved existing files), ``split`` and ``subject``."""
+    entry = {k: (row.get(k) or "").strip() for k in TABLE_COLUMNS}
+    for key, what in (("image", "a NIfTI volume"), ("markups", "a 3D Slicer .fcsv markups file")):
+        if not entry[key]:
+            raise ValueError(f"{where}: empty {key} cell; expected the path of {what}")
+        found = _resolve(entry[key], bases)
+        if found is None:
+            raise FileNotFoundError(f"{where}: {key} {entry[key]!r} not found ({not_found(entry[key], bases)}); "
+                                    f"expected {what} (a relative path is looked up in data.root, then in the table's "
+                                    "folder)")  # fmt: skip
+        entry[key] = str(found)
+    if entry["split"] and entry["split"] not in SPLIT_NAMES:
+        raise ValueError(f"{where}: split {entry['split']!r}; expected train, val or test")
+    return entry
+
+
+def not_found(text: str, bases: Sequence[Path]) -> str:
+    """Why a table path names no file: the paths tried, or what is there instead (a broken link, a folder)."""
+    path = Path(text).expanduser()
+    tried = [path] if path.is_absolute() else [b / path for b in bases]
+    if any(os.path.lexists(p) for p in tried):
+        return _why_not_found(text, bases)
+    return " and ".join(map(str, tried)) + " missing"
+
+
+def check_scans(csv_path: Path, lines: Sequence[int], entries: Sequence[dict[str, str]]) -> None:
+    """Each scan listed once (a repeat would count twice, maybe in two splits); with a split column, every row
+    fills it and all scans of a subject share one split (a subject in two splits leaks into the test)."""
+    first_row: dict[str, int] = {}
+    split_of: dict[str, tuple[str, int]] = {}
+    with_split = any(e["split"] for e in entries)
+    for line, entry in zip(lines, entries):
+        where = f"{csv_path} row {line}"
+        image = os.path.realpath(entry["image"])
+        if image in first_row:
+            raise ValueError(f"{where}: image {entry['image']} is already listed on row {first_row[image]}; expected "
+                             "each scan once")  # fmt: skip
+        first_row[image] = line
+        if with_split and not entry["split"]:
+            raise ValueError(f"{where}: empty split cell; expected train, val or test in every row once the column "
+                             "is used (an empty column splits by data.split)")  # fmt: skip
+        if with_split and entry["subject"]:
+            split, seen = split_of.setdefault(entry["subject"], (entry["split"], line))
+            if split != entry["split"]:
+                raise ValueError(f"{where} (subject {entry['subject']!r}): split {entry['split']!r}, but row {seen} "
+                                 f"puts the subject in {split!r}; expected all of a subject's scans in one "
+                                 "split")  # fmt: skip

@@ -32,6 +32,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from medrobust.data.landmark_formats import load_nifti, read_failure
+
 LAYOUT_KEYS = {"msd": ("training", "labels", "modality"), "nnunet": ("channel_names", "labels", "file_ending")}
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's world space (MONAI's current default)
 AFFINE_TOLERANCE = 1e-3  # mm: a label's affine may differ from its image's by float rounding only
@@ -83,13 +85,22 @@ def read_dataset(root: str | os.PathLike) -> DatasetSpec:
         raise FileNotFoundError(f"data.root {root!r}: no dataset.json (expected a Decathlon or nnU-Net v2 dataset folder)")
     try:
         meta = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except OSError as err:
+        raise read_failure(path, err, "the dataset's dataset.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: holds a JSON {type(meta).__name__}; expected an object with the keys "
+                           f"{list(LAYOUT_KEYS['msd'])} (Decathlon) or {list(LAYOUT_KEYS['nnunet'])} "
+                           "(nnU-Net v2)")  # fmt: skip
     layout = "nnunet" if "channel_names" in meta or "file_ending" in meta else "msd"
     missing = [k for k in LAYOUT_KEYS[layout] if k not in meta]
     if missing:
         raise DatasetError(f"{path}: missing key(s) {missing}; a {_LAYOUT_NAMES[layout]} dataset.json needs "
                            f"{list(LAYOUT_KEYS[layout])}")  # fmt: skip
+    if not isinstance(meta["labels"], dict):
+        raise DatasetError(f"{path}: labels is a JSON {type(meta['labels']).__name__}; expected an object mapping "
+                           + ("label values to class names" if layout == "msd" else "class names to label values"))
     if layout == "msd":
         class_names = _classes(path, {name: value for value, name in meta["labels"].items()})
         channels = _indexed(path, "modality", meta["modality"])
@@ -98,6 +109,8 @@ def read_dataset(root: str | os.PathLike) -> DatasetSpec:
         class_names = _classes(path, meta["labels"])
         channels = _indexed(path, "channel_names", meta["channel_names"])
         cases = _nnunet_cases(path, root, meta, len(channels))
+    if not cases:
+        raise DatasetError(f"{path}: no labelled cases; expected at least one training image with its label")
     name = str(meta.get("name") or Path(root).name)
     return DatasetSpec(root, layout, name, channels, class_names, tuple(cases))
 
@@ -136,11 +149,18 @@ def _msd_cases(path: str, root: str) -> list[Case]:
         items = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training", base_dir=root)
     except (ValueError, KeyError, TypeError) as err:
         raise DatasetError(f"{path}: 'training' must be a list of {{'image': ..., 'label': ...}}: {err}") from None
-    cases = []
-    for item in items:
-        if "label" not in item:
-            raise DatasetError(f"{path}: training entry {item} has no 'label'")
-        cases.append(Case(_case_id(item["label"]), (str(item["image"]),), str(item["label"])))
+    cases, first = [], {}
+    for n, item in enumerate(items):
+        missing = [key for key in ("image", "label") if key not in item]
+        if missing:
+            raise DatasetError(f"{path}: training entry {n} {item} has no {missing}; expected "
+                               "{'image': ..., 'label': ...}")  # fmt: skip
+        case = Case(_case_id(item["label"]), (str(item["image"]),), str(item["label"]))
+        if case.case_id in first:
+            raise DatasetError(f"{path}: training entries {first[case.case_id]} and {n} are both case "
+                               f"{case.case_id!r} ({case.label}); expected each case once")  # fmt: skip
+        first[case.case_id] = n
+        cases.append(case)
     return cases
 
 
@@ -172,15 +192,18 @@ def dataset_json_field(root: str, key: str):
 
 # --------------------------------------------------------------------------------- one case
 def check_case(case: Case, spec: DatasetSpec) -> None:
-    """Files present, images 3-D (or 4-D with one volume per channel), the label 3-D on its image's grid."""
+    """Files present and readable with real voxels, images 3-D (or 4-D with one volume per channel), the label 3-D
+    on its image's grid."""
     for path in (*case.images, case.label):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing (case {case.case_id!r} of {spec.json_path})")
-    label = nib.load(case.label)
-    if len(label.shape) != 3:
-        raise DatasetError(f"{case.label}: label must be a 3-D volume, got shape {label.shape}")
+            raise FileNotFoundError(f"{path}: missing (case {case.case_id!r} of {spec.json_path}); expected the "
+                                    "file it lists")  # fmt: skip
+    label = _header(case.label, spec)
+    if len(label.shape) != 3 or min(label.shape) < 1:
+        raise DatasetError(f"{case.label}: label must be a 3-D volume with at least one voxel per axis, got shape "
+                           f"{label.shape}")  # fmt: skip
     for path in case.images:
-        image = nib.load(path)
+        image = _header(path, spec)
         shape = image.shape
         channels = shape[3] if len(shape) == 4 else 1
         expected = spec.in_channels if len(case.images) == 1 else 1
@@ -194,6 +217,45 @@ def check_case(case: Case, spec: DatasetSpec) -> None:
                                f"label:\n{label.affine}\nimage:\n{image.affine}")  # fmt: skip
 
 
+def _header(path: str, spec: DatasetSpec) -> nib.Nifti1Image:
+    """The image's header (voxels not read yet); a damaged or foreign file, or voxels that are not real numbers
+    (complex, RGB), stop here naming the file."""
+    image = load_nifti(path, f"a .nii or .nii.gz volume that {spec.json_path} lists", DatasetError)
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise DatasetError(f"{path}: voxel type {dtype}; expected real values (an integer or float type), not "
+                           "complex or RGB")  # fmt: skip
+    return image
+
+
+def _load(case: Case) -> dict:
+    """Image and label read by MONAI, channel first, in RAS orientation. A file whose voxels cannot be read (a
+    truncated .nii.gz) stops naming it: MONAI's own error names a transform, not the file."""
+    data = {"image": case.images[0] if len(case.images) == 1 else list(case.images), "label": case.label}
+    for key in ("image", "label"):
+        try:
+            data = LoadImaged(key, image_only=True)(data)
+        except Exception as err:
+            while err.__cause__ is not None:  # the reader's error (EOFError, zlib.error, ...) under MONAI's
+                err = err.__cause__
+            path = data[key] if isinstance(data[key], str) else ", ".join(data[key])
+            raise read_failure(path, err, "a complete .nii or .nii.gz file", DatasetError) from None
+    keys = ["image", "label"]
+    return Compose([EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)])(data)
+
+
+def check_intensities(image: np.ndarray, case: Case) -> None:
+    """Every channel finite and not constant (an empty image): percentile scaling would spread NaN over the whole
+    volume, or divide by zero, without a word."""
+    for c, channel in enumerate(image):
+        where = case.images[c] if len(case.images) > 1 else case.images[0] + (f" channel {c}" if len(image) > 1 else "")
+        if not np.isfinite(channel).all():
+            raise DatasetError(f"{where}: the image holds NaN or infinite values; expected finite intensities")
+        if channel.min() == channel.max():
+            raise DatasetError(f"{where}: the image is constant ({float(channel.min()):g} everywhere), an empty "
+                               "image; expected a scan")  # fmt: skip
+
+
 def load_case(
     case: Case, spec: DatasetSpec, pixdim: tuple[float, float, float] | None, ct_window: tuple[float, float] | None,
     percentiles: tuple[float, float] = (0.5, 99.5),
@@ -204,16 +266,16 @@ def load_case(
     linearly to [0, 1] with clipping; otherwise each channel's ``percentiles`` map to [0, 1], clipped.
     """
     check_case(case, spec)
-    keys = ["image", "label"]
-    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)]
+    data = _load(case)
+    check_intensities(np.asarray(data["image"]), case)
+    steps = []
     if pixdim is not None:
-        steps.append(Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")))
+        steps.append(Spacingd(["image", "label"], pixdim=pixdim, mode=("bilinear", "nearest")))
     if ct_window is not None:
         steps.append(ScaleIntensityRanged("image", ct_window[0], ct_window[1], 0.0, 1.0, clip=True))
     else:
         steps.append(ScaleIntensityRangePercentilesd("image", *percentiles, 0.0, 1.0, clip=True, channel_wise=True))
-    image = case.images[0] if len(case.images) == 1 else list(case.images)
-    out = Compose(steps)({"image": image, "label": case.label})
+    out = Compose(steps)(data)
     label = np.asarray(out["label"][0])
     values = np.unique(label)
     if not np.allclose(values, np.round(values)) or values.min() < 0 or values.max() >= spec.num_classes:
