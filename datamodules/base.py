@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,11 +77,16 @@ class SplitDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate (phantom) or read (real source) the data once per setting; a no-op when cached."""
         if not self.cache_path().exists():
-            self._build()
+            self._build_cache()
 
     def cached_arrays(self) -> dict[str, np.ndarray]:
         """The cache's arrays; built now when missing, so ``setup`` without ``prepare_data`` still works."""
-        return load_npz(self.cache_path()) or self._build()
+        return load_npz(self.cache_path()) or self._build_cache()
+
+    def _build_cache(self) -> dict[str, np.ndarray]:
+        """:meth:`_build`, once the cache's folder is known to take files (reading a dataset can take minutes)."""
+        check_writable(self.cache_path().parent)
+        return self._build()
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -193,6 +199,16 @@ def default_cache_dir(source: str, root: str, dataset: str) -> str:
         return os.path.join(os.environ["MEDROBUST_DATA_DIR"], dataset)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "medrobust", dataset)
+
+
+def check_writable(folder: Path) -> None:
+    """``folder`` exists (made if missing) and takes a new file; else a ``PermissionError`` naming it and the knobs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise PermissionError(f"{folder}: cannot write the data cache there ({error.strerror or error}); expected a "
+                              f"writable folder: set data.cache_dir, or MEDROBUST_DATA_DIR for every cache") from None
 
 
 def check_int(key: str, value, minimum: int) -> None:

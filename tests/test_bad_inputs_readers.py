@@ -10,6 +10,7 @@ builds the datamodule from the composed config as ``train.py`` does (``instantia
 
 from __future__ import annotations
 
+import encodings.utf_8_sig  # noqa: F401 -- loaded here: the unprivileged child cannot import from /root
 import json
 import multiprocessing
 import os
@@ -458,7 +459,8 @@ UNREADABLE_CASES = [
      r"cannot read it \(Permission denied\); expected the dataset's dataset\.json"),
     ("msd", "image", lambda r: lock(image(r)), "PermissionError",
      r"cannot read it \(Permission denied\); expected a \.nii or \.nii\.gz volume that .*dataset\.json lists"),
-    *[(reader, "cache-folder", lambda r: lock(r.parent / "cache", 0o555), "PermissionError", r"Permission denied")
+    *[(reader, "cache-folder", lambda r: lock(r.parent / "cache", 0o555), "PermissionError",
+       r"cache: cannot write the data cache there \(Permission denied\); expected a writable folder")
       for reader in READERS],
 ]  # fmt: skip
 
