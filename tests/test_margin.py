@@ -144,3 +144,17 @@ def test_margin_training_resumes_exactly(tiny_for, tmp_path):
     fit(overrides, tmp_path / "straight", max_epochs=2)
     stop_and_resume(overrides, tmp_path / "resumed")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_margins_merge_across_ddp_ranks(tiny_for, tmp_path):
+    """Two ranks train on different samples; the checkpoint (rank 0's) holds the margins of both ranks' samples."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", [*tiny_for("lidc"), "adv=margin", "adv.attack.steps=3", "eval=none"], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=False, strategy="ddp_spawn", devices=2)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("AdversarialTraining")]
+    per_rank = cfg.trainer.limit_train_batches * cfg.data.batch_size  # what one rank trained on
+    assert len(state["defense"]["margins"]) == 2 * per_rank

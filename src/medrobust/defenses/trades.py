@@ -23,7 +23,8 @@ from medrobust.attacks.core.objectives import WithLoss, with_loss
 from medrobust.attacks.core.session import attack_session
 from medrobust.defenses.base import Adversary, Defense
 
-CLEAN_OUTPUT_KEY = attack_key("clean_output")  # the clean output rides in the batch, so it follows the attack's subsets
+# the clean output rides in the batch, so it follows every subset the attack takes
+CLEAN_OUTPUT_KEY = attack_key("trades_clean_output")
 
 
 class TRADES(Defense):
@@ -69,8 +70,9 @@ class TRADES(Defense):
 
     def adversarial_images(self, module: LightningModule, batch: dict, adversary: Adversary) -> Tensor:
         """The attack's max-divergence points ``(B, C, *spatial)`` for ``batch["image"]`` (detached)."""
-        x = batch["image"]
-        with attack_session(module), torch.no_grad():  # the model as the attack's own forwards see it
+        x, attack = batch["image"], adversary.attack
+        modes = {"bn_eval": getattr(attack, "bn_eval", True), "dropout_eval": getattr(attack, "dropout_eval", True)}
+        with attack_session(module, **modes), torch.no_grad():  # the model as the attack's own forwards see it
             clean = module(x).float()
         carried = {**batch, CLEAN_OUTPUT_KEY: clean}
         return self._started(adversary, x)(x, carried, objective=divergence_objective(module))

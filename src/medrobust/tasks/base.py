@@ -8,6 +8,8 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``is_correct(output, batch)``       per-sample success criterion ``BoolTensor[B]``
 ``correct_margin(output, batch)``   per-sample ``Tensor[B]``, > 0 exactly where ``is_correct`` (minimum-norm
                                     attacks: FMN, DeepFool, C&W); e.g. ``z_y - max_{j != y} z_j``, ``tau - |error|``
+``output_divergence(clean_output, adversarial_output, batch)``  per-sample ``Tensor[B]``, >= 0 and 0 where the
+                                    outputs agree: how far an output moved from the clean one (TRADES, MART)
 ``robust_metrics()``                fresh torchmetrics for clean and adversarial evaluation
 ``metric_inputs(output, batch, reference=None)``  the ``(preds, target)`` those metrics are updated with;
                                     ``reference``: the clean output when ``output`` is adversarial
@@ -45,6 +47,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
@@ -67,6 +70,15 @@ def metric_collection(metrics: dict, prefix: str | None = None) -> MetricCollect
     """The task's metrics as one collection. No compute groups: metrics over different subsets (target bands)
     can hold equal states after a first batch, and torchmetrics would then merge them for good."""
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def softmax_kl(clean_logits: torch.Tensor, adversarial_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(clean) || softmax(adversarial))`` over the classes (dim 1) of logits ``(B, K, *spatial)``, in
+    fp32: ``(B, *spatial)``. Through log-softmaxes, so saturated logits give no ``0 * log 0`` NaN; its gradient
+    w.r.t. the adversarial logits is ``softmax(adversarial) - softmax(clean)``."""
+    log_clean = F.log_softmax(clean_logits.float(), dim=1)
+    log_adversarial = F.log_softmax(adversarial_logits.float(), dim=1)
+    return F.kl_div(log_adversarial, log_clean, reduction="none", log_target=True).sum(dim=1)
 
 
 def clean_objective(module: "RobustTask", batch: dict) -> torch.Tensor:
@@ -130,6 +142,19 @@ class RobustTask(L.LightningModule):
 
     def correct_margin(self, output: Any, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def output_divergence(self, clean_output: Any, adversarial_output: Any, batch: dict) -> torch.Tensor:
+        """Per-sample divergence ``(B,)`` of ``adversarial_output`` from ``clean_output`` (two outputs of
+        :meth:`forward` for the same samples), in fp32: >= 0 (up to rounding), exactly 0 where they agree,
+        differentiable in both.
+
+        TRADES climbs it in its inner attack and trains it down; MART weighs it. It measures the prediction's
+        stability in the task's own terms, needing no label: the KL between class distributions
+        (classification, per voxel for segmentation), the squared change of the prediction (regression,
+        landmarks).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement output_divergence(clean_output, "
+                                  f"adversarial_output, batch), which adv=trades and adv=mart need")
 
     def robust_metrics(self) -> dict:
         raise NotImplementedError

@@ -16,13 +16,14 @@ from torchmetrics.classification import (
 )
 
 from medrobust.losses.classification import classification_margin
-from medrobust.tasks.base import RobustTask
+from medrobust.tasks.base import RobustTask, softmax_kl
 
 
 class ClassificationTask(RobustTask):
     """Logits ``(B, num_classes)`` against integer labels ``(B,)``.
 
-    attack_loss: per-sample cross-entropy (optionally label-smoothed); is_correct: argmax == label.
+    attack_loss: per-sample cross-entropy (optionally label-smoothed); is_correct: argmax == label;
+    output_divergence: the KL between the clean and the adversarial class distributions.
     Metrics: accuracy, AUROC, sensitivity and specificity (binary: of the positive class ``1``;
     multi-class: macro averages).
     """
@@ -48,6 +49,11 @@ class ClassificationTask(RobustTask):
 
     def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return classification_margin(output.float(), batch[self.label_key])
+
+    def output_divergence(self, clean_output: torch.Tensor, adversarial_output: torch.Tensor, batch: dict
+                          ) -> torch.Tensor:
+        """``KL(softmax(clean) || softmax(adversarial))`` per sample, summed over the classes (TRADES' term)."""
+        return softmax_kl(clean_output, adversarial_output)
 
     def robust_metrics(self) -> dict:
         if self.num_classes == 2:

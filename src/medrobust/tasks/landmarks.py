@@ -191,6 +191,15 @@ class LandmarkTask(RobustTask):
     def is_correct(self, output: Tensor, batch: dict) -> Tensor:
         return self.correct_margin(output, batch) >= 0
 
+    def output_divergence(self, clean_output: Tensor, adversarial_output: Tensor, batch: dict) -> Tensor:
+        """The squared displacement of the predicted landmarks in mm^2 (voxels without ``batch["spacing"]``), mean
+        over the ``K x D`` coordinates. Coordinates, not raw heatmaps, for both output kinds: a heatmap's softmax
+        ignores a shift of all its values and its scale is the network's choice, while the decoded position is
+        what the task predicts and measures (MRE)."""
+        clean, adversarial = self.coordinates(clean_output), self.coordinates(adversarial_output)
+        spacing = self.spacing(clean, batch)
+        return ((adversarial - clean) * spacing[:, None, :]).square().flatten(1).mean(dim=1)
+
     def robust_metrics(self) -> dict:
         return landmark_metrics(self.shift_metric)
 

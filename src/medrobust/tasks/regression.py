@@ -23,7 +23,8 @@ class RegressionTask(RobustTask):
     ``batch[features_key]`` there: those features come from the batch, which attacks never perturb.
 
     attack_loss: the per-sample training loss on the standardised scale (L1, MSE or Huber); is_correct:
-    ``|prediction - target| <= tau``; correct_margin: ``tau - |prediction - target|`` (target units).
+    ``|prediction - target| <= tau``; correct_margin: ``tau - |prediction - target|`` (target units);
+    output_divergence: the squared change of the standardised prediction.
     Metrics: ``accuracy`` (fraction within ``tau``), MAE, RMSE, R^2, and the prediction shift
     ``|mean(pred_adv - pred_clean)|``, named ``shift_metric``, overall and per target band as
     ``<shift_metric>_<band>`` (bands without samples are skipped).
@@ -123,6 +124,13 @@ class RegressionTask(RobustTask):
 
     def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.tau - self.error(output, batch).abs()
+
+    def output_divergence(self, clean_output: torch.Tensor, adversarial_output: torch.Tensor, batch: dict
+                          ) -> torch.Tensor:
+        """The squared change of the prediction on the standardised scale (the loss's): the network's output
+        difference, after the hybrid model's fusion with the (unperturbed) features where it has one."""
+        shift = self.prediction(adversarial_output, batch) - self.prediction(clean_output, batch)
+        return (shift / self.target_std).square()
 
     def robust_metrics(self) -> dict:
         return regression_metrics(self.tau, self.bands, self.shift_metric)

@@ -12,7 +12,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceLoss
 from torch import Tensor
 
-from medrobust.tasks.base import RobustTask
+from medrobust.tasks.base import RobustTask, softmax_kl
 from medrobust.tasks.segmentation_metrics import SegmentationTarget, mean_dice, segmentation_metrics
 
 LOSSES = ("dice_ce", "ce", "dice")
@@ -187,6 +187,11 @@ class SegmentationTask(RobustTask):
     def correct_margin(self, output: Tensor, batch: dict) -> Tensor:
         soft = self.soft_dice(output, batch)
         return (self.dice(output, batch) - self.tau) + (soft - soft.detach())  # hard value, soft gradient
+
+    def output_divergence(self, clean_output: Tensor, adversarial_output: Tensor, batch: dict) -> Tensor:
+        """The per-voxel KL between the clean and the adversarial class distributions, averaged over the voxels
+        (as the CE part of the loss is): one sample's value does not grow with its size."""
+        return softmax_kl(clean_output, adversarial_output).flatten(1).mean(dim=1)
 
     def robust_metrics(self) -> dict:
         return segmentation_metrics(self.num_classes, self.class_names, self.include_background)
