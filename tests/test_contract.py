@@ -8,7 +8,6 @@ conf/task/<task>.yaml and its tiny data, conf/debug/tiny/<task>.yaml, to be cove
 from __future__ import annotations
 
 import inspect
-import itertools
 from functools import cache
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, ListConfig
 
 from medrobust.reporting import read_csv
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
@@ -71,17 +71,48 @@ def _adv_applies(task: str, adv: str) -> bool:
     return all(_task_has(task, member) for member in requires)
 
 
+def _targets(node) -> tuple:
+    """The ``_target_`` of every object a config node instantiates (nested) with the norm it runs in, if any."""
+    if isinstance(node, DictConfig):
+        own = ((node["_target_"], node.get("norm")),) if "_target_" in node else ()
+        return own + tuple(t for key in node if key != "_target_" for t in _targets(node[key]))
+    if isinstance(node, ListConfig):
+        return tuple(t for item in node for t in _targets(item))
+    return ()
+
+
+def _distinct(options: list[str], group: str, first: str) -> list[str]:
+    """``options`` of ``group`` (adv / eval) less those that build nothing the ones before (``first`` first) did not:
+    an adv of the same defence and attack classes as another (``iterative`` as ``pgd``), an eval of attacks in the
+    same norms as others (``standard`` inside ``seed004``)."""
+    seen: set = set()
+    kept = []
+    for option in sorted(options, key=lambda o: (o != first, o)):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            targets = set(_targets(compose("train", overrides=[f"{group}={option}"])[group] or DictConfig({})))
+        if not targets or not targets <= seen:
+            kept.append(option)
+        seen |= targets
+    GlobalHydra.instance().clear()
+    return kept
+
+
 def _combos() -> list[tuple[str, str, str]]:
-    """Every task: every applicable eval with adv=none, and every applicable adv with the task's own default eval.
-    The default task also runs PGD training with every applicable eval (the adv and eval callbacks together on
-    every suite); every defence's own tests cover it beyond this."""
+    """Every task: every applicable eval with adv=none and every applicable adv with the task's own default eval,
+    less the options that build only what another option builds (:func:`_distinct`). The default task runs every
+    option, and PGD training with every applicable eval (the adv and eval callbacks together on every suite)."""
     combos = []
+    distinct_advs = _distinct(_options("adv"), "adv", first="pgd")
+    distinct_evals = _distinct(_options("eval"), "eval", first=_composed(_default_task()).hydra.runtime.choices.eval)
     for task in _options("task"):
+        default = task == _default_task()
         default_eval = _composed(task).hydra.runtime.choices.eval
-        evals = [e for e in _options("eval") if _applies(task, e)]
+        evals = [e for e in _options("eval") if _applies(task, e) and (default or e in distinct_evals)]
+        advs = [a for a in _options("adv") if a != "none" and _adv_applies(task, a) and (default or a in distinct_advs)]
         combos += [(task, "none", e) for e in evals]
-        combos += [(task, adv, default_eval) for adv in _options("adv") if adv != "none" and _adv_applies(task, adv)]
-        if task == _default_task():
+        combos += [(task, adv, default_eval) for adv in advs]
+        if default:
             combos += [(task, "pgd", e) for e in evals if e != default_eval]
     return combos
 

@@ -325,13 +325,15 @@ def nifti_landmarks(image_path: str | os.PathLike, markups_path: str | os.PathLi
 # ------------------------------------------------------------------------------------------ the subjects table
 def read_markups_table(csv_path: str | os.PathLike, root: str | os.PathLike | None) -> list[dict[str, str]]:
     """Rows ``image``, ``markups``[, ``split``][, ``subject``] of the subjects table, paths resolved against
-    ``root`` first, then the table's folder. Every row is checked: its files exist, each scan is listed once, a
+    the table's folder first, then ``root``. Every row is checked: its files exist, each scan is listed once, a
     split column is filled in every row with known splits, and a subject's scans share one split."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: subjects table missing (data.csv)")
     rows = table_rows(csv_path)
-    bases = ([Path(root)] if root is not None else []) + [csv_path.parent]
+    # the table's own folder first: a stale file of the same name under data.root (by default the AFIDs phantom's
+    # cache) must not stand in for the scan sitting next to the table
+    bases = [csv_path.parent] + ([Path(root)] if root is not None else [])
     entries = [table_entry(f"{csv_path} row {line}", row, bases) for line, row in rows]
     check_scans(csv_path, [line for line, _ in rows], entries)
     return entries
