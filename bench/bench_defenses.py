@@ -12,6 +12,7 @@ classification only and is skipped on other tasks. Times are medians over epochs
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 from pathlib import Path
 
@@ -25,11 +26,12 @@ DEFENCES = ("pgd", "trades", "mart", "margin", "iterative")
 
 
 def applies(task: str, adv: str, out: Path, overrides: list[str]) -> bool:
-    """Whether the task module has every member the defence requires (MART: a classifier)."""
+    """Whether the task module has every member the defence requires (MART: a classifier), a method or a
+    constructor argument it keeps (as AdversarialTraining checks at setup)."""
     cfg = compose_config("train", [f"task={task}", f"adv={adv}", *overrides], out)
     requires = getattr(get_class(cfg.adv.defense._target_), "requires", ())
     module = get_class(cfg.module._target_)
-    return all(hasattr(module, member) for member in requires)
+    return all(hasattr(module, member) or member in inspect.signature(module).parameters for member in requires)
 
 
 def main() -> None:

@@ -160,3 +160,35 @@ def test_a_tiny_curve_run_writes_rows_section_and_png_agreeing_with_the_curve(ti
         p.name for p in curves.glob("*.png")}
     assert not list(curves.glob(f"*{SENSITIVITY_METRIC}_by_part.png")) and not list(
         curves.glob(f"{attack}_{SENSITIVITY_METRIC}.png"))
+
+
+class _PastTheBall:
+    """A verifying attack whose points sit a rounding error outside its eps (as a float32 clamp can leave them)."""
+
+    def attack_from(self, start, model, x, batch, objective, *, eps, bounds):
+        return x + eps.view(-1, *([1] * (x.dim() - 1))) * (1 + 1e-6)
+
+
+class _OnlyCleanCorrect:
+    """Right on the clean (zero) image only: any verified point fools it."""
+
+    def attack_loss(self, output, batch):
+        return output.flatten(1).abs().sum(1)
+
+    def is_correct(self, output, batch):
+        return output.flatten(1).abs().amax(1) == 0
+
+
+def test_verified_radii_never_exceed_the_eps_where_the_curve_counts_the_sample_fooled():
+    """The radius-based accuracy (this analysis) must equal the curve's: a point fooling at eps lowers the radius
+    to at most that eps, even when its computed norm rounds just above it."""
+    from medrobust.evaluation.curve import verified_curve
+
+    x = torch.zeros(3, 1, 2, 2)
+    eps_values = [0.0, 0.001, 0.002]
+    known = (x + 1.0, torch.ones(3))  # minimum-norm points far out: every eps below the radius is verified
+    points, radii = verified_curve(_PastTheBall(), lambda v: v, x, {"image": x}, _OnlyCleanCorrect(),
+                                   eps_values=eps_values, bounds=None, known=known, norm="linf")
+    fooled_by_curve = [float((points[j].flatten(1).abs().amax(1) > 0).float().mean()) for j in range(3)]
+    assert radii.tolist() == pytest.approx([0.001] * 3) and bool((radii <= 0.001).all())
+    assert accuracy_from_radii(radii, eps_values) == [1 - f for f in fooled_by_curve] == [1.0, 0.0, 0.0]

@@ -115,7 +115,10 @@ def verified_curve(
             _, correct = objective_values(model, objective, x_adv, sub_batch)
         fooled, held = idx[~correct], idx[correct]
         found_level[fooled], found_point[fooled] = level[fooled], x_adv[~correct]
-        radii[fooled] = torch.minimum(radii[fooled], lp_norm(x_adv[~correct] - x[fooled], norm).to(radii))
+        # the point lies in the ball of its eps by construction; its computed norm can round just above that eps,
+        # which would call the sample robust there by its radius while the curve counts it fooled
+        norms = lp_norm(x_adv[~correct] - x[fooled], norm).to(radii)
+        radii[fooled] = torch.minimum(radii[fooled], torch.minimum(norms, table[level[fooled], fooled].to(radii)))
         last_point[held], level[held] = x_adv[correct], -1
         level[fooled] -= 1
         pending = (level >= 0) & (table[level.clamp_min(0), rows] > 0)
