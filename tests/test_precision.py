@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from conftest import compose_config
@@ -28,6 +29,7 @@ def test_bf16_mixed_trains_attacks_and_reports_finite_numbers(tiny_for, task, ad
     cfg = compose_config("train", [*tiny_for(task), f"adv={adv}", f"eval={evaluation}",
                                    "trainer.precision=bf16-mixed"], tmp_path)
     _short_suites(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # as train.py: the weights must not depend on the tests run before
     datamodule, module = build_data_and_module(cfg)
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     assert trainer.precision == "bf16-mixed"
