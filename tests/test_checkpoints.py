@@ -129,8 +129,11 @@ def test_sigterm_and_sigint_stop_training_leaving_readable_files(tiny_for, tmp_p
         run_dir = tmp_path / sig.name
         args = [*tiny_for("lidc"), "adv=pgd", "eval.eps=[0.0,0.004]", f"trainer.max_epochs={EPOCHS}",
                 f"hydra.run.dir={run_dir}"]
+        # SIGINT back to its default in the child: a shell's background job starts with it ignored, and Python then
+        # installs no KeyboardInterrupt handler (the test failed that way when the suite itself ran in the background)
         runs[sig] = run_dir, subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # both runs watched at once: each gets its signal as soon as its first checkpoint is there (one after the
         # other, the second run could finish while the first one starts up on a loaded machine)
