@@ -11,7 +11,6 @@ classification only and is skipped on other tasks. Times are medians over epochs
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra.utils import get_class
 
-from bench_training import epoch_seconds
+from bench_training import epoch_seconds, training_arguments
 from medrobust.config import compose_config
 
 DEFENCES = ("pgd", "trades", "mart", "margin", "iterative")
@@ -35,13 +34,7 @@ def applies(task: str, adv: str, out: Path, overrides: list[str]) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="lidc", help="the task config (conf/task/<task>.yaml)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per defence (after one warm-up)")
-    parser.add_argument("--steps", type=int, default=5, help="inner attack steps of every defence")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override for every composed config (repeatable), e.g. data.spatial_dims=3")
-    args = parser.parse_args()
+    args = training_arguments(__doc__.splitlines()[0], "inner attack steps of every defence")
     overrides = list(args.override)
     torch.manual_seed(0)
     times = {}

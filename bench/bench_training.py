@@ -59,14 +59,19 @@ def epoch_seconds(task: str, adv_overrides: list[str] | None, epochs: int, out: 
     return (statistics.median(timer.times[1:]), statistics.median(timer.cpu_times[1:])), module, datamodule
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_arguments(description: str, steps_help: str) -> argparse.Namespace:
+    """``--task``, ``--epochs``, ``--steps``, ``--override``: what the training benchmarks share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", default="lidc", help="the task config (conf/task/<task>.yaml)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (after one warm-up)")
-    parser.add_argument("--steps", type=int, default=5, help="k of PGD-k training")
+    parser.add_argument("--steps", type=int, default=5, help=steps_help)
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for every composed config (repeatable), e.g. data.spatial_dims=3")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = training_arguments(__doc__.splitlines()[0], "k of PGD-k training")
     overrides = list(args.override)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
