@@ -17,7 +17,7 @@ from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.attacks.core.session import eval_mode
 from medrobust.defenses import Adversary, Defense, MadryObjective
 from medrobust.evaluation.eps_units import EPS_UNITS
-from medrobust.tasks.base import clean_objective
+from medrobust.tasks.base import clean_objective, lacking
 
 GUARD_ACTIONS = ("warn", "stop")
 
@@ -128,10 +128,10 @@ class AdversarialTraining(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for member in ("attack_loss", "is_correct", "train_objective", *self.defense.requires):
-            if not hasattr(pl_module, member):
-                raise TypeError(f"AdversarialTraining ({self.defense.name}) needs a task module with `{member}`; "
-                                f"{type(pl_module).__name__} has none")
+        for member in lacking(pl_module, ("attack_loss", "is_correct", "train_objective", *self.defense.requires)):
+            raise TypeError(f"AdversarialTraining ({self.defense.name}) needs a task module with `{member}`; "
+                            f"{type(pl_module).__name__} " + ("declares it False" if hasattr(pl_module, member)
+                                                                 else "has none"))
         if stage == "fit":
             pl_module.train_objective = self.objective
 

@@ -18,6 +18,7 @@ from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.datamodules.base import SplitDataModule
 from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
+from medrobust.evaluation.gather import gather_in_order
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
 from medrobust.evaluation.sensitivity import SensitivityCurve, check_drop, sensitivity_curve
@@ -36,30 +37,9 @@ from medrobust.reporting.sensitivity import (
 )
 from medrobust.reporting.wandb_examples import log_examples_to_wandb
 from medrobust.reporting.wandb_tables import log_robustness_to_wandb
-from medrobust.tasks.base import compute_metrics, metric_collection
+from medrobust.tasks.base import compute_metrics, lacking, metric_collection
 
 log = logging.getLogger("medrobust")
-
-
-def _gather(pl_module: LightningModule, values: torch.Tensor) -> torch.Tensor:
-    """Every rank's per-sample values ``(n_rank,)``, concatenated. Ranks may hold different counts (same-shape
-    batches of whole volumes, or ``max_batches`` cutting them unevenly): all_gather needs one shape, so each rank
-    pads to the largest count and the padding is cut off again."""
-    trainer = getattr(pl_module, "_trainer", None)
-    if trainer is None or trainer.world_size == 1:
-        return values
-    counts = pl_module.all_gather(torch.tensor(values.shape[0], device=values.device)).flatten().tolist()
-    padded = torch.cat([values, values.new_zeros(max(counts) - values.shape[0])])
-    parts = pl_module.all_gather(padded).reshape(len(counts), -1)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
-
-
-def _gather_in_order(pl_module: LightningModule, parts: list[tuple[int, torch.Tensor]], device) -> torch.Tensor:
-    """Per-sample values of ``(batch number, values)`` parts from every rank, in the one-process order."""
-    values = torch.cat([v for _, v in parts]) if parts else torch.zeros(0, device=device)
-    numbers = torch.cat([torch.full((len(v),), n, device=v.device) for n, v in parts]) if parts else values.long()
-    values, numbers = _gather(pl_module, values), _gather(pl_module, numbers)
-    return values[torch.sort(numbers, stable=True).indices]
 
 
 def _cell(row: dict) -> tuple:
@@ -81,6 +61,27 @@ def _example(pl_module, attack, eps: float, x, x_adv, clean_output, batch, forwa
     masks = {**(masks or {}), **marks} or None
     masks = None if masks is None else {name: mask.detach().cpu() for name, mask in masks.items()}
     return eps, x.detach().cpu(), x_adv.detach().cpu(), masks
+
+
+def _check_eps(eps, key: str) -> list[float]:
+    """An eps list, 0 (the clean point that anchors every curve) added, sorted."""
+    values = [float(e) for e in eps] if isinstance(eps, Sequence) and not isinstance(eps, str) else None
+    if not values or any(e < 0 for e in values):
+        raise ValueError(f"{key} must be a non-empty list of values >= 0, got {eps!r}")
+    return sorted(set(values) | {0.0})
+
+
+def _attack_eps(attack_eps: Mapping[str, Sequence[float]] | None, names: Mapping[str, str]) -> dict[str, list[float]]:
+    """``eval.attack_eps``: an attack's own eps list (an L2 attack beside Linf ones), keyed by the attack's config
+    name (``pgd_l2``) or its label (``pgd10_l2``); returned by label."""
+    own = {}
+    for key, eps in (attack_eps or {}).items():
+        label = names.get(key, key)
+        if label not in names.values():
+            known = sorted({*names, *names.values()})
+            raise ValueError(f"eval.attack_eps.{key}: no attack of that name in eval.attacks; there: {known}")
+        own[label] = _check_eps(eps, f"eval.attack_eps.{key}")
+    return own
 
 
 def _check_sensitivity(drop: float | None, attacks: dict[str, object], eps_unit: str) -> float | None:
@@ -121,6 +122,8 @@ class RobustnessEvaluation(Callback):
     Args:
         attacks: attack objects (``medrobust.attacks.FGSM``, ``PGD``, ...), as a list or a name->attack map.
         eps: attack strengths; 0 is the clean evaluation.
+        attack_eps: an attack's own strengths instead of ``eps``, by its config name or label (e.g. L2 PGD's eps
+            in the same evaluation as Linf attacks). The masking checks compare only attacks of the same norm.
         eps_unit: ``model`` (input scale), ``native`` (e.g. HU, through the datamodule's window) or
             ``range`` (a fraction of each image's intensity range).
         every_n_epochs: evaluate after every n-th validation epoch.
@@ -153,6 +156,7 @@ class RobustnessEvaluation(Callback):
         self,
         attacks: Mapping[str, object] | Sequence[object],
         eps: Sequence[float] = (0.0, 0.001, 0.002, 0.004, 0.008),
+        attack_eps: Mapping[str, Sequence[float]] | None = None,
         eps_unit: str = "model",
         every_n_epochs: int = 1,
         max_batches: int | None = 4,
@@ -166,9 +170,7 @@ class RobustnessEvaluation(Callback):
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
             raise ValueError("RobustnessEvaluation needs at least one attack in `attacks`")
-        eps = [float(e) for e in eps]
-        if not eps or any(e < 0 for e in eps):
-            raise ValueError(f"eval.eps must be a non-empty list of values >= 0, got {eps}")
+        self.eps = _check_eps(eps, "eval.eps")
         if eps_unit not in EPS_UNITS:
             raise ValueError(f"eval.eps_unit must be one of {EPS_UNITS}, got {eps_unit!r}")
         if every_n_epochs < 1:
@@ -184,8 +186,9 @@ class RobustnessEvaluation(Callback):
         if len(set(labels)) != len(labels):
             raise ValueError(f"eval.attacks must have distinct names, got {labels}")
         self.attacks = dict(zip(labels, attack_list))
+        names = dict(zip(attacks, labels)) if isinstance(attacks, Mapping) else {label: label for label in labels}
+        self.attack_eps = _attack_eps(attack_eps, names)
         self.sensitivity_drop = _check_sensitivity(sensitivity_drop, self.attacks, eps_unit)
-        self.eps = sorted(set(eps) | {0.0})  # the clean point anchors every curve
         self.eps_unit = eps_unit
         self.every_n_epochs = every_n_epochs
         self.max_batches = max_batches
@@ -201,7 +204,12 @@ class RobustnessEvaluation(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(attacks=tuple(self.attacks), eps=tuple(self.eps), eps_unit=self.eps_unit)
+        own = {"attack_eps": tuple((label, tuple(eps)) for label, eps in self.attack_eps.items())} if self.attack_eps else {}
+        return self._generate_state_key(attacks=tuple(self.attacks), eps=tuple(self.eps), eps_unit=self.eps_unit, **own)
+
+    def eps_of(self, label: str) -> list[float]:
+        """The attack's strengths, 0 first: its own ``attack_eps`` or the evaluation's ``eps``."""
+        return self.attack_eps.get(label, self.eps)
 
     def state_dict(self) -> dict:
         # plain values only (checkpoints are read back with torch.load(weights_only=True))
@@ -233,9 +241,9 @@ class RobustnessEvaluation(Callback):
             raise TypeError(f"RobustnessEvaluation needs a task module implementing the task contract; "
                             f"{type(pl_module).__name__} lacks {missing}")
         for label, attack in self.attacks.items():
-            lacking = [m for m in attack.requires if not hasattr(pl_module, m)]
-            if lacking:
-                raise TypeError(f"eval.attacks: {label} needs a task module with {lacking}; "
+            missing = lacking(pl_module, attack.requires)
+            if missing:
+                raise TypeError(f"eval.attacks: {label} needs a task module with {missing}; "
                                 f"{type(pl_module).__name__} lacks them (a regression-only attack on another task?)")
         if self.eps_unit == "native" and getattr(pl_module, "intensity", None) is None:
             raise ValueError("eval.eps_unit=native needs an intensity window from the datamodule; this one has none")
@@ -288,10 +296,11 @@ class RobustnessEvaluation(Callback):
         """Rows of the accuracy without the most sensitive samples; the curves kept on ``result`` for the files."""
         if self.sensitivity_drop is None:
             return []
-        thresholds = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity) for eps in self.eps]
         rows = []
         for label, radii in result.radii.items():
-            curve = sensitivity_curve(radii.cpu(), self.eps, self.sensitivity_drop, thresholds=thresholds)
+            eps = self.eps_of(label)
+            thresholds = [resolve_eps(e, self.eps_unit, intensity=pl_module.intensity) for e in eps]
+            curve = sensitivity_curve(radii.cpu(), eps, self.sensitivity_drop, thresholds=thresholds)
             result.sensitivity[label] = curve
             rows += sensitivity_rows(curve, epoch=epoch, split=split, attack=label, norm=self.attacks[label].norm,
                                      eps_unit=self.eps_unit)
@@ -300,18 +309,11 @@ class RobustnessEvaluation(Callback):
     def _masking_flags(self, pl_module, result: Evaluation, split: str) -> list[MaskingFlag]:
         # the checks assume each attack tries to make samples wrong: not corruptions, not prediction shifts
         adversarial = [label for label, attack in self.attacks.items() if attack.seeks_errors]
-        black_box = [label for label in adversarial if self.attacks[label].black_box]
-        order = [label for label in adversarial if not self.attacks[label].targeted]  # cheapest first
-        flags = check_rows([row for row in result.rows if row["attack"] in adversarial], attack_order=order,
-                           black_box=black_box, metric=pl_module.success_metric)
+        flags = []
+        for norm in dict.fromkeys(self.attacks[label].norm for label in adversarial):  # attacks compare within a norm
+            flags += self._norm_flags(pl_module, result, [a for a in adversarial if self.attacks[a].norm == norm])
         flags += [MaskingFlag("black_box_wins", message) for attack in self.attacks.values()
                   for message in attack.black_box_wins()]
-        white_box = [label for label in order if label not in black_box]
-        if white_box:  # any other attack in its threat model beating the strongest on a continuous metric
-            directions = {name: metric.higher_is_better for name, metric in pl_module.robust_metrics().items()
-                          if pl_module.attacked_metrics is None or name in pl_module.attacked_metrics}
-            flags += check_metric_rows(result.rows, strongest=white_box[-1], directions=directions,
-                                       skip=[pl_module.success_metric])
         if split in self.probe_splits and result.probe_batch is not None and adversarial:
             x, batch = result.probe_batch
             norm = self.attacks[adversarial[0]].norm
@@ -321,6 +323,20 @@ class RobustnessEvaluation(Callback):
             with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
                 flags += probe_model(pl_module, x, batch, pl_module, norm="l2" if norm == "l2" else "linf",
                                      bounds=pl_module.input_bounds)
+        return flags
+
+    def _norm_flags(self, pl_module, result: Evaluation, adversarial: list[str]) -> list[MaskingFlag]:
+        """The result-row checks among the error-seeking attacks of one threat model."""
+        black_box = [label for label in adversarial if self.attacks[label].black_box]
+        order = [label for label in adversarial if not self.attacks[label].targeted]  # cheapest first
+        flags = check_rows([row for row in result.rows if row["attack"] in adversarial], attack_order=order,
+                           black_box=black_box, metric=pl_module.success_metric)
+        white_box = [label for label in order if label not in black_box]
+        if white_box:  # any other attack in its threat model beating the strongest on a continuous metric
+            directions = {name: metric.higher_is_better for name, metric in pl_module.robust_metrics().items()
+                          if pl_module.attacked_metrics is None or name in pl_module.attacked_metrics}
+            flags += check_metric_rows(result.rows, strongest=white_box[-1], directions=directions,
+                                       skip=[pl_module.success_metric])
         return flags
 
     # -- the evaluation -------------------------------------------------------------------------
@@ -336,7 +352,7 @@ class RobustnessEvaluation(Callback):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         success = pl_module.success_metric
         cells = {(label, eps, kind): metric_collection(_metrics_for(kind, pl_module.robust_metrics(), success)).to(device)
-                 for label in self.attacks for eps in self.eps if eps > 0 for kind in ("success", "other")}
+                 for label in self.attacks for eps in self.eps_of(label) if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
         result = Evaluation()
@@ -347,7 +363,8 @@ class RobustnessEvaluation(Callback):
         with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
             # the attacks' own metrics update in place: their states must not be inference tensors
             extra = {(label, eps): metric_collection({name: MeanMetric() for name in attack.extra_metrics}).to(device)
-                     for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps if eps > 0}
+                     for label, attack in self.attacks.items() if attack.extra_metrics for eps in self.eps_of(label)
+                     if eps > 0}
             # a multiple of the ranks, so that every rank evaluates a batch: a rank without one would meet the
             # others' metric syncs with empty states of another shape
             limit = None if max_batches is None else -(-max_batches // world_size) * world_size
@@ -362,9 +379,10 @@ class RobustnessEvaluation(Callback):
                 with torch.no_grad(), forward_context():
                     clean_output = pl_module(x)
                     clean.update(*pl_module.metric_inputs(clean_output, batch))
-                attacked_eps = [eps for eps in self.eps if eps > 0]
-                eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x) for eps in attacked_eps]
                 for label, attack in self.attacks.items():
+                    attacked_eps = [eps for eps in self.eps_of(label) if eps > 0]
+                    eps_model = [resolve_eps(eps, self.eps_unit, intensity=pl_module.intensity, x=x)
+                                 for eps in attacked_eps]
                     # the same draws for the same weights, whatever ran before (a resume, another evaluation)
                     seed = derived_seed("robustness", run_seed(self.seed), split, number, label)
                     with forward_context(), seeded(seed, device):
@@ -386,12 +404,12 @@ class RobustnessEvaluation(Callback):
                                     for name, values in attack.extra_values(pl_module, output, clean_output,
                                                                             batch).items():
                                         extra[label, eps][name].update(values)
-                        if number == 0 and eps == self.eps[-1]:
+                        if number == 0 and eps == attacked_eps[-1]:
                             result.examples[label] = _example(pl_module, attack, eps, x, worst_point, clean_output,
                                                               batch, forward_context)
         # every rank gathers every curve attack's radii (a rank may have had no batch), in the same order
         curve_labels = [label for label, attack in self.attacks.items() if isinstance(attack, CurveAttack)]
-        gathered = {label: _gather_in_order(pl_module, radii.get(label, []), device) for label in curve_labels}
+        gathered = {label: gather_in_order(pl_module, radii.get(label, []), device) for label in curve_labels}
         result.radii = {label: values for label, values in gathered.items() if values.numel()}
         if world_size > 1:
             for attack in self.attacks.values():  # every rank, in the same order: the tallies sum across ranks
@@ -399,7 +417,7 @@ class RobustnessEvaluation(Callback):
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
         order = list(pl_module.robust_metrics())
         for label, attack in self.attacks.items():
-            for eps in self.eps:
+            for eps in self.eps_of(label):
                 if eps == 0:
                     values = {m: (v, CLEAN) for m, v in clean_values.items()}
                 else:

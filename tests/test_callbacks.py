@@ -198,7 +198,7 @@ class GatherProbe(L.LightningModule):
         return None
 
     def on_validation_epoch_end(self):
-        from callbacks.robustness_evaluation import _gather
+        from medrobust.evaluation.gather import gather as _gather
 
         rank = self.global_rank
         gathered = _gather(self, torch.arange(3 * rank, 3 * rank + 1 + 2 * rank, dtype=torch.float32))

@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig
 
+from medrobust.tasks.base import lacking
 from medrobust.reporting import read_csv
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
 from conftest import CONF, DEBUG, compose_config
@@ -40,7 +41,7 @@ def _task_has(task: str, member: str) -> bool:
     """Whether the task module class (``module._target_``) has ``member``: a method or class attribute, or a
     constructor argument it keeps (ClassificationTask's ``num_classes``). Nothing is built or trained."""
     cls = get_class(_composed(task).module._target_)
-    return hasattr(cls, member) or member in inspect.signature(cls).parameters
+    return not lacking(cls, (member,)) or member in inspect.signature(cls).parameters
 
 
 def _applies(task: str, evaluation: str) -> bool:

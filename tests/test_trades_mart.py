@@ -227,6 +227,6 @@ def test_trades_fits_one_tiny_epoch_with_finite_terms(tiny_for, task, tmp_path):
 def test_mart_fits_a_classifier_and_refuses_a_regressor_at_setup(tiny_for, tmp_path):
     _, trainer = _fit([*tiny_for("lidc"), "adv=mart"], tmp_path / "lidc")
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["train/mart/kl"])
-    with pytest.raises(TypeError, match=r"AdversarialTraining \(mart\) needs a task module with `label_smoothing`; "
-                                        r"BrainAgeTask has none"):
+    with pytest.raises(TypeError, match=r"AdversarialTraining \(mart\) needs a task module with `outputs_logits`; "
+                                        r"BrainAgeTask declares it False"):
         _fit([*tiny_for("brainage"), "adv=mart"], tmp_path / "brainage")

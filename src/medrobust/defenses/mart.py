@@ -28,15 +28,16 @@ class MART(Defense):
     BatchNorm statistics. The CE is the task's ``attack_loss`` (label smoothing included), the KL its
     ``output_divergence``; every term keeps its gradient, as in the reference code.
 
-    ``requires`` names ``label_smoothing``, a member only classification tasks have (segmentation also has
-    ``num_classes``), so setting up ``adv=mart`` on any other task fails with a ``TypeError`` before training.
+    ``requires`` names the declared capability ``outputs_logits`` (per-sample class logits ``(B, K)``), which only
+    classification tasks keep True, so setting up ``adv=mart`` on any other task fails with a ``TypeError`` before
+    training.
 
     Args:
         lam: weight of the misclassification-aware KL term, >= 0 (the paper's lambda: 5-6; 6.0 by default).
     """
 
     name = "mart"
-    requires = ("label_smoothing", "output_divergence")
+    requires = ("outputs_logits", "output_divergence")
 
     def __init__(self, lam: float = 6.0) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:

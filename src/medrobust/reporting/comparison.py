@@ -72,11 +72,19 @@ class Comparison:
     bounded: bool = False
     most_robust: RunResult | None = None
     verdict: str = ""
+    eps_of: dict[str, list[float]] = field(default_factory=dict)  # each attack's eps among eps_values
+    ranked: list[str] = field(default_factory=list)  # the attacks the runs are ranked by: the first one's norm
+    rank_norm: str = ""
 
     @property
     def eps(self) -> float | None:
-        """The eps the runs are ranked at: the largest shown."""
-        return max(self.eps_values) if self.eps_values else None
+        """The eps the runs are ranked at: the largest of the ranked attacks' (all eps where none is known)."""
+        values = [e for a in self.ranked for e in self.eps_of.get(a, [])] or self.eps_values
+        return max(values) if values else None
+
+    def cells(self) -> list[tuple[str, float]]:
+        """The robust columns: (attack, eps) for each attack, each of its eps."""
+        return [(attack, eps) for attack in self.attacks for eps in self.eps_of.get(attack, self.eps_values)]
 
     @property
     def missing(self) -> list[RunResult]:
@@ -88,10 +96,11 @@ class Comparison:
     def worst(self, run: RunResult) -> tuple[str, float] | None:
         """The strongest attack on ``run`` at the ranking eps and its value (the worst over attacks); ``None``
         unless every attack has a value there or the direction is unknown."""
-        if self.higher_is_better is None or not self.attacks or any(a not in run.robust for a in self.attacks):
+        attacks = self.ranked or self.attacks
+        if self.higher_is_better is None or not attacks or any(a not in run.robust for a in attacks):
             return None
         pick = min if self.higher_is_better else max
-        attack = pick(self.attacks, key=lambda a: run.robust[a])
+        attack = pick(attacks, key=lambda a: run.robust[a])
         return attack, run.robust[attack]
 
 
@@ -135,11 +144,11 @@ def _check(kind: str, asked: Sequence, found: Sequence, where: str, same=lambda 
         raise SelectionError(f"{kind} {', '.join(map(str, unknown))} not in {where}; there: {listed}")
 
 
-def _fill(run: RunResult, rows: list[dict], metric: str, attacks: list[str], eps_values: list[float],
+def _fill(run: RunResult, rows: list[dict], metric: str, eps_of: dict[str, list[float]],
           rank_eps: float | None) -> None:
     """Fill ``run`` from its rows (one split, one epoch); what is missing goes to ``run.note``."""
     for row in rows:
-        if row["metric"] == metric and row["attack"] in attacks and row["eps"] > 0:
+        if row["metric"] == metric and row["attack"] in eps_of and row["eps"] > 0:
             run.curves.setdefault(row["attack"], {})[row["eps"]] = row["value"]
             if rank_eps is not None and _same_eps(row["eps"], rank_eps):
                 run.robust[row["attack"]], run.points[row["attack"]] = row["value"], row.get("points") or ""
@@ -147,8 +156,8 @@ def _fill(run: RunResult, rows: list[dict], metric: str, attacks: list[str], eps
     run.clean = None if clean is None else clean["value"]
     run.flags = sorted({flag for r in rows for flag in (r.get("flags") or "").split(";") if flag})
     notes = [] if clean is not None else [f"no clean {metric} row"]
-    for eps in eps_values:
-        lacking = [a for a in attacks if run.value(a, eps) is None]
+    for eps in sorted({e for values in eps_of.values() for e in values}):
+        lacking = [a for a, values in eps_of.items() if eps in values and run.value(a, eps) is None]
         notes += [f"no {metric} row at eps {eps:g} for {', '.join(lacking)}"] if lacking else []
     run.note = "; ".join(notes)
 
@@ -211,18 +220,30 @@ def compare_runs(runs: str | Path | Sequence[str | Path], metric: str | None = N
     present = sorted({r["eps"] for r in found if r["eps"] > 0 and r["attack"] in attacks})
     eps_values = present if eps is None else [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
     _check("eps", eps_values, present, f"{where} for {metric} under {', '.join(attacks)}", same=_same_eps)
-    rank_eps = max(eps_values) if eps_values else None
-    for run in results:
-        if rows_of.get(run.job):
-            _fill(run, rows_of[run.job], metric, attacks, eps_values, rank_eps)
     comparison = Comparison(sweep_dir, metric, eps_values, next((r["eps_unit"] for r in found), "model"), split,
                             keys, attacks, results)
+    _threat_models(comparison, found)
+    for run in results:
+        if rows_of.get(run.job):
+            _fill(run, rows_of[run.job], metric, comparison.eps_of, comparison.eps)
     _direction(comparison, jobs, higher_is_better)
     comparison.most_robust, comparison.verdict = rank(comparison)
     for run in results:
         if run.note:
             log.warning("comparison: run %s (%s): %s", run.job, run.label, run.note)
     return comparison
+
+
+def _threat_models(comparison: Comparison, rows: list[dict]) -> None:
+    """Each attack's own eps (an L2 attack evaluated beside Linf ones has its own list), and the attacks the runs
+    are ranked by: those in the first attack's norm (a worst over attacks of different norms at one eps compares
+    nothing)."""
+    c = comparison
+    norms = {row["attack"]: row.get("norm") or "" for row in rows}
+    c.eps_of = {a: [e for e in c.eps_values if any(r["attack"] == a and _same_eps(r["eps"], e) for r in rows)]
+                for a in c.attacks}
+    c.rank_norm = norms.get(c.attacks[0], "") if c.attacks else ""
+    c.ranked = [a for a in c.attacks if norms.get(a, "") == c.rank_norm and c.eps_of[a]]
 
 
 def _direction(comparison: Comparison, jobs: list[Path], higher_is_better: bool | None) -> None:

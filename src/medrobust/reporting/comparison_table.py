@@ -20,9 +20,9 @@ def _duration(seconds: float | None) -> str:
         f"{seconds / 3600:.1f} h"
 
 
-def _cells(comparison) -> list[tuple[str, float]]:
-    """The robust columns: (attack, eps) for each attack, each eps."""
-    return [(attack, eps) for attack in comparison.attacks for eps in comparison.eps_values]
+def _ranked(c) -> str:
+    """Which attacks the worst is over, where the comparison mixes norms."""
+    return "" if c.ranked == c.attacks or not c.ranked else f"{c.rank_norm} ({', '.join(c.ranked)}) "
 
 
 def comparison_markdown(comparison) -> str:
@@ -33,7 +33,7 @@ def comparison_markdown(comparison) -> str:
     times = sorted({run.time_from for run in c.runs if run.time_from})
     lines = [f"# Clean vs robust {c.metric} ({c.split} split)", "", c.verdict, "",
              f"{where}. Robust {c.metric}: each attack's {c.metric} at each eps ({c.eps_unit} units); worst: the "
-             f"strongest attack's at eps {eps}, what the runs are ranked by; the points it was read at: "
+             f"strongest {_ranked(c)}attack's at eps {eps}, what the runs are ranked by; the points it was read at: "
              + ("; ".join(points) or "-") + ". Best epoch: the epoch of the tested weights. Run time: from "
              + (" / ".join(times) or "-") + " (the log's first to last line; file times: config to newest file).",
              ""]
@@ -42,13 +42,13 @@ def comparison_markdown(comparison) -> str:
     if c.missing:
         lines += [f"**Missing results in {len(c.missing)} of {len(c.runs)} runs:**", "",
                   *(f"- {run.label} (run {run.job}): {run.note}" for run in c.missing), ""]
-    header = [*c.keys, "run", "params", f"clean {c.metric}", *(f"{a} {c.metric} @ {e:g}" for a, e in _cells(c)),
+    header = [*c.keys, "run", "params", f"clean {c.metric}", *(f"{a} {c.metric} @ {e:g}" for a, e in c.cells()),
               f"worst {c.metric} @ {eps}", "most robust", "best epoch", "run time", "flags", "note"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in c.runs:
         worst = c.worst(run)
         cells = [*(run.settings.get(k, "-") for k in c.keys), run.job, "" if run.params is None else f"{run.params:,}",
-                 _fmt(run.clean), *(_fmt(run.value(a, e)) for a, e in _cells(c)),
+                 _fmt(run.clean), *(_fmt(run.value(a, e)) for a, e in c.cells()),
                  "" if worst is None else f"{worst[1]:.4f} ({worst[0]})", "**yes**" if run is c.most_robust else "",
                  "" if run.best_epoch is None else str(run.best_epoch), _duration(run.seconds),
                  " ".join(run.flags), run.note]
@@ -66,7 +66,7 @@ def write_markdown(comparison, path: Path) -> Path:
 def write_csv(comparison, path: Path) -> Path:
     c = comparison
     rank_eps = format_eps(c.eps or 0.0)
-    fields = [*c.keys, "run", "params", f"clean_{c.metric}", *(c.column(a, e) for a, e in _cells(c)),
+    fields = [*c.keys, "run", "params", f"clean_{c.metric}", *(c.column(a, e) for a, e in c.cells()),
               f"worst_{c.metric}_eps{rank_eps}", "strongest_attack", "most_robust", "best_epoch", "best_epoch_from",
               "run_time_s", "run_time_from", "flags", "note"]
     tmp = path.with_name(path.name + ".tmp")
@@ -75,7 +75,7 @@ def write_csv(comparison, path: Path) -> Path:
         writer.writerow(fields)
         for run in c.runs:
             worst = c.worst(run) or ("", None)
-            numbers = [run.clean, *(run.value(a, e) for a, e in _cells(c)), worst[1]]
+            numbers = [run.clean, *(run.value(a, e) for a, e in c.cells()), worst[1]]
             writer.writerow([*(run.settings.get(k, "-") for k in c.keys), run.job,
                              "" if run.params is None else run.params,
                              *("" if v is None else repr(v) for v in numbers), worst[0],

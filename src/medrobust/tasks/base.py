@@ -56,6 +56,12 @@ from medrobust.models.memory_format import apply_memory_format
 TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
 
 
+def lacking(task: Any, requires: tuple[str, ...]) -> list[str]:
+    """The members of ``requires`` (an attack's or defence's) that ``task`` (a module or its class) lacks: absent,
+    or a declared capability set False (``outputs_logits`` on a segmentation task)."""
+    return [member for member in requires if getattr(task, member, False) is False]
+
+
 def compute_metrics(collection: MetricCollection) -> dict[str, torch.Tensor]:
     """``collection.compute()`` without the metrics marked ``skip_when_empty`` that saw no samples on any rank
     (a target band without samples computes NaN). Judged on the synced value, so every rank drops the same keys."""
