@@ -24,7 +24,7 @@ from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_r
 from medrobust.evaluation.sensitivity import SensitivityCurve, check_drop, sensitivity_curve
 from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, points_note, robustness_curve
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
-from medrobust.reporting.examples import save_example_grid
+from medrobust.reporting.examples import Example, save_example_grid
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.robustness import radius_rows
 from medrobust.reporting.sensitivity import (
@@ -52,15 +52,17 @@ def _metrics_for(kind: str, metrics: dict, success: str) -> dict:
     return {name: metric for name, metric in metrics.items() if (name == success) == (kind == "success")}
 
 
-def _example(pl_module, attack, eps: float, x, x_adv, clean_output, batch, forward_context) -> tuple:
-    """``(eps, x, x_adv, masks)`` on the CPU for the example grid; ``masks``: the task's label maps or points to show
-    (ground truth, clean and adversarial prediction) and the attack's marks (its targets), ``None`` for neither."""
+def _example(pl_module, attack, eps: float, x, x_adv, clean_output, batch, forward_context) -> Example:
+    """The example grid's batch on the CPU, with the task's label maps or points (ground truth, clean and
+    adversarial prediction) and the attack's marks (its targets), and the task's captions."""
     with torch.no_grad(), forward_context():
-        masks = pl_module.example_masks(clean_output, batch, pl_module(x_adv))
+        adversarial_output = pl_module(x_adv)
+        masks = pl_module.example_masks(clean_output, batch, adversarial_output)
         marks = attack.example_marks(pl_module, clean_output, batch)
+        captions = pl_module.example_captions(clean_output, batch, adversarial_output)
     masks = {**(masks or {}), **marks} or None
     masks = None if masks is None else {name: mask.detach().cpu() for name, mask in masks.items()}
-    return eps, x.detach().cpu(), x_adv.detach().cpu(), masks
+    return Example(eps, x.detach().cpu(), x_adv.detach().cpu(), masks, captions)
 
 
 def _check_eps(eps, key: str) -> list[float]:
@@ -103,7 +105,7 @@ class Evaluation:
     without the most sensitive samples per curve attack."""
 
     rows: list[dict] = field(default_factory=list)
-    examples: dict = field(default_factory=dict)  # attack -> (eps, x, x_adv, masks): first batch, largest eps
+    examples: dict[str, Example] = field(default_factory=dict)  # attack -> its first batch at its largest eps
     radii: dict[str, torch.Tensor] = field(default_factory=dict)
     probe_batch: tuple | None = None
     points: dict[str, str] = field(default_factory=dict)
@@ -457,10 +459,10 @@ class RobustnessEvaluation(Callback):
     @rank_zero_only
     def _write_examples(self, trainer: Trainer, split: str) -> None:
         examples = self.last.examples if self.last else {}
-        for label, (eps, x, x_adv, masks) in examples.items():
-            path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(eps)}.png"
-            save_example_grid(x, x_adv, path, title=f"{split}: {label} at eps={eps:g} ({self.eps_unit} units)",
-                              masks=masks)
+        for label, example in examples.items():
+            path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(example.eps)}.png"
+            save_example_grid(example.x, example.x_adv, path, masks=example.masks, captions=example.captions,
+                              title=f"{split}: {label} at eps={example.eps:g} ({self.eps_unit} units)")
         log_examples_to_wandb(trainer.loggers, examples, split, trainer.lightning_module.class_names, self.eps_unit)
 
     @rank_zero_only

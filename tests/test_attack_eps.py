@@ -56,7 +56,8 @@ def test_an_attack_with_its_own_eps_gets_the_rows_of_its_own_evaluation(module_a
     result = alone.evaluate(module, batches, split="val", epoch=0, max_batches=None)
     mine = {(r["eps"], r["metric"]): r["value"] for r in rows if r["attack"] == "pgd3_l2"}
     assert mine == {(r["eps"], r["metric"]): r["value"] for r in result.rows}  # same seeds, same draws
-    eps, x, x_adv, _ = found.examples["pgd3_l2"]
+    example = found.examples["pgd3_l2"]
+    eps, x, x_adv = example.eps, example.x, example.x_adv
     assert eps == 0.5
     assert (x_adv - x).flatten(1).norm(dim=1).max().item() <= 0.5 + 1e-5  # within its own L2 budget
     assert both.state_key != RobustnessEvaluation({"pgd": PGD(steps=3), "pgd_l2": PGD(norm="l2", steps=3)},

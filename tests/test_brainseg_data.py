@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from medrobust.runner import build_net
 
 from conftest import compose_config
 from medrobust.data.brain_phantom import NATIVE_WINDOW, TISSUE_LABELS
@@ -146,7 +147,7 @@ def test_config_class_names_match_the_data_and_models_give_dense_logits(dims, tm
         assert isinstance(dm, BrainSegDataModule) and dm.spatial_dims == dims and dm.num_classes == cfg.num_outputs
         # 3-D learns the CSF only at the higher rate, in the epochs that fit its run time (${by_dims:...})
         assert (cfg.module.optimizer.lr, cfg.trainer.max_epochs) == ((0.003, 12) if dims == 2 else (0.01, 10))
-        net = instantiate(cfg.model).eval()
+        net = build_net(cfg).eval()
         with torch.no_grad():
             assert net(torch.rand(1, 1, *(32,) * dims)).shape == (1, 5, *(32,) * dims)
 

@@ -143,8 +143,14 @@ def test_eps_in_hounsfield_units_equals_the_same_eps_in_model_units(tiny, tmp_pa
         evaluation = RobustnessEvaluation([FGSM()], eps=[eps], eps_unit=unit)
         result = evaluation.evaluate(module, loader, split="val", epoch=0, max_batches=2)
         rows[unit] = [r["value"] for r in result.rows]
-        _, x, x_adv, masks = result.examples["fgsm_linf"]
-        assert masks is None  # a classifier has no label maps to show
+        example = result.examples["fgsm_linf"]
+        x, x_adv, masks = example.x, example.x_adv, example.masks
+        assert masks is None  # a classifier has no label maps to show: its captions name the classes
+        with torch.no_grad():
+            clean = module.eval()(x).softmax(dim=1)
+        assert [c.split("\n")[:2] for c in example.captions] == [
+            [f"true {module.class_names[y]}", f"clean {module.class_names[int(p.argmax())]} {float(p.max()):.2f}"]
+            for y, p in zip(next(iter(loader))["label"].tolist(), clean)]
         assert (x_adv - x).abs().max().item() == pytest.approx(0.004, rel=1e-4)  # FGSM moves by exactly eps
     assert rows["native"] == pytest.approx(rows["model"], abs=1e-6)
     assert len(rows["model"]) == 2 * 4  # eps 0 and 0.004, four metrics

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from medrobust.tasks.base import lacking
 from medrobust.reporting import read_csv
-from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
+from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_net, build_trainer
 from conftest import CONF, DEBUG, compose_config
 
 
@@ -182,11 +182,10 @@ def test_every_model_runs_2d_and_3d(model, tmp_path):
     """Each image-only model config builds for 2-D and 3-D input and gives logits (B, num_outputs): one row per
     image, or (dense models) one map per image like the input."""
     import torch
-    from hydra.utils import instantiate
 
     for dims, shape in ((2, (2, 1, 32, 32)), (3, (2, 1, 32, 32, 32))):
         cfg = compose_config("train", [f"model={model}", f"data.spatial_dims={dims}"], tmp_path)
-        net = instantiate(cfg.model).eval()
+        net = build_net(cfg).eval()
         with torch.no_grad():
             out = net(torch.rand(shape))
         assert out.shape[:2] == (2, cfg.num_outputs) and out.shape[2:] in ((), shape[2:])

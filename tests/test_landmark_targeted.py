@@ -144,7 +144,8 @@ def test_an_evaluation_reports_the_success_rate_and_target_error_at_each_eps(tmp
     header = next(line for line in table if line.startswith("| attack"))
     clean = next(line for line in table if line.startswith("| clean"))
     assert header.endswith("| target_success |") and clean.endswith("|  |  |")  # no target at eps 0: blank cells
-    eps, x_shown, x_adv, marks = result.examples[attack.label]  # the largest eps, drawn with the targets named
+    example = result.examples[attack.label]
+    eps, x_shown, x_adv, marks = example.eps, example.x, example.x_adv, example.masks  # the largest eps, drawn with the targets named
     assert set(marks) == {"ground truth", "clean prediction", "adversarial prediction", "targets"}
     assert marks["targets"].point_names == ("AC target",) and marks["targets"].shape == (4, 1, 2)
     assert torch.allclose(marks["targets"][:, 0, 0], marks["clean prediction"][:, 0, 0] + 4.0 / SPACING[0])

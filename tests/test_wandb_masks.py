@@ -13,6 +13,7 @@ from PIL import Image
 
 from medrobust.reporting.loggers import wandb_logger
 from medrobust.reporting.wandb_examples import log_examples_to_wandb
+from medrobust.reporting.examples import Example
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
 from conftest import compose_config
 
@@ -77,14 +78,19 @@ def test_masks_are_the_grids_planes_with_the_class_names(tmp_path, monkeypatch):
     adversarial = torch.zeros_like(truth)
     adversarial[:, :, :, 6] = 2  # column 6 on every slice
     masks = {"ground truth": truth, "clean prediction": clean, "adversarial prediction": adversarial}
-    # a classifier's example has no masks: nothing of it goes to W&B
-    examples = {"segpgd_linf": (0.004, x, x + 0.004, masks), "fgsm_linf": (0.004, x, x + 0.004, None)}
+    # a classifier's example has captions (its predicted classes), no masks; one with neither is not logged
+    captions = ["true benign\nclean benign 0.90\nadv malignant 0.60", "true malignant\nclean malignant 0.70\nadv benign 0.55"]
+    examples = {"segpgd_linf": Example(0.004, x, x + 0.004, masks), "pgd10_linf": Example(0.004, x, x + 0.004, None),
+                "fgsm_linf": Example(0.004, x, x + 0.004, None, captions)}
     logger = wandb_logger(offline=None, save_dir=str(tmp_path), project="medrobust-test")
     log_examples_to_wandb([logger], examples, "test", ["background", "nodule", "vessel"])
     logger.experiment.finish()
 
     history, config, files = _offline_run(tmp_path)
-    assert not any(key.startswith("examples/test_fgsm_linf") for key in history)
+    assert not any(key.startswith("examples/test_pgd10_linf") for key in history)
+    assert history["examples/test_fgsm_linf/captions"] == [
+        "fgsm_linf at eps=0.004 (model): sample 0, slice 2: true benign, clean benign 0.90, adv malignant 0.60",
+        "fgsm_linf at eps=0.004 (model): sample 1, slice 2: true malignant, clean malignant 0.70, adv benign 0.55"]
     logged = "examples/test_segpgd_linf"
     assert history[f"{logged}/count"] == 2
     assert history[f"{logged}/captions"] == ["segpgd_linf at eps=0.004 (model): sample 0, slice 1",
@@ -138,7 +144,7 @@ def test_landmarks_are_named_boxes_on_the_grids_plane(tmp_path, monkeypatch):
     targets = PointSet(truth[:, :1] + torch.tensor([0.0, 2.0, 0.0]), ["AC target"])
     masks = {"ground truth": truth, "clean prediction": clean, "targets": targets}
     logger = wandb_logger(offline=None, save_dir=str(tmp_path), project="medrobust-test")
-    log_examples_to_wandb([logger], {"pgd10_linf": (0.004, x, x, masks)}, "test")
+    log_examples_to_wandb([logger], {"pgd10_linf": Example(0.004, x, x, masks)}, "test")
     logger.experiment.finish()
 
     history, config, files = _offline_run(tmp_path)

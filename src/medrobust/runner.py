@@ -9,9 +9,10 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medrobust.allocator import keep_large_blocks
+from medrobust.models.pretrained import load_pretrained
 from medrobust.reporting.atomic import write_text_atomic
 from medrobust.resolvers import register_resolvers
 
@@ -26,9 +27,40 @@ def build_data_and_module(cfg: DictConfig):
     # plain lists and dicts, not OmegaConf containers: hyperparameters land in checkpoints, which torch.load
     # (weights_only) reads back only when they hold plain types
     datamodule = instantiate(cfg.data, _convert_="all")
-    net = instantiate(cfg.model, _convert_="all")
+    take_from_data(cfg, datamodule)
+    net = build_net(cfg)
     module = instantiate(cfg.module, net=net, _convert_="all")
     return datamodule, module
+
+
+def build_net(cfg: DictConfig, load_weights: bool = True):
+    """The network of ``cfg.model``, with ``model.weights`` (a pretrained state dict on disk) loaded when set and
+    ``load_weights``."""
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    weights = spec.pop("weights", None)
+    net = instantiate(spec, _convert_="all")
+    if weights and load_weights:
+        load_pretrained(net, weights)
+    return net
+
+
+def take_from_data(cfg: DictConfig, datamodule) -> None:
+    """Settings a task leaves ``null`` for its data to give (``task=classify``: the classes and the channels the files
+    have), filled in ``cfg`` before the network and module are built, so config.yaml records them."""
+    with open_dict(cfg):
+        if "num_classes" in cfg.module and cfg.module.num_classes is None:
+            cfg.module.num_classes = len(_data_fact(datamodule, "class_names", "module.num_classes"))
+        if "class_names" in cfg.module and cfg.module.class_names is None and getattr(datamodule, "class_names", None):
+            cfg.module.class_names = list(datamodule.class_names)
+        if "in_channels" in cfg and cfg.in_channels is None:
+            cfg.in_channels = int(_data_fact(datamodule, "in_channels", "in_channels"))
+
+
+def _data_fact(datamodule, name: str, key: str):
+    if getattr(datamodule, name, None) is None:
+        raise ValueError(f"{key} is null (to come from the data), but {type(datamodule).__name__} gives no {name}; "
+                         f"set {key} in the config")
+    return getattr(datamodule, name)
 
 
 def _enabled(node) -> bool:

@@ -102,13 +102,13 @@ def task_metric(job: Path) -> str | None:
 
 def build_net(job: Path):
     """The run's network from its config (``None`` where it cannot be built)."""
-    from hydra.utils import instantiate
+    from medrobust.runner import build_net as build
 
     cfg = run_config(job)
     if cfg is None or OmegaConf.select(cfg, "model._target_") is None:
         return None
     try:
-        return instantiate(cfg.model, _convert_="all")
+        return build(cfg, load_weights=False)  # the parameter count needs no pretrained weights
     except Exception as error:  # a model needing data or a missing package: the table says n/a, not fail
         log.warning("comparison: cannot build the model of %s: %s", job, error)
         return None

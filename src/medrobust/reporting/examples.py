@@ -4,6 +4,7 @@ label maps (ground truth, clean and adversarial predictions) over the clean imag
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,18 @@ MASK_COLOURS = "tab10"  # label value k -> colour k (mod 10); 0 (background) is 
 EXAMPLES_SHOWN = 6  # samples per example grid (and W&B images per grid)
 POINT_STYLES = (("o", "#00e000"), ("+", "#00bfff"), ("x", "#ff3030"), ("^", "#ffb000"))  # marker, colour per set
 POINTS_ROW = "landmarks"
+
+
+@dataclass
+class Example:
+    """An attack's example batch, on the CPU: the eps, clean and adversarial images ``(B, C, *spatial)``, what the
+    grid draws over them (``masks``: label maps, points) and one caption per sample under them."""
+
+    eps: float
+    x: torch.Tensor
+    x_adv: torch.Tensor
+    masks: dict | None = None
+    captions: list[str] | None = None
 
 
 def display_index(spatial: tuple[int, ...], mask: torch.Tensor | None = None) -> tuple[int, ...]:
@@ -61,6 +74,7 @@ def save_example_grid(
     title: str,
     n: int = EXAMPLES_SHOWN,
     masks: dict[str, torch.Tensor] | None = None,
+    captions: list[str] | None = None,
 ) -> Path:
     """Rows: clean, adversarial, perturbation (amplified to the full colour range, 0 = grey), then one row per
     label map in ``masks``, drawn over the clean image, and one row with every point set in ``masks`` over it.
@@ -73,6 +87,7 @@ def save_example_grid(
             the first set's points labelled with its ``point_names``; in volumes they are projected onto the slice.
             Volumes show, per sample, the slice (first spatial axis) with the most foreground in the first map, or
             through the median of the first point set.
+        captions: optional text per sample, written under its column (the true and predicted classes).
     """
     masks = dict(masks or {})
     for name, mask in masks.items():
@@ -95,7 +110,8 @@ def save_example_grid(
         axes[0, i].imshow(clean, cmap="gray", vmin=low, vmax=high)
         axes[1, i].imshow(adv, cmap="gray", vmin=low, vmax=high)
         axes[2, i].imshow(delta, cmap="seismic", vmin=-scale, vmax=scale)
-        axes[2, i].set_xlabel(f"max {scale:.2g}" + (f", slice {index[0]}" if index else ""), fontsize=7)
+        caption = f"{captions[i]}\n" if captions else ""
+        axes[2, i].set_xlabel(caption + f"max {scale:.2g}" + (f", slice {index[0]}" if index else ""), fontsize=7)
         for row, mask in enumerate(masks.values(), start=3):
             labels = _plane(mask[i], index)
             axes[row, i].imshow(clean, cmap="gray", vmin=low, vmax=high)

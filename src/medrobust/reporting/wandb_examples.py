@@ -21,10 +21,11 @@ def mask_key(name: str) -> str:
 
 
 def mask_images(x: torch.Tensor, masks: dict[str, torch.Tensor], class_names: Sequence[str] | None = None,
-                caption: str = "", n: int = EXAMPLES_SHOWN) -> list:
+                caption: str = "", n: int = EXAMPLES_SHOWN, captions: Sequence[str] | None = None) -> list:
     """``wandb.Image`` per sample among the first ``n`` of ``x`` ``(B, C, *spatial)`` (first channel), with every
     label map of ``masks`` (name -> ``(B, *spatial)``) as a mask and every :class:`PointSet` ``(B, K, D)`` as boxes
-    captioned with the point names. ``class_names[k]`` names label value ``k`` (default ``class_k``)."""
+    captioned with the point names. ``class_names[k]`` names label value ``k`` (default ``class_k``); ``captions``:
+    a line per sample (the predicted classes) added to its caption."""
     import wandb
 
     points = {name: mask for name, mask in masks.items() if isinstance(mask, PointSet)}
@@ -36,6 +37,7 @@ def mask_images(x: torch.Tensor, masks: dict[str, torch.Tensor], class_names: Se
     for i, index in enumerate(planes):
         grey = (x[i, 0][index].detach().float().cpu().numpy() - low) / ((high - low) or 1.0)
         where = f"sample {i}" + (f", slice {index[0]}" if index else "")
+        where += (": " + captions[i].replace("\n", ", ")) if captions else ""
         images.append(wandb.Image(
             np.round(grey * 255).astype(np.uint8),
             masks={mask_key(name): _mask_entry(mask[i][index], class_names, i) for name, mask in maps.items()} or None,
@@ -71,14 +73,16 @@ def _point_boxes(points: PointSet, leading: int) -> dict:
 
 def log_examples_to_wandb(loggers, examples: dict, split: str, class_names: Sequence[str] | None = None,
                           eps_unit: str = "model") -> None:
-    """``examples/<split>_<attack>``: the mask images of each attack's example (``attack -> (eps, x, x_adv,
-    masks)``, as ``RobustnessEvaluation`` keeps them) to every ``WandbLogger`` among ``loggers``. A no-op without
-    W&B, and for examples without label maps or points (classification and regression keep their PNG grids only)."""
+    """``examples/<split>_<attack>``: the images of each attack's example (``attack ->``
+    :class:`~medrobust.reporting.examples.Example`, as ``RobustnessEvaluation`` keeps them) to every ``WandbLogger``
+    among ``loggers``, with their label maps, points or captions (predicted classes). A no-op without W&B, and for
+    examples with none of them."""
     from lightning.pytorch.loggers import WandbLogger
 
     wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger)]
-    payload = {f"examples/{split}_{label}": mask_images(x, masks, class_names, f"{label} at eps={eps:g} ({eps_unit})")
-               for label, (eps, x, _, masks) in examples.items() if masks}
+    payload = {f"examples/{split}_{label}": mask_images(e.x, e.masks or {}, class_names,
+                                                        f"{label} at eps={e.eps:g} ({eps_unit})", captions=e.captions)
+               for label, e in examples.items() if e.masks or e.captions}
     if not (wandb_loggers and payload):
         return
     for logger in wandb_loggers:

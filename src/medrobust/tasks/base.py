@@ -16,6 +16,8 @@ Attacks and callbacks talk to a task module through these members, so one callba
 ``input_bounds``                    ``(low, high)`` of valid inputs, or ``None`` when unbounded
 ``intensity``                       native units (HU, raw MR) -> model units, for eps in native units
 ``train_objective``                 ``(module, batch) -> loss``; clean by default, replaced by adversarial training
+``example_masks`` / ``example_captions(output, batch, adversarial_output)``  what the example grids draw over
+                                    the images (label maps, points) and write under them (predicted classes)
 ``on_clean_validation(values)``     hook with the rank-reduced clean validation metrics, once per validation
                                     (``finish_clean_validation``): e.g. segmentation's tau from the clean Dice
 
@@ -37,8 +39,8 @@ guess them from names):
                                     metric with a ``higher_is_better`` direction (a metric the loss does not drive,
                                     such as segmentation's false-positive volume, may be beaten by a weaker attack
                                     without saying anything about the attack's strength)
-``class_names = None``              names of the label values of dense label maps (segmentation), for the masks of
-                                    the W&B example images; ``None``: no label maps, no masks
+``class_names = None``              names of the label values (segmentation's label maps, classification's classes),
+                                    for the example images' masks and captions; ``None``: the values themselves
 """
 
 from __future__ import annotations
@@ -168,6 +170,12 @@ class RobustTask(L.LightningModule):
     def example_masks(self, output: Any, batch: dict, adversarial_output: Any) -> dict[str, torch.Tensor] | None:
         """Label maps ``(B, *spatial)`` the example grids overlay on the images (name -> map), from the clean and
         adversarial outputs of one batch; ``None``: the task has none (classification, regression)."""
+        return None
+
+    def example_captions(self, output: Any, batch: dict, adversarial_output: Any) -> list[str] | None:
+        """One caption per sample under the example grids' images: the truth and the clean and adversarial
+        predictions, where a task's output says it in words or numbers (a class and its probability, an age);
+        ``None``: none (the label maps or points say it)."""
         return None
 
     def clean_metrics(self) -> dict:

@@ -30,9 +30,13 @@ class ClassificationTask(RobustTask):
 
     bounded_metrics = ("accuracy", "auroc", "sensitivity", "specificity")
 
-    def __init__(self, net, num_classes: int = 2, label_smoothing: float = 0.0, **kwargs) -> None:
+    def __init__(self, net, num_classes: int = 2, label_smoothing: float = 0.0, class_names: list[str] | None = None,
+                 **kwargs) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"module.class_names must name each of the {num_classes} classes, got {class_names!r}")
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.num_classes = num_classes
@@ -54,6 +58,17 @@ class ClassificationTask(RobustTask):
                           ) -> torch.Tensor:
         """``KL(softmax(clean) || softmax(adversarial))`` per sample, summed over the classes (TRADES' term)."""
         return softmax_kl(clean_output, adversarial_output)
+
+    def example_captions(self, output: torch.Tensor, batch: dict, adversarial_output: torch.Tensor) -> list[str]:
+        """``true <class>``, then the clean and adversarial prediction with its probability, per sample."""
+        names = self.class_names or [str(k) for k in range(self.num_classes)]
+        clean, adversarial = output.float().softmax(dim=1), adversarial_output.float().softmax(dim=1)
+        lines = []
+        for label, p_clean, p_adv in zip(batch[self.label_key].tolist(), clean, adversarial):
+            (c_prob, c_class), (a_prob, a_class) = (p.max(dim=0) for p in (p_clean, p_adv))
+            lines.append(f"true {names[label]}\nclean {names[int(c_class)]} {float(c_prob):.2f}\n"
+                         f"adv {names[int(a_class)]} {float(a_prob):.2f}")
+        return lines
 
     def robust_metrics(self) -> dict:
         if self.num_classes == 2:

@@ -122,6 +122,12 @@ class RegressionTask(RobustTask):
     def is_correct(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.error(output, batch).abs() <= self.tau
 
+    def example_captions(self, output: torch.Tensor, batch: dict, adversarial_output: torch.Tensor) -> list[str]:
+        """The target, and the clean and adversarial predictions, per sample."""
+        values = zip(batch[self.label_key].float().tolist(), self.prediction(output, batch).tolist(),
+                     self.prediction(adversarial_output, batch).tolist())
+        return [f"true {t:.1f}\nclean {c:.1f}\nadv {a:.1f}" for t, c, a in values]
+
     def correct_margin(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.tau - self.error(output, batch).abs()
 
