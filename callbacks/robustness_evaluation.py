@@ -10,33 +10,23 @@ from typing import Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
+from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics import MeanMetric
 
 from medrobust.attacks.core.base import CurveAttack, Perturbation
 from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
-from medrobust.datamodules.base import SplitDataModule
 from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.gather import gather_in_order
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
 from medrobust.evaluation.sensitivity import SensitivityCurve, check_drop, sensitivity_curve
-from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, points_note, robustness_curve
-from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
-from medrobust.reporting.examples import Example, save_example_grid
-from medrobust.reporting.radii import plot_radii
+from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, robustness_curve
+from medrobust.callbacks.evaluation_files import write_examples, write_files, write_summary
+from medrobust.reporting import format_eps
+from medrobust.reporting.examples import Example
 from medrobust.reporting.robustness import radius_rows
-from medrobust.reporting.sensitivity import (
-    SECTION,
-    SECTION_ORDER,
-    main_rows,
-    plot_sensitivity,
-    sensitivity_markdown,
-    sensitivity_rows,
-)
-from medrobust.reporting.wandb_examples import log_examples_to_wandb
-from medrobust.reporting.wandb_tables import log_robustness_to_wandb
+from medrobust.reporting.sensitivity import sensitivity_rows
 from medrobust.tasks.base import compute_metrics, lacking, metric_collection
 
 log = logging.getLogger("medrobust")
@@ -264,8 +254,8 @@ class RobustnessEvaluation(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._run(trainer, pl_module, trainer.test_dataloaders, "test", self.test_max_batches)
-        self._write_examples(trainer, "test")
-        self._write_summary(trainer)
+        write_examples(self, trainer, "test")
+        write_summary(self, trainer)
 
     def _run(self, trainer, pl_module, loaders, split: str, max_batches: int | None) -> None:
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
@@ -292,7 +282,7 @@ class RobustnessEvaluation(Callback):
                                 norm=self.attacks[label].norm, eps_unit="model")
         self.history = [r for r in self.history if not (r["split"] == split and r["epoch"] == epoch)] + rows
         if trainer.is_global_zero:
-            self._write_files(trainer, split)
+            write_files(self, trainer, split)
 
     def _sensitivity_rows(self, pl_module, result: Evaluation, split: str, epoch: int) -> list[dict]:
         """Rows of the accuracy without the most sensitive samples; the curves kept on ``result`` for the files."""
@@ -436,56 +426,3 @@ class RobustnessEvaluation(Callback):
                     for metric, (value, points) in values.items()
                 )
         return result
-
-    # -- files (rank 0) -------------------------------------------------------------------------
-    @rank_zero_only
-    def _write_files(self, trainer: Trainer, split: str) -> None:
-        out = self.run_dir(trainer)
-        write_csv(self.history, out / "robustness.csv")
-        module = trainer.lightning_module
-        extra = [name for attack in self.attacks.values() for name in attack.extra_metrics]
-        plot_curves(main_rows(self.history), out / "curves", split=split,
-                    prefix="" if split == "val" else f"{split}_",
-                    metrics=None if module.curve_metrics is None else [*module.curve_metrics, *extra],
-                    bounded=module.bounded_metrics)
-        epoch = self.history[-1]["epoch"]
-        log_robustness_to_wandb(trainer.loggers, self.history, split,
-                                flags=[flag.name for flag in self.flags.get((split, epoch), [])])
-        for label, values in (self.last.radii if self.last else {}).items():
-            plot_radii(out, label, split, epoch, values.cpu())
-        for label, curve in (self.last.sensitivity if self.last else {}).items():
-            plot_sensitivity(out, label, split, epoch, curve, self.eps_unit)
-
-    @rank_zero_only
-    def _write_examples(self, trainer: Trainer, split: str) -> None:
-        examples = self.last.examples if self.last else {}
-        for label, example in examples.items():
-            path = self.run_dir(trainer) / "examples" / f"{split}_{label}_eps{format_eps(example.eps)}.png"
-            save_example_grid(example.x, example.x_adv, path, masks=example.masks, captions=example.captions,
-                              title=f"{split}: {label} at eps={example.eps:g} ({self.eps_unit} units)")
-        log_examples_to_wandb(trainer.loggers, examples, split, trainer.lightning_module.class_names, self.eps_unit)
-
-    @rank_zero_only
-    def _write_summary(self, trainer: Trainer) -> None:
-        net = getattr(trainer.lightning_module, "net", None)
-        notes = [f"Model: {type(net).__name__}"] if net is not None else []
-        notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
-        if isinstance(trainer.datamodule, SplitDataModule):
-            notes += trainer.datamodule.summary_notes("test")
-        success = trainer.lightning_module.success_metric
-        history = main_rows(self.history)  # the sensitivity rows have a section of their own
-        points = {row["attack"]: row["points"] for row in history  # what the non-success metrics were read at
-                  if row["split"] == "test" and row["metric"] != success and row.get("points") not in (None, "", CLEAN)}
-        notes += ["", points_note(points, success)] if points else []
-        test_flags = [flags for (split, _), flags in self.flags.items() if split == "test" and flags]
-        warnings = []
-        if test_flags:
-            warnings = ["**Gradient masking suspected: these numbers may overstate robustness.**\n" +
-                        "\n".join(f"- {flag.name}: {flag.message}" for flag in test_flags[-1])]
-        text = summary_markdown(history, "test", title="Robustness summary", notes=notes, warnings=warnings,
-                                success_metric=success, shift_metric=trainer.lightning_module.shift_metric)
-        path = write_summary_section(self.run_dir(trainer), "robustness", text)
-        if self.last is not None and self.last.sensitivity:
-            text = sensitivity_markdown(self.last.sensitivity, "test", self.last.rows[0]["epoch"], self.eps_unit)
-            write_summary_section(self.run_dir(trainer), SECTION, text, order=SECTION_ORDER)
-        log.info("robustness summary written to %s", path)
