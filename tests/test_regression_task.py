@@ -52,6 +52,15 @@ def test_metrics_known_values():
     assert "shift_50-65" not in values  # no subject in the band: skipped, not NaN
 
 
+def test_a_model_gone_to_nan_shows_nan_metrics_instead_of_dropping_them():
+    """Only a band without samples is dropped; NaN predictions of samples give NaN values the run reports."""
+    metrics = metric_collection(regression_metrics(tau=3.0, bands=parse_bands([15, 25])))
+    metrics.update(torch.tensor([[math.nan, 20.0], [math.nan, 21.0]]), torch.tensor([20.0, 22.0]))
+    values = compute_metrics(metrics)
+    assert math.isnan(values["mae"]) and math.isnan(values["shift_15-25"])
+    assert "shift_lt15" not in values and "shift_gt25" not in values
+
+
 def test_bands_stay_separate_across_batches():
     """Two bands empty after the first batch must not be merged (torchmetrics compute groups)."""
     metrics = metric_collection({"a": MeanShift(0, 10), "b": MeanShift(10, 20)})

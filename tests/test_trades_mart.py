@@ -230,3 +230,15 @@ def test_mart_fits_a_classifier_and_refuses_a_regressor_at_setup(tiny_for, tmp_p
     with pytest.raises(TypeError, match=r"AdversarialTraining \(mart\) needs a task module with `outputs_logits`; "
                                         r"BrainAgeTask declares it False"):
         _fit([*tiny_for("brainage"), "adv=mart"], tmp_path / "brainage")
+
+
+def test_requires_counts_declared_capabilities_by_value_and_other_members_by_presence():
+    """``outputs_logits = False`` (a declared capability) lacks what MART needs; ``include_background = False`` (a
+    setting) is still there for the attacks that read it."""
+    from medrobust.tasks.base import lacking
+
+    class Dense:
+        outputs_logits = False
+        include_background = False
+
+    assert lacking(Dense, ("outputs_logits", "include_background", "prediction")) == ["outputs_logits", "prediction"]

@@ -58,20 +58,33 @@ from medrobust.models.memory_format import apply_memory_format
 TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
 
 
+CAPABILITIES = ("outputs_logits",)  # declared booleans that ``requires`` may name: False means lacking
+
+
 def lacking(task: Any, requires: tuple[str, ...]) -> list[str]:
     """The members of ``requires`` (an attack's or defence's) that ``task`` (a module or its class) lacks: absent,
-    or a declared capability set False (``outputs_logits`` on a segmentation task)."""
-    return [member for member in requires if getattr(task, member, False) is False]
+    or a declared capability (:data:`CAPABILITIES`) set False (``outputs_logits`` on a segmentation task). Other
+    members count by presence alone (``include_background`` may be False and still there)."""
+    return [member for member in requires
+            if not hasattr(task, member) or (member in CAPABILITIES and getattr(task, member) is False)]
 
 
 def compute_metrics(collection: MetricCollection) -> dict[str, torch.Tensor]:
     """``collection.compute()`` without the metrics marked ``skip_when_empty`` that saw no samples on any rank
-    (a target band without samples computes NaN). Judged on the synced value, so every rank drops the same keys."""
+    (a target band without samples computes NaN). A NaN from samples (a model gone to NaN) stays, for the run to
+    show. Judged on synced values, so every rank drops the same keys (and syncs in the same order)."""
     values = collection.compute()
     prefix = collection.prefix or ""
-    optional = {prefix + name for name, metric in collection.items(keep_base=True)
-                if getattr(metric, "skip_when_empty", False)}
-    return {name: value for name, value in values.items() if not (name in optional and torch.isnan(value))}
+    empty = {prefix + name for name, metric in collection.items(keep_base=True)
+             if getattr(metric, "skip_when_empty", False) and torch.isnan(values[prefix + name])
+             and _empty_on_every_rank(metric)}
+    return {name: value for name, value in values.items() if name not in empty}
+
+
+def _empty_on_every_rank(metric) -> bool:
+    """A ``skip_when_empty`` metric's ``is_empty()`` on its states summed over the ranks."""
+    with metric.sync_context():
+        return bool(metric.is_empty())
 
 
 def metric_collection(metrics: dict, prefix: str | None = None) -> MetricCollection:

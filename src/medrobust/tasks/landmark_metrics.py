@@ -181,8 +181,11 @@ class LossThreshold(Metric):
         _check(preds, target)
         self.losses.append(target.loss.detach().double().flatten())
 
+    def is_empty(self) -> bool:
+        return dim_zero_cat(self.losses).numel() == 0 if not isinstance(self.losses, list) or self.losses else True
+
     def compute(self) -> Tensor:
-        if isinstance(self.losses, list) and not self.losses:
+        if self.is_empty():
             return torch.tensor(math.nan)
         return torch.tensor(loss_threshold(dim_zero_cat(self.losses)), dtype=torch.float32)
 
