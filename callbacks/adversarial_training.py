@@ -77,6 +77,9 @@ class AdversarialTraining(Callback):
             raise ValueError(f"adv.guard_drop must be in (0, 1], got {guard_drop!r}")
         if guard_action not in GUARD_ACTIONS:
             raise ValueError(f"adv.guard_action must be one of {GUARD_ACTIONS}, got {guard_action!r}")
+        if getattr(attack, "norm", None) == "l0":  # JSMA: a count of changed values, minutes per batch
+            raise ValueError(f"adv.attack: {attack.label} is an L0 attack (its eps counts changed input values); "
+                             f"adversarial training takes Linf, L2 or L1 attacks (e.g. adv=pgd)")
         self.defense = _defense_from(defense, adv_fraction=adv_fraction, clean_weight=clean_weight,
                                      adv_weight=adv_weight)
         self.attack = attack

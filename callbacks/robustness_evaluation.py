@@ -178,6 +178,10 @@ class RobustnessEvaluation(Callback):
         if len(set(labels)) != len(labels):
             raise ValueError(f"eval.attacks must have distinct names, got {labels}")
         self.attacks = dict(zip(labels, attack_list))
+        for label, attack in self.attacks.items():
+            if attack.norm == "l0" and eps_unit != "model":
+                raise ValueError(f"eval.eps_unit={eps_unit!r}: {label} counts changed input values (L0), which have "
+                                 f"no native or range units; use eval.eps_unit=model")
         names = dict(zip(attacks, labels)) if isinstance(attacks, Mapping) else {label: label for label in labels}
         self.attack_eps = _attack_eps(attack_eps, names)
         self.sensitivity_drop = _check_sensitivity(sensitivity_drop, self.attacks, eps_unit)

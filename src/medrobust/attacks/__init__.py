@@ -3,7 +3,7 @@
 - ``core``: the threat model, the model session, batches, best-point tracking, objective adapters, the
   :class:`Attack` base class (what an attack declares);
 - ``gradient``: FGSM, PGD, APGD; ``minimum_norm``: FMN, DeepFool, C&W; ``black_box``: Square;
-  ``group``: universal perturbations;
+  ``group``: universal perturbations; ``sparse``: JSMA (L0, changed input values);
 - task families, for attacks that only make sense there: ``classification`` (targeted attacks, the
   convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG, SegPGD, CosPGD, the
   lowest-Dice ensemble), ``landmarks`` (the targeted landmark attack).
@@ -59,6 +59,7 @@ from medrobust.attacks.segmentation.cospgd import CosPGD, cospgd_attack
 from medrobust.attacks.segmentation.dag import DAG, dag_attack
 from medrobust.attacks.segmentation.ensemble import SegEnsemble, seg_ensemble_attack
 from medrobust.attacks.segmentation.segpgd import SegPGD, segpgd_attack
+from medrobust.attacks.sparse.jsma import JSMA, jsma_attack
 from medrobust.losses.classification import dlr_loss, margin_loss, targeted_dlr_loss
 
 # names that moved to medrobust.evaluation, resolved on first use: the evaluation imports the attacks, so an
@@ -81,12 +82,12 @@ def __getattr__(name: str):
 __all__ = [
     "APGD", "Attack", "AttackResult", "BiasField", "CORRUPTIONS", "CWL2", "Cascade", "ClassifierObjective",
     "Corruption", "CosPGD", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS",
-    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "LandmarkAimObjective", "LandmarkTargeted", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
+    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "JSMA", "LandmarkAimObjective", "LandmarkTargeted", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
     "PGD", "RicianNoise", "SUITES", "SegEnsemble", "SegPGD", "ShiftObjective", "Square", "Targeted",
     "TargetedObjective", "ThreatModel", "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve",
     "batch_view", "build_suite", "check_rows", "cospgd_attack", "cw_l2_attack", "dag_attack", "deepfool_attack",
     "directional_attack", "dlr_loss", "fgsm", "fgsm_attack", "fit_universal_perturbation", "fmn_attack",
-    "index_batch", "margin_loss", "minimal_perturbation", "pgd", "pgd_attack", "pick_targets", "probe_model",
+    "index_batch", "jsma_attack", "margin_loss", "minimal_perturbation", "pgd", "pgd_attack", "pick_targets", "probe_model",
     "resolve_eps", "robust_accuracy", "seg_ensemble_attack", "segpgd_attack", "square_attack", "targeted_dlr_loss",
     "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
 ]
