@@ -101,6 +101,7 @@ def test_comparison_gives_each_attack_its_eps_and_ranks_by_the_first_attacks_nor
     assert c.eps == 0.008 and c.ranked == ["pgd10_linf"]
     assert c.most_robust.label == "adv=pgd"
     assert c.worst(c.most_robust) == ("pgd10_linf", 0.6)
+    assert c.headline_eps("pgd10_l2") == 1.0 and c.most_robust.robust == {"pgd10_linf": 0.6, "pgd10_l2": 0.2}
     text = comparison_markdown(c)
     assert "strongest linf (pgd10_linf) attack's at eps 0.008" in text
     assert "pgd10_l2 dice @ 1" in text and "0.4000" in text

@@ -35,7 +35,7 @@ class SelectionError(ValueError):
 
 @dataclass
 class RunResult:
-    """One run's line. ``curves`` maps attack -> {eps: metric}; ``robust`` attack -> metric at the ranking eps;
+    """One run's line. ``curves`` maps attack -> {eps: metric}; ``robust`` attack -> metric at its headline eps;
     ``note`` says what is missing."""
 
     job: str
@@ -81,6 +81,13 @@ class Comparison:
         """The eps the runs are ranked at: the largest of the ranked attacks' (all eps where none is known)."""
         values = [e for a in self.ranked for e in self.eps_of.get(a, [])] or self.eps_values
         return max(values) if values else None
+
+    def headline_eps(self, attack: str) -> float | None:
+        """The eps an attack's robust value is read at: the ranking eps for the ranked attacks, an attack of another
+        norm its own largest."""
+        if attack in self.ranked or not self.eps_of.get(attack):
+            return self.eps
+        return max(self.eps_of[attack])
 
     def cells(self) -> list[tuple[str, float]]:
         """The robust columns: (attack, eps) for each attack, each of its eps."""
@@ -145,12 +152,13 @@ def _check(kind: str, asked: Sequence, found: Sequence, where: str, same=lambda 
 
 
 def _fill(run: RunResult, rows: list[dict], metric: str, eps_of: dict[str, list[float]],
-          rank_eps: float | None) -> None:
+          headline: dict[str, float | None]) -> None:
     """Fill ``run`` from its rows (one split, one epoch); what is missing goes to ``run.note``."""
     for row in rows:
         if row["metric"] == metric and row["attack"] in eps_of and row["eps"] > 0:
             run.curves.setdefault(row["attack"], {})[row["eps"]] = row["value"]
-            if rank_eps is not None and _same_eps(row["eps"], rank_eps):
+            eps = headline[row["attack"]]
+            if eps is not None and _same_eps(row["eps"], eps):
                 run.robust[row["attack"]], run.points[row["attack"]] = row["value"], row.get("points") or ""
     clean = next((r for r in rows if r["metric"] == metric and r["eps"] == 0), None)
     run.clean = None if clean is None else clean["value"]
@@ -225,7 +233,8 @@ def compare_runs(runs: str | Path | Sequence[str | Path], metric: str | None = N
     _threat_models(comparison, found)
     for run in results:
         if rows_of.get(run.job):
-            _fill(run, rows_of[run.job], metric, comparison.eps_of, comparison.eps)
+            _fill(run, rows_of[run.job], metric, comparison.eps_of,
+                  {attack: comparison.headline_eps(attack) for attack in attacks})
     _direction(comparison, jobs, higher_is_better)
     comparison.most_robust, comparison.verdict = rank(comparison)
     for run in results:

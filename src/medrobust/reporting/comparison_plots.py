@@ -41,7 +41,8 @@ def plot_clean_vs_robust(comparison, path: Path) -> Path:
                   if run.clean is not None and run.robust.get(attack) is not None]
         if points:
             values += [v for point in points for v in point]
-            ax.scatter(*zip(*points), marker=markers[i % len(markers)], color=colors(i % 10), label=attack, zorder=3)
+            name = attack if c.headline_eps(attack) == c.eps else f"{attack} @ {c.headline_eps(attack):g}"
+            ax.scatter(*zip(*points), marker=markers[i % len(markers)], color=colors(i % 10), label=name, zorder=3)
     for run in c.runs:  # a run's attacks share its clean value: one line joins its points, one name labels them
         ys = [run.robust[a] for a in c.attacks if run.robust.get(a) is not None]
         if run.clean is not None and ys:
