@@ -48,12 +48,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from medrobust.models.memory_format import apply_memory_format
+
+MAX_NONFINITE_IN_A_ROW = 3  # consecutive optimizer steps with non-finite gradients that stop a run
 
 TrainObjective = Callable[["RobustTask", dict], torch.Tensor]
 
@@ -150,6 +153,8 @@ class RobustTask(L.LightningModule):
         # the loss as a metric, not a logged float: Lightning's own mean of a float over DDP ranks holding unequal
         # sample counts divides by an integer-rounded mean count (1.5x too high on 2 ranks with 2 and 1 batches)
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.nonfinite_steps = 0  # optimizer steps skipped for non-finite gradients, in this process
+        self._nonfinite_in_a_row = 0
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Any:
@@ -221,6 +226,28 @@ class RobustTask(L.LightningModule):
         loss = self.train_objective(self, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]), sync_dist=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip a step whose gradients are not finite (a bf16 / fp16 overflow, a NaN loss), as fp16's gradient
+        scaler does and bf16 has nothing to: its gradients are dropped, so the weights stay as they were. Each skip
+        warns and counts (``train/nonfinite_steps``); ``MAX_NONFINITE_IN_A_ROW`` in a row stop the run, a model
+        that has diverged. The gradients are already reduced across DDP ranks here, so every rank skips alike."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._nonfinite_in_a_row = 0
+            return
+        for parameter in self.parameters():
+            parameter.grad = None
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=False, on_epoch=True,
+                 reduce_fx="max", sync_dist=False)
+        if self._nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} optimizer steps in a row (up to step {self.global_step}) had non-finite "
+                f"gradients: the model has diverged. Lower module.optimizer.lr, or train in trainer.precision=32")
+        rank_zero_warn(f"optimizer step {self.global_step} skipped: non-finite gradients "
+                       f"({self.nonfinite_steps} skipped in this run)")
 
     def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str) -> None:
         output = self(batch["image"])
