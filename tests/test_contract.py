@@ -104,24 +104,27 @@ DATA_ADVS = ("pgd", "margin")  # the defences whose batches need more of the dat
 
 def _combos() -> list[tuple[str, str, str]]:
     """Every task: every applicable eval with adv=none and every applicable adv with the task's own default eval,
-    less the options that build only what another option builds (:func:`_distinct`), and, for a task whose module
-    class an earlier task has (the default task first), less the advs that read no more of its data than PGD does.
-    The default task runs every option, and PGD training with every applicable eval (the adv and eval callbacks
-    together on every suite)."""
+    less the options that build only what another option builds (:func:`_distinct`). A task whose module class an
+    earlier task has (the default task first) brings only its data: adv=none with eval=none and its default eval,
+    PGD and margin training. The default task runs every option, and PGD training with every applicable eval (the
+    adv and eval callbacks together on every suite)."""
     combos = []
     distinct_advs = _distinct(_options("adv"), "adv", first="pgd")
     distinct_evals = _distinct(_options("eval"), "eval", first=_composed(_default_task()).hydra.runtime.choices.eval)
-    covered: set[str] = set()  # task module classes whose defences a task before has run
+    covered: set[str] = set()  # task module classes that a task before has run every option on
     for task in sorted(_options("task"), key=lambda t: t != _default_task()):
         default = task == _default_task()
         default_eval = _composed(task).hydra.runtime.choices.eval
         module_class = _composed(task).module._target_
-        # another task of a covered module class runs the defences that read its data (PGD, margin's sample ids);
-        # the other defences' logic is the module's, already run
-        data_advs = DATA_ADVS if module_class in covered else distinct_advs
+        # another task of a covered module class brings only its data: its default eval, and the defences that
+        # read more of a batch than images and labels (PGD, margin's sample ids); the attacks' and defences' logic
+        # is the module's, already run
+        own_data_only = module_class in covered
         covered.add(module_class)
-        evals = [e for e in _options("eval") if _applies(task, e) and (default or e in distinct_evals)]
-        advs = [a for a in _options("adv") if a != "none" and _adv_applies(task, a) and (default or a in data_advs)]
+        evals = [e for e in _options("eval") if _applies(task, e) and (default or e in distinct_evals)
+                 and (not own_data_only or e in ("none", default_eval))]
+        advs = [a for a in _options("adv") if a != "none" and _adv_applies(task, a)
+                and (default or a in (DATA_ADVS if own_data_only else distinct_advs))]
         combos += [(task, "none", e) for e in evals]
         combos += [(task, adv, default_eval) for adv in advs]
         if default:
