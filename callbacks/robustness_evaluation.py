@@ -241,6 +241,8 @@ class RobustnessEvaluation(Callback):
             if missing:
                 raise TypeError(f"eval.attacks: {label} needs a task module with {missing}; "
                                 f"{type(pl_module).__name__} lacks them (a regression-only attack on another task?)")
+        if hasattr(pl_module, "bind_data"):  # callbacks set up before the module: its window may not be bound yet
+            pl_module.bind_data(getattr(trainer, "datamodule", None))
         if self.eps_unit == "native" and getattr(pl_module, "intensity", None) is None:
             raise ValueError("eval.eps_unit=native needs an intensity window from the datamodule; this one has none")
 

@@ -49,16 +49,34 @@ def landmark_tiny_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_for(data_dir, lidc_mini_db, msd_tiny_root, landmark_tiny_data):
+def classify_tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Small real-format classification datasets (medrobust.data.classify_examples): ``csv`` a label table of PNGs of
+    12 patients (task=classify), ``isic`` the ISIC 2018 layout (its ground truth, JPEG folder and metadata), ``ddsm``
+    a CBIS-DDSM tree with its case-description CSVs."""
+    from medrobust.data.classify_examples import write_csv_dataset, write_ddsm, write_isic
+
+    root = tmp_path_factory.mktemp("classify")
+    isic = write_isic(root / "isic")
+    return {"csv": write_csv_dataset(root / "csv"), "isic_csv": isic["csv"], "isic_root": isic["root"],
+            "isic_metadata": isic["metadata"], "ddsm": write_ddsm(root / "ddsm"), "cache": root / "cache"}
+
+
+@pytest.fixture(scope="session")
+def tiny_for(data_dir, lidc_mini_db, msd_tiny_root, landmark_tiny_data, classify_tiny_data):
     """``tiny_for(task)``: overrides for a tiny run of that task, ``debug=tiny`` (LIDC: a few dozen real nodules,
     here from the mini annotation DB this session builds; brain age: a few dozen small phantom brains)."""
     isbi_root, fcsv_table = landmark_tiny_data["isbi2015"], landmark_tiny_data["fcsv"]
+    classify = classify_tiny_data
     built = {  # data only a fixture can make
         "lidc": [f"data.annotation_db={lidc_mini_db}"],
         "lidc_seg": [f"data.annotation_db={lidc_mini_db}"],
         "msd": [f"data.root={msd_tiny_root}", f"data.cache_dir={msd_tiny_root}_cache"],
         "isbi2015": [f"data.root={isbi_root}", f"data.cache_dir={isbi_root}_cache"],
         "landmarks": ["data.source=fcsv", f"data.csv={fcsv_table}", f"data.cache_dir={fcsv_table}_cache"],
+        "classify": [f"data.csv={classify['csv']}", f"data.cache_dir={classify['cache']}"],
+        "isic": [f"data.csv={classify['isic_csv']}", f"data.root={classify['isic_root']}",
+                 f"data.metadata={classify['isic_metadata']}", f"data.cache_dir={classify['cache']}"],
+        "ddsm": [f"data.root={classify['ddsm']}", f"data.cache_dir={classify['cache']}"],
     }
     return lambda task: [f"task={task}", DEBUG, *built.get(task, [])]
 

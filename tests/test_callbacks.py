@@ -156,6 +156,18 @@ def test_eps_in_hounsfield_units_equals_the_same_eps_in_model_units(tiny, tmp_pa
     assert len(rows["model"]) == 2 * 4  # eps 0 and 0.004, four metrics
 
 
+def test_eps_in_native_units_through_the_trainer(tiny, tmp_path):
+    """eval.eps_unit=native as a run uses it: the callback is set up before the module binds its data's window."""
+    from medrobust.runner import build_callbacks, build_trainer
+
+    cfg = compose_config("train", [*tiny, "eval.eps_unit=native", "eval.eps=[0,5.6]"], tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    trainer = build_trainer(cfg, build_callbacks(cfg), [])
+    trainer.validate(module, datamodule=datamodule)
+    rows = read_csv(tmp_path / "robustness.csv")
+    assert {row["eps"] for row in rows} == {0.0, 5.6} and {row["eps_unit"] for row in rows} == {"native"}
+
+
 def test_overfitting_guard_stops_training_when_robust_accuracy_collapses(tiny, tmp_path):
     """FGSM training's guard: PGD accuracy on a training batch falling by more than guard_drop stops the run."""
     import lightning as L
