@@ -24,15 +24,7 @@ BF16_COMBOS = [(task, adv, evaluation) for task, adv, evaluation in COMBOS
                if adv == ("none" if task == _default_task() else "pgd")]
 
 
-# bf16 PGD training of these two tiny models wrote NaN rows in full fresh-clone runs (never when the file runs alone);
-# under investigation (see the closing note of 2026-12-03): expected to fail there until then, not hidden
-NAN_IN_FULL_RUNS = {("landmarks", "pgd", "quick"), ("brainage", "pgd", "age_shift")}
-BF16_PARAMS = [pytest.param(*c, marks=pytest.mark.xfail(reason="bf16 NaN seen in full runs, under investigation",
-                                                         strict=False)) if c in NAN_IN_FULL_RUNS else c
-               for c in BF16_COMBOS]
-
-
-@pytest.mark.parametrize(("task", "adv", "evaluation"), BF16_PARAMS, ids=["-".join(c) for c in BF16_COMBOS])
+@pytest.mark.parametrize(("task", "adv", "evaluation"), BF16_COMBOS, ids=["-".join(c) for c in BF16_COMBOS])
 def test_bf16_mixed_trains_attacks_and_reports_finite_numbers(tiny_for, task, adv, evaluation, tmp_path):
     cfg = compose_config("train", [*tiny_for(task), f"adv={adv}", f"eval={evaluation}",
                                    "trainer.precision=bf16-mixed"], tmp_path)
