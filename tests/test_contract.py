@@ -205,6 +205,19 @@ def test_every_model_runs_2d_and_3d(model, tmp_path):
         assert out.shape[:2] == (2, cfg.num_outputs) and out.shape[2:] in ((), shape[2:])
 
 
+@pytest.mark.parametrize("model", ["small_cnn", "resnet18", "densenet121"])
+def test_classifiers_take_the_channels_of_the_data(model, tmp_path):
+    """RGB 2-D images (ISIC) and 2-channel volumes: the classifier configs build for the data's channels, as the
+    runner sets ``in_channels`` from a task=classify dataset."""
+    import torch
+
+    for dims, shape in ((2, (2, 3, 32, 32)), (3, (2, 2, 32, 32, 32))):
+        cfg = compose_config("train", [f"model={model}", f"data.spatial_dims={dims}", f"+in_channels={shape[1]}"],
+                             tmp_path)
+        with torch.no_grad():
+            assert build_net(cfg).eval()(torch.rand(shape)).shape == (2, cfg.num_outputs)
+
+
 def test_3d_patches_train_attack_and_test(tiny, tmp_path):
     """data.spatial_dims=3: 3-D patches through adversarial training, the evaluation and the test."""
     cfg = compose_config("train", [*tiny, "adv=pgd", "data.spatial_dims=3", "data.patch_size=24"], tmp_path)
