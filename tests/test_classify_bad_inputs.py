@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from conftest import DEBUG, compose_config
+from test_bad_inputs_readers import cut, html, remove
 from medrobust.data.classify_examples import signal_image, write_csv_dataset, write_ddsm, write_folder_dataset
 from medrobust.data.classify_examples import write_isic, write_nifti, write_png
 
@@ -67,24 +68,7 @@ def build(cfg, layout: str, root: Path, cache: Path, **overrides):
     return dm
 
 
-# ------------------------------------------------------------------------------ breakages
-def cut(path: Path) -> Path:
-    """A truncated download: the first half of the file."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def html(path: Path) -> Path:
-    path.write_bytes(b"<html><body>404 Not Found</body></html>\n" * 20)
-    return path
-
-
-def remove(path: Path) -> Path:
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return path
-
-
+# ------------------------------------------------------------------------------ breakages (cut, html, remove: shared)
 def edit_table(name: str, change):
     """A breakage that edits the rows (lists of cells; row 0 the header) of the CSV ``name`` and names it."""
 
