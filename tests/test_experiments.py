@@ -39,6 +39,15 @@ def test_every_job_of_the_experiment_composes_and_builds(tiny_for, experiment, t
         assert build_callbacks(cfg), job
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("seed004") or "generalizability" in e])
+def test_protocols_that_attack_the_trained_model_evaluate_once_at_the_end(experiment, tmp_path):
+    """Their expensive suites run after the last epoch only, whatever the task's own eval schedule (landmarks: every
+    epoch)."""
+    for job in _jobs(experiment):
+        cfg = compose_config("train", [f"experiment={experiment}", *job], tmp_path)
+        assert cfg.eval.every_n_epochs == cfg.trainer.max_epochs, job
+
+
 def test_seed000_protocol_sweeps_naive_and_iterative_training_into_one_comparison(tiny_for, tmp_path):
     """`python train.py -m experiment=seed000_lidc`: both runs selected on robust accuracy, both curves in one
     plot, each summary with its sensitivity table."""
