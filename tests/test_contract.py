@@ -187,8 +187,9 @@ def test_a_regression_only_evaluation_on_a_classifier_fails_at_setup(tiny_for, t
         trainer.fit(module, datamodule=datamodule)
 
 
-# the hybrid needs anatomical features from the data: it runs in the brain-age experiment test
-IMAGE_ONLY_MODELS = [m for m in _options("model") if m != "brain_hybrid"]
+# the hybrid needs anatomical features from the data: it runs in the brain-age experiment test; the shape networks
+# (2-D, outlines and masks) run in tests/test_shape_net.py and in task=lidc_shape's runs here
+IMAGE_ONLY_MODELS = [m for m in _options("model") if m != "brain_hybrid" and not m.startswith("shape_")]
 
 
 @pytest.mark.parametrize("model", IMAGE_ONLY_MODELS)

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from medrobust.attacks.core.batch import attack_key
+from medrobust.attacks.core.batch import attack_key, float_output, index_output
 from medrobust.attacks.core.objectives import WithLoss, with_loss
 from medrobust.attacks.core.session import attack_session
 from medrobust.defenses.base import Adversary, Defense
@@ -61,7 +61,8 @@ class TRADES(Defense):
         x = batch["image"]
         x_adv = self.adversarial_images(module, batch, adversary)
         output = module(torch.cat([x, x_adv]))  # one forward: one pass of BatchNorm statistics
-        clean, adversarial = output[: len(x)], output[len(x):]
+        n = len(x)
+        clean, adversarial = index_output(output, slice(0, n), 2 * n), index_output(output, slice(n, 2 * n), 2 * n)
         clean_loss = module.attack_loss(clean, batch).mean()
         divergence = module.output_divergence(clean, adversarial, batch).mean()
         self.log(module, "clean_loss", clean_loss.detach(), batch_size=len(x))
@@ -73,7 +74,7 @@ class TRADES(Defense):
         x, attack = batch["image"], adversary.attack
         modes = {"bn_eval": getattr(attack, "bn_eval", True), "dropout_eval": getattr(attack, "dropout_eval", True)}
         with attack_session(module, **modes), torch.no_grad():  # the model as the attack's own forwards see it
-            clean = module(x).float()
+            clean = float_output(module(x))
         carried = {**batch, CLEAN_OUTPUT_KEY: clean}
         return self._started(adversary, x)(x, carried, objective=divergence_objective(module))
 

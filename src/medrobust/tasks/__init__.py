@@ -4,6 +4,7 @@ from medrobust.tasks.classification import ClassificationTask
 from medrobust.tasks.landmarks import LandmarkTask
 from medrobust.tasks.regression import RegressionTask
 from medrobust.tasks.segmentation import SegmentationTask
+from medrobust.tasks.shape import ShapeTask
 
 __all__ = ["RobustTask", "BrainAgeTask", "ClassificationTask", "LandmarkTask", "RegressionTask", "SegmentationTask",
-           "clean_objective"]
+           "ShapeTask", "clean_objective"]

@@ -46,6 +46,17 @@ def index_batch(batch: Mapping, idx: Index, batch_size: int | None = None) -> di
     return _index_tree(dict(batch), _as_index(idx, batch_size), batch_size)
 
 
+def index_output(output: Any, idx: Index, batch_size: int) -> Any:
+    """Select samples ``idx`` of a model output: a tensor ``(B, ...)`` or a dict of them (a shape network's
+    ``{"points", "mask"}``), indexed as :func:`index_batch` indexes a batch."""
+    return _index_tree(output, _as_index(idx, batch_size), batch_size)
+
+
+def float_output(output: Any) -> Any:
+    """A model output (a tensor or a dict of them) in fp32: an autocast forward's bf16 / fp16 made exact."""
+    return apply_to_collection(output, Tensor, lambda value: value.float() if value.is_floating_point() else value)
+
+
 def _as_index(idx: Index, batch_size: int) -> slice | Tensor:
     if isinstance(idx, slice):
         return idx
