@@ -57,6 +57,9 @@ def write_summary(evaluation, trainer: Trainer) -> None:
     net = getattr(trainer.lightning_module, "net", None)
     notes = [f"Model: {type(net).__name__}"] if net is not None else []
     notes += [f"Checkpoint: {trainer.ckpt_path}"] if trainer.ckpt_path else []
+    if evaluation.objective is not None:
+        notes.append(f"Attacks climb the task's `{evaluation.objective}` objective (eval.objective), not its "
+                     f"training loss; the worst-loss points are those of that objective")
     if isinstance(trainer.datamodule, SplitDataModule):
         notes += trainer.datamodule.summary_notes("test")
     success = trainer.lightning_module.success_metric

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics import MeanMetric
 
 from medrobust.attacks.core.base import CurveAttack, Perturbation
+from medrobust.attacks.core.objectives import with_loss
 from medrobust.attacks.core.seeding import derived_seed, run_seed, seeded
 from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
@@ -142,6 +143,9 @@ class RobustnessEvaluation(Callback):
             (per curve attack: the most sensitive to attack) and report the accuracy of the rest at each eps
             (:mod:`medrobust.evaluation.sensitivity`): ``accuracy_sensitive_removed`` rows, a PNG
             ``curves/<split>_<attack>_accuracy_sensitive_removed.png`` and a ``summary.md`` section. ``None``, 0: off.
+        objective: what the attacks climb and the worst-loss points maximize: ``None``, the task's ``attack_loss``
+            (its training loss), or the name of one of the task's declared ``attack_objectives`` (a shape task's
+            ``points``: the summed squared point error, seed 002's attack); correctness stays the task's own.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class RobustnessEvaluation(Callback):
         worst_case: bool = True,
         seed: int | None = None,
         sensitivity_drop: float | None = None,
+        objective: str | None = None,
     ) -> None:
         attack_list = list(attacks.values()) if isinstance(attacks, Mapping) else list(attacks)
         if not attack_list:
@@ -195,12 +200,14 @@ class RobustnessEvaluation(Callback):
         self.history: list[dict] = []
         self.worst_case = bool(worst_case)
         self.seed = seed
+        self.objective = objective
         self.last: Evaluation | None = None  # the latest evaluation's examples and radii, for the files
         self._checkpoint_epoch: int | None = None  # the epoch of the checkpoint a test run loaded
 
     @property
     def state_key(self) -> str:
         own = {"attack_eps": tuple((label, tuple(eps)) for label, eps in self.attack_eps.items())} if self.attack_eps else {}
+        own.update({"objective": self.objective} if self.objective else {})
         return self._generate_state_key(attacks=tuple(self.attacks), eps=tuple(self.eps), eps_unit=self.eps_unit, **own)
 
     def eps_of(self, label: str) -> list[float]:
@@ -243,8 +250,19 @@ class RobustnessEvaluation(Callback):
                                 f"{type(pl_module).__name__} lacks them (a regression-only attack on another task?)")
         if hasattr(pl_module, "bind_data"):  # callbacks set up before the module: its window may not be bound yet
             pl_module.bind_data(getattr(trainer, "datamodule", None))
+        if self.objective is not None:
+            offered = getattr(pl_module, "attack_objectives", {})
+            if self.objective not in offered:
+                raise ValueError(f"eval.objective={self.objective!r}: {type(pl_module).__name__} offers "
+                                 f"{sorted(offered) or 'none'} (null: the task's own attack_loss)")
         if self.eps_unit == "native" and getattr(pl_module, "intensity", None) is None:
             raise ValueError("eval.eps_unit=native needs an intensity window from the datamodule; this one has none")
+
+    def objective_of(self, pl_module: LightningModule):
+        """What the attacks climb: the task module itself, or it seen through ``eval.objective``'s loss."""
+        if self.objective is None:
+            return pl_module
+        return with_loss(pl_module, getattr(pl_module, pl_module.attack_objectives[self.objective]))
 
     def run_dir(self, trainer: Trainer) -> Path:
         return Path(self.output_dir or trainer.default_root_dir)
@@ -319,7 +337,7 @@ class RobustnessEvaluation(Callback):
             # huge eps stalls on real CNNs (0.45 accuracy at eps 8 and 16 on the LIDC model, where FMN-L1 leaves
             # 0.23 and 0) and would flag a model that is fine
             with eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
-                flags += probe_model(pl_module, x, batch, pl_module, norm="l2" if norm == "l2" else "linf",
+                flags += probe_model(pl_module, x, batch, self.objective_of(pl_module), norm="l2" if norm == "l2" else "linf",
                                      bounds=pl_module.input_bounds)
         return flags
 
@@ -353,6 +371,7 @@ class RobustnessEvaluation(Callback):
                  for label in self.attacks for eps in self.eps_of(label) if eps > 0 for kind in ("success", "other")}
         clean = metric_collection(pl_module.robust_metrics()).to(device)
         forward_context = precision.forward_context if precision is not None else nullcontext
+        objective = self.objective_of(pl_module)
         result = Evaluation()
         for attack in self.attacks.values():
             attack.reset_stats()
@@ -384,7 +403,7 @@ class RobustnessEvaluation(Callback):
                     # the same draws for the same weights, whatever ran before (a resume, another evaluation)
                     seed = derived_seed("robustness", run_seed(self.seed), split, number, label)
                     with forward_context(), seeded(seed, device):
-                        curve = robustness_curve(attack, pl_module, x, batch, pl_module, eps_values=eps_model,
+                        curve = robustness_curve(attack, pl_module, x, batch, objective, eps_values=eps_model,
                                                  bounds=pl_module.input_bounds, worst_case=self.worst_case)
                     result.points[label] = curve.worst_kind
                     if isinstance(attack, CurveAttack) and attack.last_radii is not None:

@@ -47,6 +47,10 @@ def _task_has(task: str, member: str) -> bool:
 def _applies(task: str, evaluation: str) -> bool:
     """Whether every attack of ``evaluation`` finds the task members it declares in ``requires`` (what
     RobustnessEvaluation checks at setup): a regression-only evaluation does not apply to a classifier."""
+    objective = _composed(task, evaluation).eval.get("objective")
+    if objective is not None and objective not in getattr(get_class(_composed(task).module._target_),
+                                                           "attack_objectives", {}):
+        return False  # an objective the task does not declare (eval=shape's points on a classifier)
     attacks = instantiate(_composed(task, evaluation).eval.get("attacks") or {})
     attacks = attacks.values() if hasattr(attacks, "values") else attacks
     return all(_task_has(task, member) for attack in attacks for member in getattr(attack, "requires", ()))
@@ -75,7 +79,7 @@ def _adv_applies(task: str, adv: str) -> bool:
 def _targets(node) -> tuple:
     """The ``_target_`` of every object a config node instantiates (nested) with the norm it runs in, if any."""
     if isinstance(node, DictConfig):
-        own = ((node["_target_"], node.get("norm")),) if "_target_" in node else ()
+        own = ((node["_target_"], node.get("norm"), node.get("objective")),) if "_target_" in node else ()
         return own + tuple(t for key in node if key != "_target_" for t in _targets(node[key]))
     if isinstance(node, ListConfig):
         return tuple(t for item in node for t in _targets(item))

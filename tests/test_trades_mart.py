@@ -16,6 +16,7 @@ from medrobust.callbacks import AdversarialTraining
 from medrobust.defenses import MART, TRADES, Adversary
 from medrobust.defenses.mart import wrong_class_boost
 from medrobust.defenses.trades import CLEAN_OUTPUT_KEY, divergence_objective
+from medrobust.tasks.landmark_heatmaps import js_divergence
 from medrobust.runner import build_callbacks, build_data_and_module, build_trainer
 from medrobust.tasks import ClassificationTask, LandmarkTask, RegressionTask, SegmentationTask
 from conftest import compose_config
@@ -98,8 +99,21 @@ def test_regression_and_landmark_divergences_match_the_hand_computation():
     landmarks, coords, points = _divergence_cases()["coordinates"]
     shift = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [0.0, 0.0]]])  # voxels
     mm = shift * points["spacing"][:, None, :]  # (0.5, 0, 0, 2) and (2, 1, 0, 0) mm
-    assert torch.allclose(landmarks.output_divergence(coords, coords + shift, points), mm.square().mean(dim=(1, 2)))
-    assert landmarks.output_divergence(coords, coords + shift, points).tolist() == pytest.approx([4.25 / 4, 5 / 4])
+    weight = landmarks.coord_weight  # in the loss's units: its weight per mm
+    assert torch.allclose(landmarks.output_divergence(coords, coords + shift, points),
+                          weight * mm.square().mean(dim=(1, 2)))
+    assert landmarks.output_divergence(coords, coords + shift, points).tolist() == pytest.approx(
+        [weight * 4.25 / 4, weight * 5 / 4])
+
+
+def test_the_landmark_heatmap_divergence_adds_the_maps_js_weighted_as_in_the_loss():
+    landmarks, heatmaps, points = _divergence_cases()["heatmaps"]
+    moved = heatmaps + torch.randn_like(heatmaps)
+    clean, adversarial = landmarks.coordinates(heatmaps), landmarks.coordinates(moved)
+    mm = (adversarial - clean) * points["spacing"][:, None, :]
+    maps = js_divergence(landmarks.log_probs(heatmaps), landmarks.log_probs(moved)).mean(dim=1)
+    expected = landmarks.coord_weight * mm.square().mean(dim=(1, 2)) + landmarks.heatmap_weight * maps
+    assert torch.allclose(landmarks.output_divergence(heatmaps, moved, points), expected, atol=1e-6)
 
 
 # -- TRADES --------------------------------------------------------------------------------------------------

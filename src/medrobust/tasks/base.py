@@ -39,6 +39,9 @@ guess them from names):
                                     metric with a ``higher_is_better`` direction (a metric the loss does not drive,
                                     such as segmentation's false-positive volume, may be beaten by a weaker attack
                                     without saying anything about the attack's strength)
+``attack_objectives = {}``          named alternative losses an evaluation may have its attacks climb instead of
+                                    ``attack_loss`` (``eval.objective=<name>``): name -> the name of a method
+                                    ``(output, batch) -> Tensor[B]`` (a shape task's ``points``)
 ``class_names = None``              names of the label values (segmentation's label maps, classification's classes),
                                     for the example images' masks and captions; ``None``: the values themselves
 """
@@ -132,6 +135,7 @@ class RobustTask(L.LightningModule):
     shift_metric: str | None = None
     attacked_metrics: tuple[str, ...] | None = None
     class_names: list[str] | None = None
+    attack_objectives: dict[str, str] = {}
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ class ShapeTask(RobustTask):
     attacked_metrics = ("mrse", "dice")  # the loss drives both heads
     curve_metrics = ("accuracy", "mrse", "dice", "shape_shift")
     bounded_metrics = ("accuracy", "dice")
+    attack_objectives = {"points": "squared_point_error"}  # seed 002's in-distribution attack (eval=shape)
 
     def __init__(self, net, num_points: int, point_weight: float = 0.1, radius_px: float = 2.0, **kwargs) -> None:
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 3:
@@ -125,6 +126,10 @@ class ShapeTask(RobustTask):
         kl = (p * (F.logsigmoid(clean) - F.logsigmoid(adversarial))
               + (1 - p) * (F.logsigmoid(-clean) - F.logsigmoid(-adversarial)))
         return moved.mean(dim=1) + kl.mean(dim=1)
+
+    def squared_point_error(self, output: dict, batch: dict) -> Tensor:
+        """``sum_k |p_k - t_k|^2`` per sample ``(B,)``, in px^2."""
+        return (output["points"].float() - self._true_points(batch, output["points"])).square().sum(dim=(1, 2))
 
     def robust_metrics(self) -> dict:
         return shape_metrics()
