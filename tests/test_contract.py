@@ -51,6 +51,9 @@ def _applies(task: str, evaluation: str) -> bool:
     if objective is not None and objective not in getattr(get_class(_composed(task).module._target_),
                                                            "attack_objectives", {}):
         return False  # an objective the task does not declare (eval=shape's points on a classifier)
+    target = _composed(task, evaluation).eval.get("_target_")
+    if target is not None and not all(_task_has(task, member) for member in getattr(get_class(target), "requires", ())):
+        return False  # an evaluation of another kind of task (eval=ood: shape tasks)
     attacks = instantiate(_composed(task, evaluation).eval.get("attacks") or {})
     attacks = attacks.values() if hasattr(attacks, "values") else attacks
     return all(_task_has(task, member) for attack in attacks for member in getattr(attack, "requires", ()))
@@ -152,6 +155,11 @@ def _short_suites(cfg) -> None:
                 attack.steps = 2
             if attack.get("queries", 0) > 20:
                 attack.queries = 10
+    if cfg.eval is not None and cfg.eval.get("steps", 0) > 10:  # an evaluation's own optimiser (eval=ood)
+        cfg.eval.steps = 2
+
+
+EVALUATIONS = {"RobustnessEvaluation", "OODEvaluation"}  # the callbacks an eval config builds
 
 
 @pytest.mark.parametrize(("task", "adv", "evaluation"), COMBOS, ids=["-".join(c) for c in COMBOS])
@@ -163,14 +171,14 @@ def test_config_composes_instantiates_and_fits(tiny_for, task, adv, evaluation, 
     callbacks = build_callbacks(cfg)
     names = {type(cb).__name__ for cb in callbacks}
     assert ("AdversarialTraining" in names) == (adv != "none")
-    assert ("RobustnessEvaluation" in names) == (evaluation != "none")
+    assert bool(names & EVALUATIONS) == (evaluation != "none")
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     trainer.fit(module, datamodule=datamodule)
     assert trainer.state.finished
     trainer.test(module, datamodule=datamodule, ckpt_path="best")
     assert "test/accuracy" in trainer.callback_metrics
     if evaluation != "none":
-        assert (Path(tmp_path) / "robustness.csv").is_file()
+        assert (Path(tmp_path) / ("ood.csv" if "OODEvaluation" in names else "robustness.csv")).is_file()
         assert (Path(tmp_path) / "summary.md").is_file()
     if evaluation.startswith("curve"):  # the minimum-norm suite's per-sample radii (robustness.csv rows), histogram
         rows = read_csv(Path(tmp_path) / "robustness.csv")

@@ -39,7 +39,10 @@ def test_every_job_of_the_experiment_composes_and_builds(tiny_for, experiment, t
         assert build_callbacks(cfg), job
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("seed004") or "generalizability" in e])
+ATTACK_THE_TRAINED_MODEL = [e for e in EXPERIMENTS if e.startswith(("seed004", "seed002")) or "generalizability" in e]
+
+
+@pytest.mark.parametrize("experiment", ATTACK_THE_TRAINED_MODEL)
 def test_protocols_that_attack_the_trained_model_evaluate_once_at_the_end(experiment, tmp_path):
     """Their expensive suites run after the last epoch only, whatever the task's own eval schedule (landmarks: every
     epoch)."""

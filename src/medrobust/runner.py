@@ -113,7 +113,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 def report(run_dir: Path) -> str:
     """The lines printed at the end of a run: where the outputs are and the clean-vs-robust table."""
     lines = [f"Outputs: {run_dir}"]
-    for name in ("robustness.csv", "summary.md", "checkpoints", "curves"):
+    for name in ("robustness.csv", "ood.csv", "summary.md", "checkpoints", "curves"):
         if (run_dir / name).exists():
             lines.append(f"  {name}")
     summary = run_dir / "summary.md"

@@ -145,8 +145,12 @@ def render_patch(nodule: Nodule, spatial_dims: int, patch_size: int, spacing: fl
     dst, src = overlap_slices(hu.shape, occ_full.shape, centre)
     occ[dst], body[dst] = occ_full[src], nod_hu[src]
     hu = hu + occ * (body - hu)
+    return _scanned(rng, hu, spacing, spatial_dims)
 
-    # point-spread function of the scanner, then slightly correlated quantum noise
+
+def _scanned(rng: np.random.Generator, hu: np.ndarray, spacing: float, spatial_dims: int) -> np.ndarray:
+    """``hu`` ``(D, H, W)`` as the scanner gives it: its point-spread function, then slightly correlated quantum noise;
+    int16 HU, ``(H, W)`` in 2-D."""
     axes_sigma = rng.uniform(0.5, 0.9) / spacing
     sigma = (0, axes_sigma, axes_sigma) if spatial_dims == 2 else axes_sigma
     hu = ndimage.gaussian_filter(hu, sigma)
@@ -164,3 +168,17 @@ def render_patches(
     for i, nod in enumerate(tqdm(nodules, desc=f"LIDC phantom {spatial_dims}-D", disable=not progress, leave=False)):
         out[i] = render_patch(nod, spatial_dims, patch_size, spacing, seed)
     return out
+
+
+def render_background_patch(spatial_dims: int, patch_size: int, spacing: float, seed: int) -> np.ndarray:
+    """A phantom patch with no nodule, in HU, int16: ``(H, W)`` or ``(D, H, W)``.
+
+    Lung parenchyma, vessels and sometimes a pleural wall (a plane 1-12 mm from the centre), blurred and noised as
+    :func:`render_patch` does, from a generator seeded by ``seed`` alone: out-of-distribution inputs for a model
+    trained on nodule patches (seed 002's OOD attack), on the same grid and in the same units.
+    """
+    rng = np.random.default_rng(stable_seed("lidc-phantom-background", seed))
+    zyx = _grid(spatial_dims, patch_size, spacing)
+    hu = _background(rng, zyx, spacing, patch_size * spacing / 2)
+    hu = _pleura(rng, zyx, 0.0, spacing, hu)  # no nodule: the wall's distance is from the patch centre
+    return _scanned(rng, hu, spacing, spatial_dims)
