@@ -70,6 +70,10 @@ class PointHead(nn.Module):
     Average-pooled to a ``grid`` x ``grid`` map, not to one value per channel: where a feature sits is what
     outline points need. The last layer starts with small weights and the circle as its bias (module docstring);
     the weights are not zero, so the points' gradient reaches the input from the first step (attacks need it).
+    LayerNorm + GELU, not ReLU: a ReLU head died in clean training (after 5 epochs of task=lidc_shape 2.75 of its
+    256 units were active on average, and a quarter of the test patches had none: one constant outline and a zero
+    input gradient, which the evaluation flagged as gradient masking); with LayerNorm + GELU ~190 are active and
+    the clean test MRSE fell from 1.51 to 0.97 px.
     """
 
     def __init__(self, in_channels: int, num_points: int, grid: int, hidden: int = 256, dropout: float = 0.0) -> None:
@@ -77,7 +81,7 @@ class PointHead(nn.Module):
         self.num_points = num_points
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels * grid * grid, hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, 2 * num_points))
+                                 nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, 2 * num_points))
         last = self.mlp[-1]
         nn.init.normal_(last.weight, std=1e-3)
         with torch.no_grad():

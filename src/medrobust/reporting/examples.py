@@ -20,7 +20,7 @@ from medrobust.reporting.points import PointSet  # noqa: E402
 MASK_COLOURS = "tab10"  # label value k -> colour k (mod 10); 0 (background) is left transparent
 EXAMPLES_SHOWN = 6  # samples per example grid (and W&B images per grid)
 POINT_STYLES = (("o", "#00e000"), ("+", "#00bfff"), ("x", "#ff3030"), ("^", "#ffb000"))  # marker, colour per set
-POINTS_ROW = "landmarks"
+POINTS_ROW = "points"  # the row of every point set: landmarks, outlines
 
 
 @dataclass
