@@ -3,7 +3,7 @@
 
 The patches and consensus masks are :class:`~medrobust.datamodules.lidc_seg.LIDCSegDataModule`'s (same cache).
 The outline is the consensus mask's iso-contour resampled to ``num_points`` points evenly by arc length, from the
-most superior point, counter-clockwise on screen (:func:`medrobust.data.shape_outline.outline_points`). Batches::
+top of the outline above its centroid, counter-clockwise on screen (:func:`medrobust.data.shape_outline.outline_points`). Batches::
 
     {"image": float32 (B, 1, H, W) in [0, 1], "points": float32 (B, K, 2) pixel coordinates (row, col),
      "mask": int64 (B, H, W) consensus, "reader_masks", "n_readers", "reader_agreement", "spacing": (B, 2) mm,

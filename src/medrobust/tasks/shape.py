@@ -17,7 +17,7 @@ _DICE_SMOOTH = 1.0  # soft Dice's smoothing, in pixels: an empty true mask gives
 class ShapeTask(RobustTask):
     """Outlines and masks: the network gives ``{"points": (B, K, 2), "mask": (B, 1, H, W)}``, points in pixel
     coordinates (row, col; pixel centres at integers) and mask logits; batches carry the true ``points``
-    ``(B, K, 2)`` (the consensus outline from its most superior point, counter-clockwise on screen, even by arc
+    ``(B, K, 2)`` (the consensus outline from its top above the centroid, counter-clockwise on screen, even by arc
     length), ``mask`` ``(B, H, W)`` and ``spacing`` ``(B, 2)`` mm.
 
     attack_loss (the per-sample training loss): ``(BCE + soft Dice loss) / 2`` on the mask plus ``point_weight`` x
