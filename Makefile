@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup   # two workers, one per core (tests/conftest.py: shared fixtures, order)
 
 demo: setup
 	$(PY) train.py task=lidc adv=pgd

@@ -20,10 +20,32 @@ from medrobust.config import CONF_DIR as CONF, REPO_ROOT as REPO, compose_config
 DEBUG = "debug=tiny"
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """The folder every process of this test session shares: under pytest-xdist (``make test`` runs two workers)
+    the parent of the worker's own base temp, else the base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``shared_root/name``, built by ``build(path)`` by the first worker that asks, under a file lock; the others
+    wait and reuse it (a phantom cache is made once per session, not once per worker)."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """One phantom cache for the whole session, also seen by subprocesses through the environment."""
-    path = Path(os.environ.get("MEDROBUST_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
+    """One phantom cache for the whole session (shared by the xdist workers: caches are written atomically), also
+    seen by subprocesses through the environment."""
+    path = Path(os.environ.get("MEDROBUST_TEST_DATA_DIR") or built_once(tmp_path_factory, "data", Path.mkdir))
     os.environ["MEDROBUST_DATA_DIR"] = str(path)
     return path
 
@@ -110,16 +132,36 @@ def lidc_mini_db(tmp_path_factory) -> str:
 
     from medrobust.data.lidc_annotations import default_annotation_db
 
-    path = tmp_path_factory.mktemp("lidc_db") / "lidc_mini.sqlite"
     ids = ",".join(map(str, LIDC_MINI_SCANS))
-    con = sqlite3.connect(path)
-    try:
-        con.execute("ATTACH DATABASE ? AS src", (default_annotation_db(),))
-        con.execute(f"CREATE TABLE scans AS SELECT * FROM src.scans WHERE id IN ({ids})")
-        con.execute(f"CREATE TABLE annotations AS SELECT * FROM src.annotations WHERE scan_id IN ({ids})")
-        con.execute("CREATE TABLE contours AS SELECT c.* FROM src.contours c JOIN annotations a ON c.annotation_id = a.id")
-        con.execute(f"CREATE TABLE zvals AS SELECT * FROM src.zvals WHERE scan_id IN ({ids})")
-        con.commit()
-    finally:
-        con.close()
-    return str(path)
+
+    def build(path: Path) -> None:
+        con = sqlite3.connect(path)
+        try:
+            con.execute("ATTACH DATABASE ? AS src", (default_annotation_db(),))
+            con.execute(f"CREATE TABLE scans AS SELECT * FROM src.scans WHERE id IN ({ids})")
+            con.execute(f"CREATE TABLE annotations AS SELECT * FROM src.annotations WHERE scan_id IN ({ids})")
+            con.execute("CREATE TABLE contours AS SELECT c.* FROM src.contours c "
+                        "JOIN annotations a ON c.annotation_id = a.id")
+            con.execute(f"CREATE TABLE zvals AS SELECT * FROM src.zvals WHERE scan_id IN ({ids})")
+            con.commit()
+        finally:
+            con.close()
+
+    # one file for all workers: the LIDC caches are keyed by the DB file's path and mtime
+    return str(built_once(tmp_path_factory, "lidc_mini.sqlite", build))
+
+
+# ----------------------------------------------------------------------------- pytest-xdist
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
+def pytest_collection_modifyitems(config, items):
+    """For ``make test``'s two xdist workers (``--dist loadgroup``): the tests of a module that share one of its
+    module-scoped fixtures (a trained model, a written dataset) go to one worker, so it is built once; and the
+    subprocess / multi-process tests (marked slow) are handed out first, so no worker is left with a long one at
+    the end while the other idles."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures is not None else ()
+        if any(d[-1].scope in ("module", "class") and d[-1].baseid for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in collection order
+

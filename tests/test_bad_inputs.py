@@ -305,6 +305,7 @@ def test_real_data_caches_follow_the_data_dir_and_the_root(lidc_dicom_tree, lidc
     assert isinstance(brain, BrainAgeDataModule) and brain.cache_path().parent == tmp_path / "data" / "brainage"
 
 
+@pytest.mark.slow
 def test_train_stops_before_training_naming_the_csv_row_and_column(ixi, tiny_for, tmp_path):
     """The README's command (relative ``data.csv``) on a table with one blank volume cell: exit 1, the message
     names the table, row and column, and no epoch ran."""

@@ -62,6 +62,7 @@ def test_hybrid_vs_cnn_experiment_runs_both_models(tiny_for, tmp_path):
     assert sorted(models.values()) == ["Model: HybridRegressor", "Model: SmallCNN"]
 
 
+@pytest.mark.slow
 def test_ddp_spawn_3d_matches_one_process(tiny_for, tmp_path):
     """Two CPU ranks attack their own shards of 3-D volumes; the reduced metrics equal one process's."""
     cfg = compose_config("train", [*tiny_for("brainage"), "data.num_subjects=52"], tmp_path)

@@ -109,6 +109,7 @@ def test_adversarial_objective_raises_the_loss_and_leaves_parameters_alone(tiny,
     assert adversarial.item() > clean.item() + 1e-3
 
 
+@pytest.mark.slow
 def test_ddp_spawn_reduces_across_ranks_like_one_process(tiny, tmp_path):
     """Two CPU ranks attack their own batches; the reduced curve equals the one-process curve."""
     from hydra.utils import instantiate
@@ -226,6 +227,7 @@ class GatherProbe(L.LightningModule):
     def val_dataloader(self):
         return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
 
+@pytest.mark.slow
 def test_ddp_gather_of_per_sample_values_takes_uneven_rank_counts(tmp_path):
     """Radii gathered across ranks that hold different numbers of samples: every value once, in rank order."""
     out = tmp_path / "gathered.txt"

@@ -108,6 +108,7 @@ def test_truncated_unsafe_and_foreign_checkpoints_fail_naming_the_file(lidc_chec
         check_checkpoint(untagged, "brainage", brainage)
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_checkpoint_of_another_task(lidc_checkpoint, tmp_path):
     result = run_script("eval.py", ["task=brainage", "debug=tiny", f"ckpt_path={lidc_checkpoint}",
                                     f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
@@ -120,6 +121,7 @@ def test_eval_refuses_a_checkpoint_of_another_task(lidc_checkpoint, tmp_path):
 EPOCHS = 6  # room to stop in: the signal comes after epoch 0's checkpoint, the run must end before the last epoch
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_stop_training_leaving_readable_files(tiny_for, tmp_path):
     """Both signals reach a real train.py (concurrently: the two start-ups overlap) once its first checkpoint is
     written; each stops before its last epoch and leaves whole files behind."""

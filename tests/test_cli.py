@@ -34,6 +34,7 @@ def trained_run(tiny, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_train_writes_curves_checkpoints_and_summary(trained_run):
     run_dir, result = trained_run
     for name in ("config.yaml", "robustness.csv", "summary.md", "checkpoints/last.ckpt", "csv/metrics.csv"):
@@ -85,6 +86,7 @@ def test_wandb_offline_tables_hold_the_curve(trained_run):
         assert json.loads(flag_tables[-1].read_text())["data"] == expected
 
 
+@pytest.mark.slow
 def test_eval_attacks_a_checkpoint_into_its_own_run_dir(tiny, trained_run, tmp_path):
     run_dir, _ = trained_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -95,6 +97,7 @@ def test_eval_attacks_a_checkpoint_into_its_own_run_dir(tiny, trained_run, tmp_p
     assert (tmp_path / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_cpu_end_to_end(tiny, tmp_path):
     """`trainer=ddp_cpu`: two CPU processes through the real launcher, files written once."""
     result = run_script(
@@ -106,6 +109,7 @@ def test_ddp_cpu_end_to_end(tiny, tmp_path):
     assert (tmp_path / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_bad_values_fail_before_training_naming_the_key(tiny, tmp_path):
     result = run_script("train.py", ["adv=pgd", "adv.eps=-0.004", *tiny, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode != 0
@@ -119,6 +123,7 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     assert "Could not find 'adv/madry'" in result.stderr and "pgd" in result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_each_run_its_folder(tiny, tmp_path):
     """`python train.py -m adv=none,fgsm adv.eps=0.002`: two runs, each with its own curve and summary."""
     result = run_script(

@@ -89,6 +89,7 @@ def _epoch(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
 
 
+@pytest.mark.slow
 def test_sigusr1_writes_hpc_checkpoint_and_reports_the_failed_requeue(tiny, tmp_path):
     """As on a SLURM node (one task): SIGUSR1 mid-training -> hpc_ckpt_1.ckpt; `scontrol requeue` fails here, which is
     logged and training goes on; SIGTERM (what SLURM sends a requeued job) then ends the run."""

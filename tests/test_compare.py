@@ -145,6 +145,7 @@ def multirun(tiny_for, tmp_path_factory):
     return sweep, result.stdout
 
 
+@pytest.mark.slow
 def test_multirun_prints_the_most_robust_run(multirun):
     """conf/hydra/default.yaml's CompareRuns: the sweep's compare.md, and its verdict printed at the end."""
     sweep, stdout = multirun
@@ -154,6 +155,7 @@ def test_multirun_prints_the_most_robust_run(multirun):
     assert not any((sweep / str(num) / "compare.md").exists() for num in (0, 1))  # the jobs write none of their own
 
 
+@pytest.mark.slow
 def test_compare_script_on_run_folders_reads_what_each_run_wrote(multirun, tmp_path):
     sweep, _ = multirun
     result = run_script("compare.py", [str(sweep / "0"), str(sweep / "1"), "--metric", "mae", "--attack", PGD,

@@ -44,19 +44,27 @@ def _task_has(task: str, member: str) -> bool:
     return not lacking(cls, (member,)) or member in inspect.signature(cls).parameters
 
 
+@cache
+def _eval_requirements(evaluation: str) -> tuple[str | None, tuple[str, ...]]:
+    """The objective ``evaluation`` asks of a task and the task members its callback and attacks declare in
+    ``requires``; composed once per eval (with the default task: a task sets an eval's budgets, never its attacks)."""
+    node = _composed(_default_task(), evaluation).eval
+    target = node.get("_target_")
+    needs = tuple(getattr(get_class(target), "requires", ())) if target is not None else ()
+    attacks = instantiate(node.get("attacks") or {})
+    attacks = attacks.values() if hasattr(attacks, "values") else attacks
+    return node.get("objective"), needs + tuple(member for attack in attacks for member in getattr(attack, "requires", ()))
+
+
 def _applies(task: str, evaluation: str) -> bool:
-    """Whether every attack of ``evaluation`` finds the task members it declares in ``requires`` (what
-    RobustnessEvaluation checks at setup): a regression-only evaluation does not apply to a classifier."""
-    objective = _composed(task, evaluation).eval.get("objective")
+    """Whether the task declares the objective ``evaluation`` climbs and has every member its callback and attacks
+    declare in ``requires`` (what the evaluation checks at setup): a regression-only evaluation does not apply to a
+    classifier, eval=shape's point objective nor eval=ood to a segmenter."""
+    objective, needs = _eval_requirements(evaluation)
     if objective is not None and objective not in getattr(get_class(_composed(task).module._target_),
                                                            "attack_objectives", {}):
-        return False  # an objective the task does not declare (eval=shape's points on a classifier)
-    target = _composed(task, evaluation).eval.get("_target_")
-    if target is not None and not all(_task_has(task, member) for member in getattr(get_class(target), "requires", ())):
-        return False  # an evaluation of another kind of task (eval=ood: shape tasks)
-    attacks = instantiate(_composed(task, evaluation).eval.get("attacks") or {})
-    attacks = attacks.values() if hasattr(attacks, "values") else attacks
-    return all(_task_has(task, member) for attack in attacks for member in getattr(attack, "requires", ()))
+        return False
+    return all(_task_has(task, member) for member in needs)
 
 
 @cache
@@ -66,17 +74,19 @@ def _default_task() -> str:
         return compose("train", return_hydra_config=True).hydra.runtime.choices.task
 
 
+@cache
+def _adv_requirements(adv: str) -> tuple[str, ...]:
+    """The task members the defence of ``adv`` declares in ``requires``; composed once per adv."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        defense = compose("train", overrides=[f"adv={adv}"]).adv.get("defense")
+    return tuple(getattr(get_class(defense._target_), "requires", ())) if defense is not None else ()
+
+
 def _adv_applies(task: str, adv: str) -> bool:
     """Whether the task module has every member the defence of ``adv`` declares in ``requires`` (MART: a
     classifier), as AdversarialTraining checks at setup."""
-    if adv == "none":
-        return True
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", f"adv={adv}"])
-    defense = cfg.adv.get("defense")
-    requires = getattr(get_class(defense._target_), "requires", ()) if defense is not None else ()
-    return all(_task_has(task, member) for member in requires)
+    return adv == "none" or all(_task_has(task, member) for member in _adv_requirements(adv))
 
 
 def _targets(node) -> tuple:

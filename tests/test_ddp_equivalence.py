@@ -112,6 +112,7 @@ def ddp_runs(tiny_for, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.slow
 def test_two_processes_report_what_one_process_reports(ddp_runs, task, tmp_path):
     job = ddp_runs[task]
     cfg = OmegaConf.load(job["config"])
@@ -132,6 +133,7 @@ def test_two_processes_report_what_one_process_reports(ddp_runs, task, tmp_path)
 
 
 # -- the command a user types ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_py_with_ddp_cpu_equals_cpu_on_an_odd_test_split(tiny, tmp_path):
     """The issue's own case: LIDC with an odd number of test nodules, `eval.py` on 1 and on 2 processes."""
     split = "data.split=[0.6,0.15,0.25]"  # 11 test nodules of the tiny set: Lightning's sampler would pad one

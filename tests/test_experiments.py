@@ -51,6 +51,7 @@ def test_protocols_that_attack_the_trained_model_evaluate_once_at_the_end(experi
         assert cfg.eval.every_n_epochs == cfg.trainer.max_epochs, job
 
 
+@pytest.mark.slow
 def test_seed000_protocol_sweeps_naive_and_iterative_training_into_one_comparison(tiny_for, tmp_path):
     """`python train.py -m experiment=seed000_lidc`: both runs selected on robust accuracy, both curves in one
     plot, each summary with its sensitivity table."""

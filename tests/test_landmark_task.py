@@ -183,6 +183,7 @@ def test_tau_is_recomputed_from_each_clean_validation_and_survives_a_checkpoint(
     assert fixed.tau.item() == 0.25  # a configured tau beats the checkpoint's
 
 
+@pytest.mark.slow
 def test_tau_over_two_ddp_ranks_is_the_tau_of_all_their_losses():
     """The Huber tau needs every validation loss, not a mean of per-rank taus: ``val/loss_tau`` gathers the losses
     (``dist_reduce_fx="cat"``), so two ``ddp_spawn`` ranks, each with half of the 10 samples, give the tau of all

@@ -138,6 +138,7 @@ def test_margins_reach_the_checkpoint_and_their_figure(tiny_for, task, tmp_path)
     assert (tmp_path / "curves" / "train_margins.png").is_file()
 
 
+@pytest.mark.slow
 def test_margin_training_resumes_exactly(tiny_for, tmp_path):
     overrides = [*tiny_for("lidc"), "adv=margin", "adv.attack.steps=3", "trainer.deterministic=true",
                  "eval.eps=[0.0,0.004]", "test=false"]
@@ -146,6 +147,7 @@ def test_margin_training_resumes_exactly(tiny_for, tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_margins_merge_across_ddp_ranks(tiny_for, tmp_path):
     """Two ranks train on different samples; the checkpoint (rank 0's) holds the margins of both ranks' samples."""
     from hydra.utils import instantiate

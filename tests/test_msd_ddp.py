@@ -46,6 +46,7 @@ def mixed_root(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("loader_from", ["datamodule", "dataloaders"])
+@pytest.mark.slow
 def test_ddp_validation_sees_every_slice_in_same_shape_batches(mixed_root, tmp_path, loader_from):
     """``datamodule``: the loader comes from a hook (what train.py does); ``dataloaders``: made before the run, which
     Lightning rebuilds without this sampler's arguments (it raised a TypeError under DDP)."""

@@ -90,6 +90,7 @@ def test_clean_training_with_dropout_resumes_exactly(tiny_for, tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_resumes_without_losing_or_duplicating_rows(straight, tmp_path):
     """SIGKILL once robustness.csv holds epoch 1's rows (usually before last.ckpt holds epoch 1: those rows are then
     newer than the checkpoint); the resume in the same folder must end with the straight run's rows, once each."""

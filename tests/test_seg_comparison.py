@@ -127,6 +127,7 @@ def test_hydra_callback_writes_after_each_job_of_a_multirun_only(sweep):
     assert f"| net_c | 10 |  |  |  |  |  |  |  |  |  | {NO_RESULTS} |" in (sweep / "compare.md").read_text()
 
 
+@pytest.mark.slow
 def test_seg_experiment_sweep_writes_one_table_and_plot_of_its_runs(tiny_for, tmp_path):
     """`python train.py -m experiment=seg_generalizability_vs_robustness`, cut to two cheap models, two eps and
     two-step attacks on the test split only: compare.md / .csv / .png in the sweep folder, their numbers those of

@@ -56,6 +56,7 @@ def test_optimized_value_is_the_logged_metric_and_a_wrong_name_lists_the_logged_
     assert ROBUST in str(error.value) and "val/loss" in str(error.value)  # the names it could have been
 
 
+@pytest.mark.slow
 def test_optuna_sweep_through_submitit_local_processes(tiny, tmp_path):
     """`python train.py -m sweep=optuna hydra/launcher=submitit_local`: 2 trials, run side by side as submitit jobs."""
     sweep_dir = tmp_path / "sweep"
@@ -106,6 +107,7 @@ def _agent_command(sweep: dict, args: dict) -> list[str]:
     return command
 
 
+@pytest.mark.slow
 def test_wandb_sweep_trial_runs_and_logs_the_metric_the_sweep_optimises(tiny, tmp_path):
     sweep = yaml.safe_load((REPO / "sweeps" / "wandb_lidc.yaml").read_text())
     assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
