@@ -1,0 +1,561 @@
+"""Object detection with a CenterNet (2-D or 3-D): LUNA16-style nodule detection, judged by seed 004's rule.
+
+The network is :class:`medrobust.models.centernet.CenterNet` (or any module with its output dict ``{"heatmap":
+(B, K, *out), "size": (B, d, *out), "offset": (B, d, *out)}`` and a ``stride``); the batch is
+:class:`LunaDataModule`'s: ``boxes`` ``(B, N, 2d)`` StandardMode pixels, ``labels`` ``(B, N)`` (padding -1),
+``box_valid`` ``(B, N)``, ``box_target`` ``(B, N)`` (False: an irrelevant finding, or padding), ``spacing``.
+
+The metric objects live here too (:class:`DetectionPreds`, :class:`DetectionTarget` and the torchmetrics below);
+the numbers come from :mod:`medrobust.tasks.detection_metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from medrobust.losses.centernet import OFFSET_WEIGHT, SIZE_WEIGHT, centernet_loss_terms
+from medrobust.models.centernet import decode_padded, encode_targets, gather_at
+from medrobust.tasks.base import RobustTask
+from medrobust.tasks.detection_metrics import attack_detection_outcome, centre_distance_hit, coco_map, froc
+from medrobust.tasks.detection_metrics import iou_hit, mean_gt_iou
+from medrobust.tasks.landmark_metrics import loss_threshold
+
+TERMS = ("heatmap", "size", "offset")
+TAU_RULES = ("mean", "robust")
+FROC_HITS = ("centre", "iou")
+# is_correct's per-term thresholds until a clean validation has measured the model's (as segmentation's 0.5):
+# placeholders that let an untrained model be evaluated, not calibrated values
+FALLBACK_TAU = {"heatmap": 1.0, "size": 1.0, "offset": 0.5}
+_TAU_FLOOR = 1e-6  # the margin divides by tau: a term whose tau is 0 (no objects in validation) stays finite
+_KEY_STRIDE = 2**40  # image keys: rank * _KEY_STRIDE + the image's index on that rank (exact in float64)
+
+
+class DetectionTask(RobustTask):
+    """CenterNet detection, 2-D or 3-D, against the batch's padded boxes.
+
+    attack_loss (the per-sample training loss): CenterNet's ``heatmap + size_weight * size + offset_weight *
+    offset`` (:mod:`medrobust.losses.centernet`, weights 0.1 and 1 by default, each term normalised by the sample's
+    own object count), targets encoded (:func:`encode_targets`) from the valid *target* boxes only. Irrelevant
+    findings (``box_target`` False: LUNA16's excluded annotations) are not trained as positives: their cells are
+    plain background for the focal loss (a detection there is neither a hit nor a false positive in the FROC, which
+    ignores it, so nothing is lost there; mAP drops such detections too, see :class:`MeanAP`), and they have no
+    size / offset rows. Training them as positives would teach the model findings the evaluation never rewards.
+
+    is_correct (seed 004, Ma et al. 2024): a sample is correct when *each* loss term is at or below its threshold
+    ``tau[term]``. By default (``tau=None``) the thresholds are the clean model's per-sample validation terms'
+    mean (``tau_rule="mean"``, as segmentation's tau is the mean validation Dice) or Huber robust mean plus 3
+    robust scales (``"robust"``, as landmarks'), logged as ``val/tau_heatmap``, ``val/tau_size``,
+    ``val/tau_offset`` (rank-reduced: the per-sample terms are gathered) and copied after each clean validation
+    (sanity check excluded) into the ``validation_tau`` buffer ``(3,)``, hence into checkpoints (``state_dict``).
+    Until a first validation the buffer is NaN and :data:`FALLBACK_TAU` (placeholders) judges. A mapping ``tau``
+    fixes the three thresholds (a checkpoint's buffer does not override it).
+
+    correct_margin: ``min over terms of (tau_t - term_t) / max(tau_t, 1e-6)``: each term's slack relative to its
+    threshold (the terms have different units), ``>= 0`` exactly where is_correct (0 only at equality), and
+    differentiable (every term is).
+
+    Metrics (accumulated per image across batches, computed at epoch end; states are DDP ``cat`` gathers):
+    ``accuracy`` (is-correct rate), ``mean_iou`` (seed 004: each target box's best IoU with a detection of its
+    label scoring ``>= score_threshold``, 0 when missed, mean over the boxes), ``cpm`` (LUNA16's FROC / CPM over
+    the images as scans, irrelevant findings ignored; ``froc_hit="centre"``: LUNA16's centre-in-radius test in
+    voxel units, which equals the mm test for isotropic in-plane / cube spacing; ``"iou"``: IoU ``>= froc_iou``,
+    0.3), ``map_50`` (COCO mAP at IoU 0.5); under attack only, ``vanished_rate`` (the shift metric: of the target
+    boxes detected clean, the share no adversarial detection finds any more) and ``fabricated_per_image``; on the
+    clean loops only, ``tau_heatmap`` / ``tau_size`` / ``tau_offset``. Detections are decoded
+    (:func:`decode_padded`) at ``candidate_threshold`` (0.05, at most ``max_detections`` per image) for the FROC
+    and mAP, which sweep the score; ``mean_iou`` and the attack outcomes read them at ``score_threshold`` (0.5).
+
+    output_divergence (TRADES, MART): per sample, the binary KL between the clean and the adversarial sigmoid
+    heatmaps summed over the cells and classes and divided by the sample's target count (at least 1; the focal
+    loss's normalisation), plus ``size_weight`` x and ``offset_weight`` x the mean squared change of the size and
+    offset maps at the clean output's peaks (the decoder's peaks above ``candidate_threshold``, at most
+    ``max_detections``; none: 0). 0 exactly where the outputs agree.
+
+    Args:
+        net: a CenterNet-like module (``stride`` attribute unless ``stride`` is given).
+        num_classes: heatmap channels (LUNA: 1, nodule).
+        tau: ``{"heatmap": .., "size": .., "offset": ..}`` fixed thresholds, or ``None`` (clean validation).
+        tau_rule: ``"mean"`` or ``"robust"``, the statistic of the validation terms that gives tau.
+        size_weight, offset_weight: the loss's weights (the paper's 0.1 and 1).
+        score_threshold: the operating point of ``mean_iou`` and the attack outcomes.
+        candidate_threshold, max_detections: the decoding of candidates for the metrics.
+        froc_hit, froc_iou: the FROC's hit test.
+        stride: the output stride; default ``net.stride``.
+    """
+
+    outputs_logits = False  # a heatmap / size / offset dict, not class logits: CE / DLR losses do not apply
+    label_key = "boxes"
+    shift_metric = "vanished_rate"
+    attacked_metrics = ("mean_iou",)  # the loss drives the heatmap peaks and boxes; CPM and mAP follow them
+    curve_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "vanished_rate")
+    bounded_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "vanished_rate")
+
+    def __init__(self, net, num_classes: int = 1, tau: Mapping[str, float] | None = None, tau_rule: str = "mean",
+                 size_weight: float = SIZE_WEIGHT, offset_weight: float = OFFSET_WEIGHT, score_threshold: float = 0.5,
+                 candidate_threshold: float = 0.05, max_detections: int = 100, froc_hit: str = "centre",
+                 froc_iou: float = 0.3, stride: int | None = None, **kwargs) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"module.num_classes must be an integer >= 1, got {num_classes!r}")
+        if tau_rule not in TAU_RULES:
+            raise ValueError(f"module.tau_rule must be one of {list(TAU_RULES)}, got {tau_rule!r}")
+        if froc_hit not in FROC_HITS:
+            raise ValueError(f"module.froc_hit must be one of {list(FROC_HITS)}, got {froc_hit!r}")
+        if tau is not None:
+            if not isinstance(tau, Mapping) or set(tau) != set(TERMS) or not all(
+                    isinstance(tau[t], (int, float)) and tau[t] >= 0 for t in TERMS):
+                raise ValueError(f"module.tau must map each of {list(TERMS)} to a loss value >= 0, or be null (the "
+                                 f"clean validation's), got {tau!r}")
+        for key, value in (("size_weight", size_weight), ("offset_weight", offset_weight)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"module.{key} must be a number >= 0, got {value!r}")
+        for key, value in (("score_threshold", score_threshold), ("candidate_threshold", candidate_threshold),
+                           ("froc_iou", froc_iou)):
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"module.{key} must be a number in [0, 1), got {value!r}")
+        if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
+            raise ValueError(f"module.max_detections must be an integer >= 1, got {max_detections!r}")
+        stride = getattr(net, "stride", None) if stride is None else stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"module.stride must be the network's output stride, an integer >= 1 (default: "
+                             f"net.stride), got {stride!r}")
+        self.num_classes, self.tau_rule, self.stride = num_classes, tau_rule, stride
+        self.fixed_tau = None if tau is None else torch.tensor([float(tau[t]) for t in TERMS])
+        self.size_weight, self.offset_weight = float(size_weight), float(offset_weight)
+        self.score_threshold, self.candidate_threshold = float(score_threshold), float(candidate_threshold)
+        self.max_detections, self.froc_hit, self.froc_iou = max_detections, froc_hit, float(froc_iou)
+        super().__init__(net, **kwargs)
+        # NaN until a clean validation measures it; a buffer, so checkpoints carry it to eval.py and resumes
+        self.register_buffer("validation_tau", torch.full((len(TERMS),), math.nan))
+
+    # -- tau ------------------------------------------------------------------------------------
+    @property
+    def tau(self) -> Tensor:
+        """The per-term thresholds now ``(3,)`` in :data:`TERMS` order: the fixed ``tau``, else the last clean
+        validation's, else :data:`FALLBACK_TAU`."""
+        device = self.validation_tau.device
+        if self.fixed_tau is not None:
+            return self.fixed_tau.to(device)
+        if torch.isnan(self.validation_tau).any():
+            return torch.tensor([FALLBACK_TAU[t] for t in TERMS], device=device)
+        return self.validation_tau
+
+    def on_clean_validation(self, values: dict[str, Tensor]) -> None:
+        sanity = self._trainer is not None and self.trainer.sanity_checking  # an untrained model's losses: no tau
+        taus = [values.get(f"val/tau_{term}") for term in TERMS]
+        if self.fixed_tau is None and not sanity and all(t is not None and torch.isfinite(t) for t in taus):
+            self.validation_tau.copy_(torch.stack([t.float() for t in taus]))  # synced: every rank sets the same
+
+    # -- wiring to the data ---------------------------------------------------------------------
+    def bind_data(self, datamodule) -> None:
+        super().bind_data(datamodule)
+        count = getattr(datamodule, "num_classes", None)
+        if count is not None and count != self.num_classes:
+            raise ValueError(f"module.num_classes={self.num_classes} but the data have {count} classes "
+                             f"({getattr(datamodule, 'class_names', None)})")
+        names = getattr(datamodule, "class_names", None)
+        if names is not None:
+            self.class_names = list(names)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        output = self.net(x)
+        if not isinstance(output, dict) or any(key not in output for key in ("heatmap", "size", "offset")):
+            raise ValueError(f"a detection network must output a dict with 'heatmap', 'size' and 'offset' maps "
+                             f"(CenterNet), got {type(output).__name__}")
+        return output
+
+    def encoded_targets(self, output: dict, batch: dict) -> dict[str, Tensor]:
+        """:func:`encode_targets` of the batch's valid target boxes at the output's resolution."""
+        heatmap = output["heatmap"]
+        boxes = batch["boxes"].to(heatmap.device)
+        dims = heatmap.ndim - 2
+        if boxes.ndim != 3 or boxes.shape[0] != heatmap.shape[0] or boxes.shape[2] != 2 * dims:
+            raise ValueError(f"batch['boxes'] must be (B, N, 2d) = ({heatmap.shape[0]}, N, {2 * dims}) for heatmaps "
+                             f"{tuple(heatmap.shape)}, got {tuple(boxes.shape)}")
+        keep = self.target_mask(batch).to(heatmap.device)
+        return encode_targets(boxes, batch["labels"].to(heatmap.device), keep, tuple(heatmap.shape[2:]),
+                              self.stride, self.num_classes)
+
+    @staticmethod
+    def target_mask(batch: dict) -> Tensor:
+        """``(B, N)`` bool: the valid boxes that are targets (``box_target``; every valid box without it)."""
+        valid = batch["box_valid"].bool()
+        target = batch.get("box_target")
+        return valid if target is None else valid & target.to(valid.device).bool()
+
+    def loss_terms(self, output: dict, batch: dict) -> Tensor:
+        """The unweighted per-sample terms ``(B, 3)`` in :data:`TERMS` order, fp32."""
+        terms = centernet_loss_terms(output, self.encoded_targets(output, batch))
+        return torch.stack([terms[t] for t in TERMS], dim=1)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def attack_loss(self, output: dict, batch: dict) -> Tensor:
+        terms = self.loss_terms(output, batch)
+        return terms[:, 0] + self.size_weight * terms[:, 1] + self.offset_weight * terms[:, 2]
+
+    def correct_margin(self, output: dict, batch: dict, terms: Tensor | None = None) -> Tensor:
+        """``min_t (tau_t - term_t) / max(tau_t, 1e-6)`` ``(B,)`` (``terms``: :meth:`loss_terms`, if computed)."""
+        terms = self.loss_terms(output, batch) if terms is None else terms
+        tau = self.tau.to(terms.device)
+        return ((tau - terms) / tau.clamp(min=_TAU_FLOOR)).amin(dim=1)
+
+    def is_correct(self, output: dict, batch: dict) -> Tensor:
+        return self.correct_margin(output, batch) >= 0
+
+    def peak_index(self, output: dict) -> tuple[Tensor, Tensor]:
+        """The decoder's peaks of ``output``: flat cell indices ``(B, M)`` and their mask ``(B, M)`` (score above
+        ``candidate_threshold``), no gradient."""
+        with torch.no_grad():
+            heat = torch.sigmoid(output["heatmap"].float())
+            pool = F.max_pool2d if heat.ndim == 4 else F.max_pool3d
+            heat = heat * (heat == pool(heat, 3, stride=1, padding=1))
+            cells = math.prod(heat.shape[2:])
+            scores, flat = heat.flatten(1).topk(min(self.max_detections, heat[0].numel()), dim=1)
+            return flat % cells, scores > self.candidate_threshold
+
+    def output_divergence(self, clean_output: dict, adversarial_output: dict, batch: dict) -> Tensor:
+        clean, adversarial = clean_output["heatmap"].float(), adversarial_output["heatmap"].float()
+        p = torch.sigmoid(clean)
+        kl = (p * (F.logsigmoid(clean) - F.logsigmoid(adversarial))
+              + (1 - p) * (F.logsigmoid(-clean) - F.logsigmoid(-adversarial)))
+        objects = self.target_mask(batch).to(kl.device).sum(dim=1).clamp(min=1)
+        divergence = kl.flatten(1).sum(dim=1) / objects
+        index, peaks = self.peak_index(clean_output)
+        count = peaks.sum(dim=1).clamp(min=1)
+        for key, weight in (("size", self.size_weight), ("offset", self.offset_weight)):
+            change = gather_at(adversarial_output[key].float() - clean_output[key].float(), index)  # (B, M, d)
+            divergence = divergence + weight * (change.square().mean(dim=2) * peaks).sum(dim=1) / count
+        return divergence
+
+    # -- metrics --------------------------------------------------------------------------------
+    def robust_metrics(self) -> dict:
+        hit = centre_distance_hit() if self.froc_hit == "centre" else iou_hit(self.froc_iou)
+        return {"accuracy": CorrectRate(),
+                "mean_iou": MeanGTIoU(self.score_threshold),
+                "cpm": CPM(hit),
+                "map_50": MeanAP(self.num_classes, hit),
+                "vanished_rate": VanishedRate(self.score_threshold),
+                "fabricated_per_image": FabricatedPerImage(self.score_threshold)}
+
+    def clean_metrics(self) -> dict:
+        attack_only = ("vanished_rate", "fabricated_per_image")  # 0 on clean images
+        metrics = {name: metric for name, metric in self.robust_metrics().items() if name not in attack_only}
+        return {**metrics, **{f"tau_{term}": TermThreshold(index, self.tau_rule) for index, term in enumerate(TERMS)}}
+
+    def detections(self, output: dict) -> dict[str, Tensor]:
+        """:func:`decode_padded` at ``candidate_threshold``: boxes, labels, scores, valid, padded."""
+        return decode_padded(output, self.stride, self.candidate_threshold, self.max_detections)
+
+    def metric_inputs(self, output: dict, batch: dict, reference: dict | None = None
+                      ) -> tuple[DetectionPreds, DetectionTarget]:
+        """``preds``: the decoded detections of ``output`` and of ``reference`` (the clean output when ``output`` is
+        adversarial; else ``output`` itself); ``target``: the boxes, their masks, and the per-sample terms and
+        verdict."""
+        found = self.detections(output)
+        ref = found if reference is None else self.detections(reference)
+        preds = DetectionPreds(found["boxes"], found["labels"], found["scores"], found["valid"],
+                               ref["boxes"], ref["labels"], ref["scores"], ref["valid"])
+        terms = self.loss_terms(output, batch).detach()
+        device = found["boxes"].device
+        target = DetectionTarget(batch["boxes"].to(device).float(), batch["labels"].to(device),
+                                 batch["box_valid"].to(device).bool(), self.target_mask(batch).to(device), terms,
+                                 self.correct_margin(output, batch, terms) >= 0)
+        return preds, target
+
+    def example_masks(self, output: dict, batch: dict, adversarial_output: dict) -> dict[str, Tensor]:
+        """Box maps ``(B, *spatial)``: 1 inside a target box / a detection at ``score_threshold``, else 0."""
+        shape = tuple(batch["image"].shape[2:])
+        clean, adversarial = self.detections(output), self.detections(adversarial_output)
+        return {"ground truth": box_map(batch["boxes"], self.target_mask(batch), shape),
+                "clean prediction": box_map(clean["boxes"], clean["scores"] >= self.score_threshold, shape),
+                "adversarial prediction": box_map(adversarial["boxes"],
+                                                  adversarial["scores"] >= self.score_threshold, shape)}
+
+
+def box_map(boxes: Tensor, keep: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``(B, *shape)`` long: 1 at the pixels whose centre lies in one of the kept StandardMode boxes ``(B, N, 2d)``."""
+    dims = len(shape)
+    inside = keep.bool()[(...,) + (None,) * dims]
+    for axis, length in enumerate(shape):
+        centre = torch.arange(length, device=boxes.device, dtype=torch.float32) + 0.5
+        view = [1] * dims
+        view[axis] = length
+        centre = centre.view(view)
+        lo = boxes[..., axis].float()[(...,) + (None,) * dims]
+        hi = boxes[..., dims + axis].float()[(...,) + (None,) * dims]
+        inside = inside & (centre >= lo) & (centre < hi)
+    return inside.any(dim=1).long()
+
+
+# -- metric objects -----------------------------------------------------------------------------------------------
+class DetectionPreds(NamedTuple):
+    """Padded detections ``(B, K, 2d)`` / ``(B, K)`` of the evaluated output and of its reference (the clean one)."""
+
+    boxes: Tensor
+    labels: Tensor
+    scores: Tensor
+    valid: Tensor
+    reference_boxes: Tensor
+    reference_labels: Tensor
+    reference_scores: Tensor
+    reference_valid: Tensor
+
+
+class DetectionTarget(NamedTuple):
+    """The batch's padded boxes ``(B, N, 2d)``, labels, ``valid`` and ``target`` masks ``(B, N)``, and per sample the
+    task's loss terms ``(B, 3)`` and verdict ``correct`` ``(B,)``."""
+
+    boxes: Tensor
+    labels: Tensor
+    valid: Tensor
+    target: Tensor
+    terms: Tensor
+    correct: Tensor
+
+
+def _check(preds: DetectionPreds, target: DetectionTarget) -> None:
+    if not isinstance(preds, DetectionPreds) or not isinstance(target, DetectionTarget):
+        raise TypeError(f"detection metrics take (DetectionPreds, DetectionTarget), got ({type(preds).__name__}, "
+                        f"{type(target).__name__})")
+    if preds.boxes.shape[0] != target.boxes.shape[0] or preds.boxes.shape[-1] != target.boxes.shape[-1]:
+        raise ValueError(f"detections {tuple(preds.boxes.shape)} and boxes {tuple(target.boxes.shape)} must be "
+                         f"(B, K, 2d) and (B, N, 2d) for the same B and d")
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _rows(keys: Tensor, boxes: Tensor, labels: Tensor, last: Tensor, keep: Tensor) -> Tensor:
+    """float64 rows ``[key, box (2d), label, last]`` of the kept entries."""
+    b, n = keep.shape
+    table = torch.cat([keys[:, None, None].expand(b, n, 1).double(), boxes.double(), labels[..., None].double(),
+                       last[..., None].double()], dim=-1)
+    return table[keep.bool()].detach()
+
+
+def _cat(state, width: int) -> np.ndarray:
+    """A ``cat`` state (a list before a sync, a tensor after) as a float64 numpy array ``(n, width)``; ``width``
+    only shapes an empty state (a gathered one has its rows' own width, also on a rank that saw no batch)."""
+    if isinstance(state, list) and not state:
+        return np.zeros((0, width))
+    values = dim_zero_cat(state).detach().cpu().double().numpy()
+    return values.reshape(-1, values.shape[-1] if values.ndim == 2 else width)
+
+
+class _DetectionAccumulator(Metric):
+    """Keeps every image's detections (and its reference's) and boxes, keyed per image across batches and DDP
+    ranks (``rank * 2**40 + index``: ``cat`` gathers pad and concatenate, so the key says whose row is whose);
+    :meth:`per_image` regroups them at compute. Empty (``skip_when_empty``) without a target box."""
+
+    full_state_update = False
+    skip_when_empty = True  # see medrobust.tasks.base.compute_metrics
+    uses_reference = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("images", default=[], dist_reduce_fx="cat")
+        self.add_state("detections", default=[], dist_reduce_fx="cat")
+        self.add_state("references", default=[], dist_reduce_fx="cat")
+        self.add_state("truths", default=[], dist_reduce_fx="cat")
+        self.dims = 0
+
+    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
+        _check(preds, target)
+        self.dims = preds.boxes.shape[-1] // 2
+        seen = sum(len(keys) for keys in self.images)
+        batch = preds.boxes.shape[0]
+        device = preds.boxes.device
+        keys = (torch.arange(batch, device=device, dtype=torch.float64) + seen) + _rank() * float(_KEY_STRIDE)
+        self.images.append(keys)
+        self.detections.append(_rows(keys, preds.boxes, preds.labels, preds.scores, preds.valid))
+        if self.uses_reference:
+            self.references.append(_rows(keys, preds.reference_boxes, preds.reference_labels,
+                                         preds.reference_scores, preds.reference_valid))
+        self.truths.append(_rows(keys, target.boxes, target.labels, target.target.float(), target.valid))
+
+    def per_image(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """``(predictions, references, targets)``, one entry per image (detection_metrics' mappings); a target
+        holds the target boxes and, as ``irrelevant_boxes``, the other valid boxes."""
+        width = 2 * self.dims + 3  # rows: key, box (2d), label, score / is-target
+        keys = _cat(self.images, 1)[:, 0]
+        order = np.sort(keys)
+
+        def split(rows: np.ndarray) -> list[np.ndarray]:
+            position = np.searchsorted(order, rows[:, 0])
+            rows = rows[np.argsort(position, kind="stable")]
+            bounds = np.searchsorted(np.sort(position), np.arange(1, len(order)))
+            return np.split(rows, bounds) if len(order) else []
+
+        def detections(rows: np.ndarray) -> dict:
+            return {"boxes": rows[:, 1:-2], "labels": rows[:, -2].astype(np.int64), "scores": rows[:, -1]}
+
+        predictions = [detections(rows) for rows in split(_cat(self.detections, width))]
+        references = [detections(rows) for rows in split(_cat(self.references, width))] if self.uses_reference \
+            else []
+        targets = []
+        for rows in split(_cat(self.truths, width)):
+            is_target = rows[:, -1] > 0.5
+            targets.append({"boxes": rows[is_target, 1:-2], "labels": rows[is_target, -2].astype(np.int64),
+                            "irrelevant_boxes": rows[~is_target, 1:-2]})
+        return predictions, references, targets
+
+    def num_targets(self) -> int:
+        return int((_cat(self.truths, 2 * self.dims + 3)[:, -1] > 0.5).sum())
+
+    def is_empty(self) -> bool:
+        return self.num_targets() == 0
+
+    def compute(self) -> Tensor:
+        if self.is_empty():
+            return torch.tensor(math.nan)
+        return torch.tensor(self.value(*self.per_image()), dtype=torch.float32)
+
+    def value(self, predictions: list[dict], references: list[dict], targets: list[dict]) -> float:
+        raise NotImplementedError
+
+
+class MeanGTIoU(_DetectionAccumulator):
+    """Seed 004's mean IoU per target box (:func:`mean_gt_iou` at ``score_threshold``)."""
+
+    higher_is_better = True
+
+    def __init__(self, score_threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.score_threshold = score_threshold
+
+    def value(self, predictions, references, targets):
+        return mean_gt_iou(predictions, targets, self.score_threshold).mean
+
+
+class CPM(_DetectionAccumulator):
+    """LUNA16's competition performance metric (:func:`froc`, every image a scan, irrelevant findings ignored)."""
+
+    higher_is_better = True
+
+    def __init__(self, hit, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hit = hit
+
+    def value(self, predictions, references, targets):
+        return froc(predictions, targets, hit=self.hit).cpm
+
+
+class MeanAP(_DetectionAccumulator):
+    """COCO mAP at IoU 0.5 over the classes with targets (:func:`coco_map`); detections that hit (``hit``, the
+    FROC's test) an irrelevant finding and no target are dropped first, as the FROC ignores them."""
+
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, hit, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.hit = num_classes, hit
+
+    def value(self, predictions, references, targets):
+        kept = []
+        for prediction, target in zip(predictions, targets):
+            boxes = prediction["boxes"]
+            drop = np.zeros(len(boxes), dtype=bool)
+            if len(boxes) and len(target["irrelevant_boxes"]):
+                drop = self.hit(boxes, target["irrelevant_boxes"]).any(axis=1)
+                if len(target["boxes"]):
+                    drop &= ~self.hit(boxes, target["boxes"]).any(axis=1)
+            kept.append({key: value[~drop] for key, value in prediction.items()})
+        return coco_map(kept, targets, classes=range(self.num_classes))["map_50"]
+
+
+class VanishedRate(_DetectionAccumulator):
+    """Of the target boxes the reference (clean) detections find, the share the evaluated ones no longer find
+    (:func:`attack_detection_outcome`); 0 on clean images. Empty without a target box found clean."""
+
+    higher_is_better = None  # a shift: how far the attack moved the detections
+    uses_reference = True
+
+    def __init__(self, score_threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.score_threshold = score_threshold
+
+    def outcome(self):
+        predictions, references, targets = self.per_image()
+        return attack_detection_outcome(references, predictions, targets, self.score_threshold)
+
+    def is_empty(self) -> bool:
+        return super().is_empty() or self.outcome().detected_clean == 0
+
+    def compute(self) -> Tensor:
+        if self.is_empty():
+            return torch.tensor(math.nan)
+        return torch.tensor(self.outcome().vanished_rate, dtype=torch.float32)
+
+
+class FabricatedPerImage(VanishedRate):
+    """Adversarial detections that find neither a target box nor a clean detection, per image."""
+
+    higher_is_better = False
+
+    def is_empty(self) -> bool:
+        return len(_cat(self.images, 1)) == 0
+
+    def compute(self) -> Tensor:
+        if self.is_empty():
+            return torch.tensor(math.nan)
+        return torch.tensor(self.outcome().fabricated_per_image, dtype=torch.float32)
+
+
+class CorrectRate(Metric):
+    """Fraction of samples the task calls correct (``target.correct``): the task's ``is_correct`` rate."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
+        _check(preds, target)
+        # assignments, not +=: states made under inference mode are updated outside it by the evaluation
+        self.total = self.total + target.correct.double().sum().to(self.total.device)
+        self.count = self.count + target.correct.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(math.nan)
+
+
+class TermThreshold(Metric):
+    """The tau a loss term's per-sample values give (``"mean"``, or ``"robust"``: Huber mean + 3 robust scales),
+    gathered over DDP ranks; on the clean validation set it is the task's next threshold for that term."""
+
+    full_state_update = False
+    higher_is_better = None
+    skip_when_empty = True  # see medrobust.tasks.base.compute_metrics
+
+    def __init__(self, index: int, rule: str = "mean", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.index, self.rule = index, rule
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
+        _check(preds, target)
+        self.values.append(target.terms[:, self.index].detach().double().flatten())
+
+    def is_empty(self) -> bool:
+        return len(_cat(self.values, 1)) == 0
+
+    def compute(self) -> Tensor:
+        values = torch.from_numpy(_cat(self.values, 1)[:, 0])
+        if len(values) == 0:
+            return torch.tensor(math.nan)
+        tau = float(values.mean()) if self.rule == "mean" else loss_threshold(values)
+        return torch.tensor(tau, dtype=torch.float32)
