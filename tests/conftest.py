@@ -93,6 +93,7 @@ def tiny_for(data_dir, lidc_mini_db, msd_tiny_root, landmark_tiny_data, classify
         "lidc": [f"data.annotation_db={lidc_mini_db}"],
         "lidc_seg": [f"data.annotation_db={lidc_mini_db}"],
         "lidc_shape": [f"data.annotation_db={lidc_mini_db}"],
+        "luna": [f"data.annotation_db={lidc_mini_db}"],
         "msd": [f"data.root={msd_tiny_root}", f"data.cache_dir={msd_tiny_root}_cache"],
         "isbi2015": [f"data.root={isbi_root}", f"data.cache_dir={isbi_root}_cache"],
         "landmarks": ["data.source=fcsv", f"data.csv={fcsv_table}", f"data.cache_dir={fcsv_table}_cache"],

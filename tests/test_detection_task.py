@@ -210,9 +210,11 @@ def test_perfect_outputs_score_full_marks_accumulated_over_batches(dm):
         targets += int(b["box_target"].sum())
     assert targets > 0
     values = compute_metrics(clean)
-    assert set(values) == {"accuracy", "mean_iou", "cpm", "map_50", "tau_heatmap", "tau_size", "tau_offset"}
+    assert set(values) == {"accuracy", "mean_iou", "cpm", "map_50", "map_50_95", "tau_heatmap", "tau_size",
+                           "tau_offset"}
     assert values["mean_iou"] == pytest.approx(1.0, abs=1e-3)
     assert values["cpm"] == pytest.approx(1.0) and values["map_50"] == pytest.approx(1.0)
+    assert values["map_50_95"] == pytest.approx(1.0)
     assert values["accuracy"] == pytest.approx(1.0)
     assert values["tau_size"] < 1e-3 and values["tau_offset"] < 1e-3
     robust_values = compute_metrics(robust)

@@ -199,7 +199,8 @@ def gather_at(maps: Tensor, index: Tensor) -> Tensor:
 def decode_padded(output: dict[str, Tensor], stride: int, score_threshold: float = 0.1,
                   max_detections: int = 100) -> dict[str, Tensor]:
     """Detections of a CenterNet output as padded tensors, best first per image:
-    ``{"boxes": (B, K, 2d), "labels": (B, K) long, "scores": (B, K), "valid": (B, K) bool}``, ``K`` =
+    ``{"boxes": (B, K, 2d), "labels": (B, K) long, "scores": (B, K), "valid": (B, K) bool, "index": (B, K) long}``
+    (``index``: the flat heatmap index ``label * cells + cell``, to read a score with its gradient), ``K`` =
     ``min(max_detections, cells * classes)``; ``valid`` marks scores above ``score_threshold``.
 
     Peaks are cells equal to the max of their 3 x 3 (x 3) neighbourhood in the sigmoid heatmap (the paper's
@@ -218,7 +219,7 @@ def decode_padded(output: dict[str, Tensor], stride: int, score_threshold: float
     centre = (cell + gather_at(output["offset"].float(), index)) * stride
     extent = gather_at(output["size"].float(), index).clamp(min=0) * stride
     boxes = torch.cat([centre - extent / 2, centre + extent / 2], dim=-1)
-    return {"boxes": boxes, "labels": labels, "scores": scores, "valid": scores > score_threshold}
+    return {"boxes": boxes, "labels": labels, "scores": scores, "valid": scores > score_threshold, "index": flat}
 
 
 def decode(output: dict[str, Tensor], stride: int, score_threshold: float = 0.1,

@@ -44,10 +44,15 @@ guess them from names):
                                     ``(output, batch) -> Tensor[B]`` (a shape task's ``points``)
 ``class_names = None``              names of the label values (segmentation's label maps, classification's classes),
                                     for the example images' masks and captions; ``None``: the values themselves
+``tau_metrics = ()``                the clean validation metrics whose rank-reduced values become the task's
+                                    is-correct thresholds (seed 004's rule: segmentation's mean Dice, landmarks'
+                                    loss tau, detection's per-term taus), kept in the ``validation_tau`` buffer
+                                    (:meth:`RobustTask.register_validation_tau`), hence in checkpoints
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import lightning as L
@@ -136,6 +141,7 @@ class RobustTask(L.LightningModule):
     attacked_metrics: tuple[str, ...] | None = None
     class_names: list[str] | None = None
     attack_objectives: dict[str, str] = {}
+    tau_metrics: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -279,7 +285,23 @@ class RobustTask(L.LightningModule):
 
     def on_clean_validation(self, values: dict[str, torch.Tensor]) -> None:
         """Called with the rank-reduced clean validation metrics (``val/<metric>``) at the end of each validation,
-        sanity check included; e.g. a threshold derived from the clean model (segmentation's tau)."""
+        sanity check included. Here: the thresholds of :attr:`tau_metrics` are copied into ``validation_tau`` (not
+        after the sanity check: an untrained model's values; not with a fixed ``tau``; not while a value is missing
+        or not finite). The values are synced, so every rank sets the same thresholds."""
+        if not self.tau_metrics or getattr(self, "fixed_tau", None) is not None:
+            return
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        found = [values.get(f"val/{name}") for name in self.tau_metrics]
+        if all(value is not None and bool(torch.isfinite(value)) for value in found):
+            taus = torch.stack([value.float() for value in found]).reshape(self.validation_tau.shape)
+            self.validation_tau.copy_(taus)
+
+    def register_validation_tau(self) -> None:
+        """The ``validation_tau`` buffer of :attr:`tau_metrics`: 0-d for one metric, ``(n,)`` for several; NaN until
+        a clean validation measures it. A buffer, so checkpoints carry it to eval.py and resumes."""
+        shape = () if len(self.tau_metrics) == 1 else (len(self.tau_metrics),)
+        self.register_buffer("validation_tau", torch.full(shape, math.nan))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")

@@ -5,38 +5,36 @@ The network is :class:`medrobust.models.centernet.CenterNet` (or any module with
 :class:`LunaDataModule`'s: ``boxes`` ``(B, N, 2d)`` StandardMode pixels, ``labels`` ``(B, N)`` (padding -1),
 ``box_valid`` ``(B, N)``, ``box_target`` ``(B, N)`` (False: an irrelevant finding, or padding), ``spacing``.
 
-The metric objects live here too (:class:`DetectionPreds`, :class:`DetectionTarget` and the torchmetrics below);
-the numbers come from :mod:`medrobust.tasks.detection_metrics`.
+The metric objects are in :mod:`medrobust.tasks.detection_torchmetrics`; the numbers come from
+:mod:`medrobust.tasks.detection_metrics`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from medrobust.losses.centernet import OFFSET_WEIGHT, SIZE_WEIGHT, centernet_loss_terms
 from medrobust.models.centernet import decode_padded, encode_targets, gather_at
 from medrobust.tasks.base import RobustTask
-from medrobust.tasks.detection_metrics import attack_detection_outcome, centre_distance_hit, coco_map, froc
-from medrobust.tasks.detection_metrics import iou_hit, mean_gt_iou
-from medrobust.tasks.landmark_metrics import loss_threshold
+from medrobust.tasks.detection_match import match_margin
+from medrobust.tasks.detection_metrics import centre_distance_hit, iou_hit
+from medrobust.tasks.detection_torchmetrics import CPM, CorrectRate, DetectionPreds, DetectionTarget
+from medrobust.tasks.detection_torchmetrics import FabricatedPerImage, MeanAP, MeanGTIoU, MislabelledRate
+from medrobust.tasks.detection_torchmetrics import TermThreshold, VanishedRate
 
 TERMS = ("heatmap", "size", "offset")
 TAU_RULES = ("mean", "robust")
+CORRECT_RULES = ("loss", "match")
 FROC_HITS = ("centre", "iou")
 # is_correct's per-term thresholds until a clean validation has measured the model's (as segmentation's 0.5):
 # placeholders that let an untrained model be evaluated, not calibrated values
 FALLBACK_TAU = {"heatmap": 1.0, "size": 1.0, "offset": 0.5}
 _TAU_FLOOR = 1e-6  # the margin divides by tau: a term whose tau is 0 (no objects in validation) stays finite
-_KEY_STRIDE = 2**40  # image keys: rank * _KEY_STRIDE + the image's index on that rank (exact in float64)
 
 
 class DetectionTask(RobustTask):
@@ -55,7 +53,8 @@ class DetectionTask(RobustTask):
     mean (``tau_rule="mean"``, as segmentation's tau is the mean validation Dice) or Huber robust mean plus 3
     robust scales (``"robust"``, as landmarks'), logged as ``val/tau_heatmap``, ``val/tau_size``,
     ``val/tau_offset`` (rank-reduced: the per-sample terms are gathered) and copied after each clean validation
-    (sanity check excluded) into the ``validation_tau`` buffer ``(3,)``, hence into checkpoints (``state_dict``).
+    (sanity check excluded; :attr:`tau_metrics`) into the ``validation_tau`` buffer ``(3,)``, hence into
+    checkpoints (``state_dict``).
     Until a first validation the buffer is NaN and :data:`FALLBACK_TAU` (placeholders) judges. A mapping ``tau``
     fixes the three thresholds (a checkpoint's buffer does not override it).
 
@@ -63,13 +62,19 @@ class DetectionTask(RobustTask):
     threshold (the terms have different units), ``>= 0`` exactly where is_correct (0 only at equality), and
     differentiable (every term is).
 
+    ``correct="match"`` instead: a sample is correct when every target box is found by a detection of its label
+    scoring ``>= score_threshold`` (the FROC's hit test: IoU ``>= froc_iou``, or the centre within the radius) and
+    no detection above ``score_threshold`` is a false positive (one that finds neither a target nor an irrelevant
+    finding); its margin is :func:`medrobust.tasks.detection_match.match_margin`, in score units.
+
     Metrics (accumulated per image across batches, computed at epoch end; states are DDP ``cat`` gathers):
     ``accuracy`` (is-correct rate), ``mean_iou`` (seed 004: each target box's best IoU with a detection of its
     label scoring ``>= score_threshold``, 0 when missed, mean over the boxes), ``cpm`` (LUNA16's FROC / CPM over
     the images as scans, irrelevant findings ignored; ``froc_hit="centre"``: LUNA16's centre-in-radius test in
     voxel units, which equals the mm test for isotropic in-plane / cube spacing; ``"iou"``: IoU ``>= froc_iou``,
-    0.3), ``map_50`` (COCO mAP at IoU 0.5); under attack only, ``vanished_rate`` (the shift metric: of the target
-    boxes detected clean, the share no adversarial detection finds any more) and ``fabricated_per_image``; on the
+    0.3), ``map_50`` and ``map_50_95`` (COCO mAP at IoU 0.5 and averaged over 0.5:0.95); under attack only,
+    ``vanished_rate`` (the shift metric: of the target boxes detected clean, the share no adversarial detection
+    finds any more), ``fabricated_per_image`` and, with several classes, ``mislabelled_rate``; on the
     clean loops only, ``tau_heatmap`` / ``tau_size`` / ``tau_offset``. Detections are decoded
     (:func:`decode_padded`) at ``candidate_threshold`` (0.05, at most ``max_detections`` per image) for the FROC
     and mAP, which sweep the score; ``mean_iou`` and the attack outcomes read them at ``score_threshold`` (0.5).
@@ -83,6 +88,7 @@ class DetectionTask(RobustTask):
     Args:
         net: a CenterNet-like module (``stride`` attribute unless ``stride`` is given).
         num_classes: heatmap channels (LUNA: 1, nodule).
+        correct: ``"loss"`` (seed 004's per-term rule) or ``"match"``.
         tau: ``{"heatmap": .., "size": .., "offset": ..}`` fixed thresholds, or ``None`` (clean validation).
         tau_rule: ``"mean"`` or ``"robust"``, the statistic of the validation terms that gives tau.
         size_weight, offset_weight: the loss's weights (the paper's 0.1 and 1).
@@ -97,14 +103,18 @@ class DetectionTask(RobustTask):
     shift_metric = "vanished_rate"
     attacked_metrics = ("mean_iou",)  # the loss drives the heatmap peaks and boxes; CPM and mAP follow them
     curve_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "vanished_rate")
-    bounded_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "vanished_rate")
+    bounded_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "map_50_95", "vanished_rate", "mislabelled_rate")
+    tau_metrics = tuple(f"tau_{term}" for term in TERMS)
 
-    def __init__(self, net, num_classes: int = 1, tau: Mapping[str, float] | None = None, tau_rule: str = "mean",
+    def __init__(self, net, num_classes: int = 1, correct: str = "loss", tau: Mapping[str, float] | None = None,
+                 tau_rule: str = "mean",
                  size_weight: float = SIZE_WEIGHT, offset_weight: float = OFFSET_WEIGHT, score_threshold: float = 0.5,
                  candidate_threshold: float = 0.05, max_detections: int = 100, froc_hit: str = "centre",
                  froc_iou: float = 0.3, stride: int | None = None, **kwargs) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"module.num_classes must be an integer >= 1, got {num_classes!r}")
+        if correct not in CORRECT_RULES:
+            raise ValueError(f"module.correct must be one of {list(CORRECT_RULES)}, got {correct!r}")
         if tau_rule not in TAU_RULES:
             raise ValueError(f"module.tau_rule must be one of {list(TAU_RULES)}, got {tau_rule!r}")
         if froc_hit not in FROC_HITS:
@@ -127,14 +137,13 @@ class DetectionTask(RobustTask):
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"module.stride must be the network's output stride, an integer >= 1 (default: "
                              f"net.stride), got {stride!r}")
-        self.num_classes, self.tau_rule, self.stride = num_classes, tau_rule, stride
+        self.num_classes, self.correct_rule, self.tau_rule, self.stride = num_classes, correct, tau_rule, stride
         self.fixed_tau = None if tau is None else torch.tensor([float(tau[t]) for t in TERMS])
         self.size_weight, self.offset_weight = float(size_weight), float(offset_weight)
         self.score_threshold, self.candidate_threshold = float(score_threshold), float(candidate_threshold)
         self.max_detections, self.froc_hit, self.froc_iou = max_detections, froc_hit, float(froc_iou)
         super().__init__(net, **kwargs)
-        # NaN until a clean validation measures it; a buffer, so checkpoints carry it to eval.py and resumes
-        self.register_buffer("validation_tau", torch.full((len(TERMS),), math.nan))
+        self.register_validation_tau()
 
     # -- tau ------------------------------------------------------------------------------------
     @property
@@ -147,12 +156,6 @@ class DetectionTask(RobustTask):
         if torch.isnan(self.validation_tau).any():
             return torch.tensor([FALLBACK_TAU[t] for t in TERMS], device=device)
         return self.validation_tau
-
-    def on_clean_validation(self, values: dict[str, Tensor]) -> None:
-        sanity = self._trainer is not None and self.trainer.sanity_checking  # an untrained model's losses: no tau
-        taus = [values.get(f"val/tau_{term}") for term in TERMS]
-        if self.fixed_tau is None and not sanity and all(t is not None and torch.isfinite(t) for t in taus):
-            self.validation_tau.copy_(torch.stack([t.float() for t in taus]))  # synced: every rank sets the same
 
     # -- wiring to the data ---------------------------------------------------------------------
     def bind_data(self, datamodule) -> None:
@@ -203,7 +206,10 @@ class DetectionTask(RobustTask):
         return terms[:, 0] + self.size_weight * terms[:, 1] + self.offset_weight * terms[:, 2]
 
     def correct_margin(self, output: dict, batch: dict, terms: Tensor | None = None) -> Tensor:
-        """``min_t (tau_t - term_t) / max(tau_t, 1e-6)`` ``(B,)`` (``terms``: :meth:`loss_terms`, if computed)."""
+        """``min_t (tau_t - term_t) / max(tau_t, 1e-6)`` ``(B,)`` (``terms``: :meth:`loss_terms`, if computed); with
+        ``correct="match"``, :func:`match_margin`."""
+        if self.correct_rule == "match":
+            return match_margin(self, output, batch)
         terms = self.loss_terms(output, batch) if terms is None else terms
         tau = self.tau.to(terms.device)
         return ((tau - terms) / tau.clamp(min=_TAU_FLOOR)).amin(dim=1)
@@ -237,17 +243,25 @@ class DetectionTask(RobustTask):
         return divergence
 
     # -- metrics --------------------------------------------------------------------------------
+    def hit_test(self):
+        """The FROC's (and the match rule's) test of a detection finding a box."""
+        return centre_distance_hit() if self.froc_hit == "centre" else iou_hit(self.froc_iou)
+
     def robust_metrics(self) -> dict:
-        hit = centre_distance_hit() if self.froc_hit == "centre" else iou_hit(self.froc_iou)
-        return {"accuracy": CorrectRate(),
-                "mean_iou": MeanGTIoU(self.score_threshold),
-                "cpm": CPM(hit),
-                "map_50": MeanAP(self.num_classes, hit),
-                "vanished_rate": VanishedRate(self.score_threshold),
-                "fabricated_per_image": FabricatedPerImage(self.score_threshold)}
+        hit = self.hit_test()
+        metrics = {"accuracy": CorrectRate(),
+                   "mean_iou": MeanGTIoU(self.score_threshold),
+                   "cpm": CPM(hit),
+                   "map_50": MeanAP(self.num_classes, hit),
+                   "map_50_95": MeanAP(self.num_classes, hit, key="map_50_95"),
+                   "vanished_rate": VanishedRate(self.score_threshold),
+                   "fabricated_per_image": FabricatedPerImage(self.score_threshold)}
+        if self.num_classes > 1:  # one class: no object can take another's label
+            metrics["mislabelled_rate"] = MislabelledRate(self.score_threshold)
+        return metrics
 
     def clean_metrics(self) -> dict:
-        attack_only = ("vanished_rate", "fabricated_per_image")  # 0 on clean images
+        attack_only = ("vanished_rate", "fabricated_per_image", "mislabelled_rate")  # 0 on clean images
         metrics = {name: metric for name, metric in self.robust_metrics().items() if name not in attack_only}
         return {**metrics, **{f"tau_{term}": TermThreshold(index, self.tau_rule) for index, term in enumerate(TERMS)}}
 
@@ -294,268 +308,3 @@ def box_map(boxes: Tensor, keep: Tensor, shape: tuple[int, ...]) -> Tensor:
         hi = boxes[..., dims + axis].float()[(...,) + (None,) * dims]
         inside = inside & (centre >= lo) & (centre < hi)
     return inside.any(dim=1).long()
-
-
-# -- metric objects -----------------------------------------------------------------------------------------------
-class DetectionPreds(NamedTuple):
-    """Padded detections ``(B, K, 2d)`` / ``(B, K)`` of the evaluated output and of its reference (the clean one)."""
-
-    boxes: Tensor
-    labels: Tensor
-    scores: Tensor
-    valid: Tensor
-    reference_boxes: Tensor
-    reference_labels: Tensor
-    reference_scores: Tensor
-    reference_valid: Tensor
-
-
-class DetectionTarget(NamedTuple):
-    """The batch's padded boxes ``(B, N, 2d)``, labels, ``valid`` and ``target`` masks ``(B, N)``, and per sample the
-    task's loss terms ``(B, 3)`` and verdict ``correct`` ``(B,)``."""
-
-    boxes: Tensor
-    labels: Tensor
-    valid: Tensor
-    target: Tensor
-    terms: Tensor
-    correct: Tensor
-
-
-def _check(preds: DetectionPreds, target: DetectionTarget) -> None:
-    if not isinstance(preds, DetectionPreds) or not isinstance(target, DetectionTarget):
-        raise TypeError(f"detection metrics take (DetectionPreds, DetectionTarget), got ({type(preds).__name__}, "
-                        f"{type(target).__name__})")
-    if preds.boxes.shape[0] != target.boxes.shape[0] or preds.boxes.shape[-1] != target.boxes.shape[-1]:
-        raise ValueError(f"detections {tuple(preds.boxes.shape)} and boxes {tuple(target.boxes.shape)} must be "
-                         f"(B, K, 2d) and (B, N, 2d) for the same B and d")
-
-
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-def _rows(keys: Tensor, boxes: Tensor, labels: Tensor, last: Tensor, keep: Tensor) -> Tensor:
-    """float64 rows ``[key, box (2d), label, last]`` of the kept entries."""
-    b, n = keep.shape
-    table = torch.cat([keys[:, None, None].expand(b, n, 1).double(), boxes.double(), labels[..., None].double(),
-                       last[..., None].double()], dim=-1)
-    return table[keep.bool()].detach()
-
-
-def _cat(state, width: int) -> np.ndarray:
-    """A ``cat`` state (a list before a sync, a tensor after) as a float64 numpy array ``(n, width)``; ``width``
-    only shapes an empty state (a gathered one has its rows' own width, also on a rank that saw no batch)."""
-    if isinstance(state, list) and not state:
-        return np.zeros((0, width))
-    values = dim_zero_cat(state).detach().cpu().double().numpy()
-    return values.reshape(-1, values.shape[-1] if values.ndim == 2 else width)
-
-
-class _DetectionAccumulator(Metric):
-    """Keeps every image's detections (and its reference's) and boxes, keyed per image across batches and DDP
-    ranks (``rank * 2**40 + index``: ``cat`` gathers pad and concatenate, so the key says whose row is whose);
-    :meth:`per_image` regroups them at compute. Empty (``skip_when_empty``) without a target box."""
-
-    full_state_update = False
-    skip_when_empty = True  # see medrobust.tasks.base.compute_metrics
-    uses_reference = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("images", default=[], dist_reduce_fx="cat")
-        self.add_state("detections", default=[], dist_reduce_fx="cat")
-        self.add_state("references", default=[], dist_reduce_fx="cat")
-        self.add_state("truths", default=[], dist_reduce_fx="cat")
-        self.dims = 0
-
-    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
-        _check(preds, target)
-        self.dims = preds.boxes.shape[-1] // 2
-        seen = sum(len(keys) for keys in self.images)
-        batch = preds.boxes.shape[0]
-        device = preds.boxes.device
-        keys = (torch.arange(batch, device=device, dtype=torch.float64) + seen) + _rank() * float(_KEY_STRIDE)
-        self.images.append(keys)
-        self.detections.append(_rows(keys, preds.boxes, preds.labels, preds.scores, preds.valid))
-        if self.uses_reference:
-            self.references.append(_rows(keys, preds.reference_boxes, preds.reference_labels,
-                                         preds.reference_scores, preds.reference_valid))
-        self.truths.append(_rows(keys, target.boxes, target.labels, target.target.float(), target.valid))
-
-    def per_image(self) -> tuple[list[dict], list[dict], list[dict]]:
-        """``(predictions, references, targets)``, one entry per image (detection_metrics' mappings); a target
-        holds the target boxes and, as ``irrelevant_boxes``, the other valid boxes."""
-        width = 2 * self.dims + 3  # rows: key, box (2d), label, score / is-target
-        keys = _cat(self.images, 1)[:, 0]
-        order = np.sort(keys)
-
-        def split(rows: np.ndarray) -> list[np.ndarray]:
-            position = np.searchsorted(order, rows[:, 0])
-            rows = rows[np.argsort(position, kind="stable")]
-            bounds = np.searchsorted(np.sort(position), np.arange(1, len(order)))
-            return np.split(rows, bounds) if len(order) else []
-
-        def detections(rows: np.ndarray) -> dict:
-            return {"boxes": rows[:, 1:-2], "labels": rows[:, -2].astype(np.int64), "scores": rows[:, -1]}
-
-        predictions = [detections(rows) for rows in split(_cat(self.detections, width))]
-        references = [detections(rows) for rows in split(_cat(self.references, width))] if self.uses_reference \
-            else []
-        targets = []
-        for rows in split(_cat(self.truths, width)):
-            is_target = rows[:, -1] > 0.5
-            targets.append({"boxes": rows[is_target, 1:-2], "labels": rows[is_target, -2].astype(np.int64),
-                            "irrelevant_boxes": rows[~is_target, 1:-2]})
-        return predictions, references, targets
-
-    def num_targets(self) -> int:
-        return int((_cat(self.truths, 2 * self.dims + 3)[:, -1] > 0.5).sum())
-
-    def is_empty(self) -> bool:
-        return self.num_targets() == 0
-
-    def compute(self) -> Tensor:
-        if self.is_empty():
-            return torch.tensor(math.nan)
-        return torch.tensor(self.value(*self.per_image()), dtype=torch.float32)
-
-    def value(self, predictions: list[dict], references: list[dict], targets: list[dict]) -> float:
-        raise NotImplementedError
-
-
-class MeanGTIoU(_DetectionAccumulator):
-    """Seed 004's mean IoU per target box (:func:`mean_gt_iou` at ``score_threshold``)."""
-
-    higher_is_better = True
-
-    def __init__(self, score_threshold: float = 0.5, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.score_threshold = score_threshold
-
-    def value(self, predictions, references, targets):
-        return mean_gt_iou(predictions, targets, self.score_threshold).mean
-
-
-class CPM(_DetectionAccumulator):
-    """LUNA16's competition performance metric (:func:`froc`, every image a scan, irrelevant findings ignored)."""
-
-    higher_is_better = True
-
-    def __init__(self, hit, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.hit = hit
-
-    def value(self, predictions, references, targets):
-        return froc(predictions, targets, hit=self.hit).cpm
-
-
-class MeanAP(_DetectionAccumulator):
-    """COCO mAP at IoU 0.5 over the classes with targets (:func:`coco_map`); detections that hit (``hit``, the
-    FROC's test) an irrelevant finding and no target are dropped first, as the FROC ignores them."""
-
-    higher_is_better = True
-
-    def __init__(self, num_classes: int, hit, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.num_classes, self.hit = num_classes, hit
-
-    def value(self, predictions, references, targets):
-        kept = []
-        for prediction, target in zip(predictions, targets):
-            boxes = prediction["boxes"]
-            drop = np.zeros(len(boxes), dtype=bool)
-            if len(boxes) and len(target["irrelevant_boxes"]):
-                drop = self.hit(boxes, target["irrelevant_boxes"]).any(axis=1)
-                if len(target["boxes"]):
-                    drop &= ~self.hit(boxes, target["boxes"]).any(axis=1)
-            kept.append({key: value[~drop] for key, value in prediction.items()})
-        return coco_map(kept, targets, classes=range(self.num_classes))["map_50"]
-
-
-class VanishedRate(_DetectionAccumulator):
-    """Of the target boxes the reference (clean) detections find, the share the evaluated ones no longer find
-    (:func:`attack_detection_outcome`); 0 on clean images. Empty without a target box found clean."""
-
-    higher_is_better = None  # a shift: how far the attack moved the detections
-    uses_reference = True
-
-    def __init__(self, score_threshold: float = 0.5, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.score_threshold = score_threshold
-
-    def outcome(self):
-        predictions, references, targets = self.per_image()
-        return attack_detection_outcome(references, predictions, targets, self.score_threshold)
-
-    def is_empty(self) -> bool:
-        return super().is_empty() or self.outcome().detected_clean == 0
-
-    def compute(self) -> Tensor:
-        if self.is_empty():
-            return torch.tensor(math.nan)
-        return torch.tensor(self.outcome().vanished_rate, dtype=torch.float32)
-
-
-class FabricatedPerImage(VanishedRate):
-    """Adversarial detections that find neither a target box nor a clean detection, per image."""
-
-    higher_is_better = False
-
-    def is_empty(self) -> bool:
-        return len(_cat(self.images, 1)) == 0
-
-    def compute(self) -> Tensor:
-        if self.is_empty():
-            return torch.tensor(math.nan)
-        return torch.tensor(self.outcome().fabricated_per_image, dtype=torch.float32)
-
-
-class CorrectRate(Metric):
-    """Fraction of samples the task calls correct (``target.correct``): the task's ``is_correct`` rate."""
-
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
-        _check(preds, target)
-        # assignments, not +=: states made under inference mode are updated outside it by the evaluation
-        self.total = self.total + target.correct.double().sum().to(self.total.device)
-        self.count = self.count + target.correct.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(math.nan)
-
-
-class TermThreshold(Metric):
-    """The tau a loss term's per-sample values give (``"mean"``, or ``"robust"``: Huber mean + 3 robust scales),
-    gathered over DDP ranks; on the clean validation set it is the task's next threshold for that term."""
-
-    full_state_update = False
-    higher_is_better = None
-    skip_when_empty = True  # see medrobust.tasks.base.compute_metrics
-
-    def __init__(self, index: int, rule: str = "mean", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.index, self.rule = index, rule
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: DetectionPreds, target: DetectionTarget) -> None:
-        _check(preds, target)
-        self.values.append(target.terms[:, self.index].detach().double().flatten())
-
-    def is_empty(self) -> bool:
-        return len(_cat(self.values, 1)) == 0
-
-    def compute(self) -> Tensor:
-        values = torch.from_numpy(_cat(self.values, 1)[:, 0])
-        if len(values) == 0:
-            return torch.tensor(math.nan)
-        tau = float(values.mean()) if self.rule == "mean" else loss_threshold(values)
-        return torch.tensor(tau, dtype=torch.float32)

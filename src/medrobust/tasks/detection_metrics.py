@@ -96,7 +96,7 @@ def box_iou(a, b) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def _pairwise(hit: HitTest, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def pairwise_hits(hit: HitTest, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """``hit`` as a ``(C, T)`` bool matrix, also when either side is empty (hit tests need not handle that)."""
     if len(candidates) == 0 or len(targets) == 0:
         return np.zeros((len(candidates), len(targets)), dtype=bool)
@@ -182,9 +182,9 @@ def _score_scan(boxes: np.ndarray, scores: np.ndarray, targets: np.ndarray, irre
     """Classify one scan's candidates the LUNA16 way: a target is detected with the best score among the
     candidates hitting it (the others are double detections, ignored; a candidate hitting two targets counts
     for both); a candidate hitting no target but an irrelevant finding is ignored; every other one is an FP."""
-    hits = _pairwise(hit, boxes, targets)
+    hits = pairwise_hits(hit, boxes, targets)
     on_target = hits.any(axis=1)
-    on_irrelevant = _pairwise(hit, boxes, irrelevant).any(axis=1)
+    on_irrelevant = pairwise_hits(hit, boxes, irrelevant).any(axis=1)
     target_scores = np.where(hits, scores[:, None], -np.inf).max(axis=0, initial=-np.inf)
     hits_per_target = hits.sum(axis=0)
     return _ScanOutcome(

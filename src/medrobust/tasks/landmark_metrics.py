@@ -24,6 +24,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from medrobust.tasks.sample_mean import SampleMean
+
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 HUBER_C = 1.5  # Huber's proposal 2 tuning constant (statsmodels' default): 1.5 robust scales count as inliers
 TAU_SCALES = 3.0  # seed 004: tau = robust mean + 3 robust scales of the clean validation losses
@@ -95,25 +97,11 @@ def _check(preds: Tensor, target: LandmarkTarget) -> tuple[Tensor, Tensor]:
     return preds[:, 0], preds[:, 1]
 
 
-class _LandmarkMean(Metric):
+class _LandmarkMean(SampleMean):
     """Mean of per-sample or per-(sample, landmark) values; subclasses say which."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: LandmarkTarget) -> None:
-        pred, reference = _check(preds, target)
-        values = self.values(pred, reference, target).double()
-        # assignments, not +=: states made under inference mode are updated outside it by the evaluation
-        self.total = self.total + values.sum().to(self.total.device)
-        self.count = self.count + values.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(math.nan)
+    def sample_values(self, preds: Tensor, target: LandmarkTarget) -> Tensor:
+        return self.values(*_check(preds, target), target)
 
     def values(self, pred: Tensor, reference: Tensor, target: LandmarkTarget) -> Tensor:
         raise NotImplementedError

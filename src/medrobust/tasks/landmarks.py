@@ -3,7 +3,6 @@ directly, against ``batch["landmarks"]`` ``(B, K, D)`` voxels with ``batch["spac
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -62,6 +61,7 @@ class LandmarkTask(RobustTask):
     shift_metric = "landmark_shift"
     attacked_metrics = ("mre",)  # the loss drives the radial error (one of its terms); SDR only follows it
     curve_metrics = ("accuracy", "mre", "sdr_2mm", "landmark_shift")  # PNGs every epoch; the CSV has them all
+    tau_metrics = ("loss_tau",)  # seed 004: tau from the clean validation losses (LossThreshold)
 
     def __init__(self, net, num_landmarks: int, landmark_names: Sequence[str] | None = None, sigma_vox: float = 1.0,
                  correct: str = "loss", radius_mm: float = 4.0, tau: float | None = None, heatmap_weight: float = 1.0,
@@ -89,8 +89,7 @@ class LandmarkTask(RobustTask):
         super().__init__(net, **kwargs)
         scale = torch.zeros(())
         self.log_scale = nn.Parameter(scale) if learn_temperature else nn.Buffer(scale)
-        # NaN until a clean validation measures it; a buffer, so checkpoints carry it to eval.py and resumes
-        self.register_buffer("validation_tau", torch.tensor(math.nan))
+        self.register_validation_tau()
 
     # -- tau ------------------------------------------------------------------------------------
     @property
@@ -99,12 +98,6 @@ class LandmarkTask(RobustTask):
         if self.fixed_tau is not None:
             return torch.tensor(self.fixed_tau, device=self.validation_tau.device)
         return self.validation_tau
-
-    def on_clean_validation(self, values: dict[str, Tensor]) -> None:
-        sanity = self._trainer is not None and self.trainer.sanity_checking  # an untrained model's losses: no tau
-        tau = values.get("val/loss_tau")
-        if self.fixed_tau is None and not sanity and tau is not None and torch.isfinite(tau):
-            self.validation_tau.fill_(float(tau))  # synced value: every rank sets the same tau
 
     # -- wiring to the data ---------------------------------------------------------------------
     def bind_data(self, datamodule) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -66,6 +65,7 @@ class SegmentationTask(RobustTask):
     shift_metric = "pred_change"
     attacked_metrics = ("dice",)  # Dice + CE drives Dice; HD95 and the false-positive volume only follow it
     curve_metrics = ("accuracy", "dice", "hd95", "pred_change")  # PNGs every epoch; robustness.csv has them all
+    tau_metrics = ("dice",)  # seed 004: tau is the clean model's mean validation Dice
 
     def __init__(
         self,
@@ -96,8 +96,7 @@ class SegmentationTask(RobustTask):
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         self.dice_loss = DiceLoss(include_background=self.include_background, to_onehot_y=True, softmax=True,
                                   reduction="none")
-        # NaN until a clean validation measures it; a buffer, so checkpoints carry it to eval.py and resumes
-        self.register_buffer("validation_tau", torch.tensor(math.nan))
+        self.register_validation_tau()
 
     # -- tau ------------------------------------------------------------------------------------
     @property
@@ -108,12 +107,6 @@ class SegmentationTask(RobustTask):
             return torch.tensor(self.fixed_tau, device=self.validation_tau.device)
         fallback = torch.full_like(self.validation_tau, FALLBACK_TAU)
         return torch.where(torch.isnan(self.validation_tau), fallback, self.validation_tau)
-
-    def on_clean_validation(self, values: dict[str, Tensor]) -> None:
-        sanity = self._trainer is not None and self.trainer.sanity_checking  # an untrained model's Dice: no tau
-        dice = values.get("val/dice")
-        if self.fixed_tau is None and not sanity and dice is not None and not torch.isnan(dice):
-            self.validation_tau.fill_(float(dice))  # synced value: every rank sets the same tau
 
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -25,7 +25,6 @@ States are sums with ``dist_reduce_fx="sum"``, so values reduce exactly across D
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -34,6 +33,8 @@ from monai.metrics import compute_dice
 from torch import Tensor
 from torchmetrics import Metric
 
+
+from medrobust.tasks.sample_mean import SampleMean
 from medrobust.tasks.surface_distance import percentile_hausdorff
 
 
@@ -118,29 +119,15 @@ def _check_inputs(preds: Tensor, target: SegmentationTarget, num_classes: int) -
     return preds[:, 0], preds[:, 1]
 
 
-class _SegmentationMean(Metric):
+class _SegmentationMean(SampleMean):
     """Mean over samples (or sample x class pairs) of a per-sample value; subclasses say which value."""
-
-    full_state_update = False
 
     def __init__(self, num_classes: int, include_background: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.include_background = int(num_classes), bool(include_background)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, preds: Tensor, target: SegmentationTarget) -> None:
-        pred, reference = _check_inputs(preds, target, self.num_classes)
-        values = self.values(pred, reference, target).double()
-        # assignments, not +=: states created under inference mode (Lightning's evaluation) are inference
-        # tensors, and the robustness evaluation updates them outside it
-        self.total = self.total + values.sum().to(self.total.device)
-        self.count = self.count + values.numel()
-
-    def compute(self) -> Tensor:
-        if self.count == 0:
-            return torch.tensor(math.nan)
-        return (self.total / self.count).float()
+    def sample_values(self, preds: Tensor, target: SegmentationTarget) -> Tensor:
+        return self.values(*_check_inputs(preds, target, self.num_classes), target)
 
     def values(self, pred: Tensor, reference: Tensor, target: SegmentationTarget) -> Tensor:
         raise NotImplementedError

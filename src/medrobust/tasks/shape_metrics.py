@@ -15,14 +15,15 @@ the seed paper's "mean root squared error". Dice is the mean over samples. State
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+
 from medrobust.tasks.landmark_metrics import radial_errors
+from medrobust.tasks.sample_mean import SampleMean
 
 
 class ShapePreds(NamedTuple):
@@ -54,25 +55,12 @@ def _check(preds: ShapePreds, target: ShapeTarget) -> None:
                          f"got {tuple(preds.points.shape)} and {tuple(target.points.shape)}")
 
 
-class _ShapeMean(Metric):
+class _ShapeMean(SampleMean):
     """Mean of per-sample or per-(sample, point) values; subclasses say which."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: ShapePreds, target: ShapeTarget) -> None:
+    def sample_values(self, preds: ShapePreds, target: ShapeTarget) -> Tensor:
         _check(preds, target)
-        values = self.values(preds, target).double()
-        # assignments, not +=: states made under inference mode are updated outside it by the evaluation
-        self.total = self.total + values.sum().to(self.total.device)
-        self.count = self.count + values.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(math.nan)
+        return self.values(preds, target)
 
     def values(self, preds: ShapePreds, target: ShapeTarget) -> Tensor:
         raise NotImplementedError
