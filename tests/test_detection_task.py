@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from medrobust.datamodules.luna import LunaDataModule
 from medrobust.models.centernet import CenterNet, encode_targets
 from medrobust.tasks.base import compute_metrics, metric_collection
-from medrobust.tasks.detection import FALLBACK_TAU, TERMS, DetectionTask
+from medrobust.tasks.detection import FALLBACK_TAU, TERMS, DetectionTask, box_outlines
 
 SIZE = 64
 
@@ -292,4 +292,21 @@ def test_3d_volumes_get_the_same_contract():
     values = compute_metrics(metrics)
     assert values["mean_iou"] > 0.999 and values["cpm"] == pytest.approx(1.0) and values["map_50"] == pytest.approx(1.0)
     truth = task.example_masks(perfect, batch, perfect)["ground truth"]
-    assert truth.shape == (2, 24, 24, 24) and int(truth[0].sum()) == 8 * 8 * 10
+    # the first box spans 8 slices, each showing its 8 x 10 in-plane outline of 32 pixels
+    assert truth.shape == (2, 24, 24, 24) and int(truth[0].sum()) == 8 * (2 * 8 + 2 * 10 - 4)
+
+
+# ----------------------------------------------------------------------------------------- example masks
+def test_box_outlines_draw_each_kept_box_border_with_its_label():
+    boxes = torch.tensor([[[2.0, 3.0, 6.0, 8.0], [0.0, 0.0, 3.0, 3.0]]])  # rows 2-5, cols 3-7; a dropped box
+    outline = box_outlines(boxes, torch.tensor([[1, 0]]), torch.tensor([[True, False]]), (10, 10))[0]
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    expected[2:6, 3:8] = 2
+    expected[3:5, 4:7] = 0  # the inside stays visible
+    assert torch.equal(outline, expected)
+
+
+def test_3d_box_outlines_appear_on_every_slice_the_box_spans():
+    boxes = torch.tensor([[[1.0, 2.0, 2.0, 4.0, 6.0, 6.0]]])  # slices 1-3
+    outline = box_outlines(boxes, torch.tensor([[0]]), torch.tensor([[True]]), (6, 8, 8))[0]
+    assert [int(outline[z].sum()) for z in range(6)] == [0, 12, 12, 12, 0, 0]  # a 4 x 4 square's 12 border pixels

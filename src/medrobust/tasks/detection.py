@@ -165,8 +165,8 @@ class DetectionTask(RobustTask):
             raise ValueError(f"module.num_classes={self.num_classes} but the data have {count} classes "
                              f"({getattr(datamodule, 'class_names', None)})")
         names = getattr(datamodule, "class_names", None)
-        if names is not None:
-            self.class_names = list(names)
+        if names is not None:  # the example masks' values: 0 background, label + 1 a box of that label
+            self.class_names = ["background", *names]
 
     # -- outputs --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -286,25 +286,40 @@ class DetectionTask(RobustTask):
         return preds, target
 
     def example_masks(self, output: dict, batch: dict, adversarial_output: dict) -> dict[str, Tensor]:
-        """Box maps ``(B, *spatial)``: 1 inside a target box / a detection at ``score_threshold``, else 0."""
+        """Box outlines ``(B, *spatial)`` of the target boxes and of the clean and adversarial detections at
+        ``score_threshold``, valued ``label + 1`` (:func:`box_outlines`; ``class_names`` names the values)."""
         shape = tuple(batch["image"].shape[2:])
         clean, adversarial = self.detections(output), self.detections(adversarial_output)
-        return {"ground truth": box_map(batch["boxes"], self.target_mask(batch), shape),
-                "clean prediction": box_map(clean["boxes"], clean["scores"] >= self.score_threshold, shape),
-                "adversarial prediction": box_map(adversarial["boxes"],
-                                                  adversarial["scores"] >= self.score_threshold, shape)}
+        truth = box_outlines(batch["boxes"], batch["labels"], self.target_mask(batch), shape)
+        return {"ground truth": truth,
+                "clean prediction": box_outlines(clean["boxes"], clean["labels"],
+                                                 clean["scores"] >= self.score_threshold, shape),
+                "adversarial prediction": box_outlines(adversarial["boxes"], adversarial["labels"],
+                                                       adversarial["scores"] >= self.score_threshold, shape)}
 
 
-def box_map(boxes: Tensor, keep: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``(B, *shape)`` long: 1 at the pixels whose centre lies in one of the kept StandardMode boxes ``(B, N, 2d)``."""
+def _inside(boxes: Tensor, shape: tuple[int, ...], shrink: int = 0) -> Tensor:
+    """``(B, N, *shape)`` bool: the pixels whose centre lies in each StandardMode box ``(B, N, 2d)``, its in-plane
+    (last two) axes shrunk by ``shrink`` pixels on each side."""
     dims = len(shape)
-    inside = keep.bool()[(...,) + (None,) * dims]
+    inside = torch.ones(boxes.shape[:2] + (1,) * dims, dtype=torch.bool, device=boxes.device)
     for axis, length in enumerate(shape):
-        centre = torch.arange(length, device=boxes.device, dtype=torch.float32) + 0.5
         view = [1] * dims
         view[axis] = length
-        centre = centre.view(view)
-        lo = boxes[..., axis].float()[(...,) + (None,) * dims]
-        hi = boxes[..., dims + axis].float()[(...,) + (None,) * dims]
+        centre = (torch.arange(length, device=boxes.device, dtype=torch.float32) + 0.5).view(view)
+        cut = shrink if axis >= dims - 2 else 0
+        lo = boxes[..., axis].float()[(...,) + (None,) * dims] + cut
+        hi = boxes[..., dims + axis].float()[(...,) + (None,) * dims] - cut
         inside = inside & (centre >= lo) & (centre < hi)
-    return inside.any(dim=1).long()
+    return inside
+
+
+def box_outlines(boxes: Tensor, labels: Tensor, keep: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``(B, *shape)`` long: ``label + 1`` on the one-pixel in-plane outline of every kept box ``(B, N, 2d)``, 0
+    elsewhere (a 3-D box is outlined on every slice it spans, so the example's slice through a nodule shows its
+    box). Outlines, not filled boxes: the image inside a box stays visible."""
+    boxes, labels, keep = boxes.float(), labels.to(boxes.device), keep.to(boxes.device).bool()
+    outline = _inside(boxes, shape) & ~_inside(boxes, shape, shrink=1) & keep[(...,) + (None,) * len(shape)]
+    values = (labels.clamp(min=0) + 1)[(...,) + (None,) * len(shape)]
+    return (outline.long() * values).amax(dim=1) if boxes.shape[1] else torch.zeros((len(boxes), *shape),
+                                                                                     dtype=torch.long)
