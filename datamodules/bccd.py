@@ -43,9 +43,9 @@ from medrobust.data.patches import file_fingerprint, settings_key
 from medrobust.data.voc import BCCD_CLASSES, VocDataset, VocImage, check_root, load_image, read_voc
 from medrobust.data.voc_examples import write_voc
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import SPLITS, SplitDataModule, check_bool, check_int, check_split, check_split_counts
+from medrobust.datamodules.base import SPLITS, check_bool, check_int, check_split, check_split_counts
 from medrobust.datamodules.base import check_writable, default_cache_dir, image_item
-from medrobust.datamodules.luna import LunaDataModule
+from medrobust.datamodules.detection import DetectionDataModule
 
 log = logging.getLogger("medrobust")
 
@@ -96,7 +96,7 @@ def write_phantom(folder: Path, n_images: int, seed: int) -> Path:
 # --------------------------------------------------------------------------------- batches
 class BccdDataset(Dataset):
     """The images ``idx`` of the cached arrays (see :meth:`BccdDataModule._build`); items as LUNA's, which
-    :func:`~medrobust.datamodules.luna.collate_detection` pads into a batch."""
+    :func:`~medrobust.datamodules.detection.collate_detection` pads into a batch."""
 
     def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray, intensity: IntensityWindow):
         self.arrays, self.idx, self.intensity = arrays, np.asarray(idx, dtype=np.int64), intensity
@@ -127,7 +127,7 @@ class BccdDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------- the datamodule
-class BccdDataModule(SplitDataModule):
+class BccdDataModule(DetectionDataModule):
     """BCCD blood-cell detection (module docstring).
 
     Args:
@@ -146,11 +146,6 @@ class BccdDataModule(SplitDataModule):
     """
 
     augment_name = "bccd-augment"
-    # detection loaders (boxes padded by collate_detection, DDP shards too) and box-moving augmentation: LUNA's,
-    # which use only attributes every detection datamodule has (batch_size, seed, num_workers, trainer, draw_spatial)
-    _loader = LunaDataModule._loader
-    _eval_loader = LunaDataModule._eval_loader
-    augment_batch = LunaDataModule.augment_batch
 
     def __init__(self, root: str | None = None, cache_dir: str | None = None,
                  image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, phantom_images: int = 160,

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from medrobust.data.chest_phantom import ChestSample, render_slice, render_volume
@@ -66,17 +66,16 @@ from medrobust.data.luna_samples import target_slices
 from medrobust.data.luna_targets import luna_findings
 from medrobust.data.patches import file_fingerprint, settings_key
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
-from medrobust.datamodules.base import EpochShuffle, SplitDataModule, check_bool, check_choice, check_floats, check_int
+from medrobust.datamodules.base import check_bool, check_choice, check_floats, check_int
 from medrobust.datamodules.base import check_spatial_dims, check_split, image_item
 from medrobust.datamodules.lidc import check_patient_split, split_patients
-from medrobust.datamodules.sharding import Collated, ShardSampler, shard_batches
+from medrobust.datamodules.detection import DetectionDataModule
 
 log = logging.getLogger("medrobust")
 
 LUNA_PHANTOM_VERSION = 1  # bump when the sample selection or the cache layout changes, so old caches miss
 DEFAULT_IMAGE_SIZE = {2: 128, 3: 64}
 MAX_IMAGE_SIZE = 512  # the native in-plane grid: the phantom renders nothing finer
-PAD_LABEL = -1  # the label of a padding row: an index no class has, so a forgotten box_valid fails loudly
 SOURCES = ("phantom", "luna16")
 
 
@@ -117,75 +116,8 @@ class LunaDataset(Dataset):
                 "irrelevant": int((~a["box_target"][in_split]).sum())}  # fmt: skip
 
 
-def collate_detection(items: Sequence[dict]) -> dict:
-    """Stack the images and pad every sample's boxes to the batch's largest count (at least 1 row)."""
-    counts = [len(item["boxes"]) for item in items]
-    n, width = max(1, *counts), items[0]["image"].dim() * 2 - 2  # 2d box coordinates
-    boxes = torch.zeros(len(items), n, width, dtype=torch.float32)
-    labels = torch.full((len(items), n), PAD_LABEL, dtype=torch.int64)
-    box_valid = torch.zeros(len(items), n, dtype=torch.bool)
-    box_target = torch.zeros(len(items), n, dtype=torch.bool)
-    for b, (item, k) in enumerate(zip(items, counts)):
-        boxes[b, :k], labels[b, :k], box_target[b, :k], box_valid[b, :k] = item["boxes"], item["labels"], \
-            item["box_target"], True  # fmt: skip
-    return {
-        "image": torch.stack([item["image"] for item in items]),
-        "boxes": boxes,
-        "labels": labels,
-        "box_valid": box_valid,
-        "box_target": box_target,
-        "id": [item["id"] for item in items],
-        "patient_id": [item["patient_id"] for item in items],
-        "spacing": torch.stack([item["spacing"] for item in items]),
-    }
-
-
-class CollatedDetection(Collated):
-    """:class:`~medrobust.datamodules.sharding.Collated` with the boxes padded (the DDP evaluation loader)."""
-
-    def __getitem__(self, indices: list[int]) -> dict:
-        return collate_detection([self.dataset[i] for i in indices])
-
-
-# --------------------------------------------------------------------------------- boxes under flips and turns
-def flip_boxes(boxes: torch.Tensor, axis: int, length: int) -> torch.Tensor:
-    """Boxes ``(..., 2d)`` mirrored along spatial ``axis`` of ``length`` pixels (half-open: ``lo' = L - hi``)."""
-    d = boxes.shape[-1] // 2
-    out = boxes.clone()
-    out[..., axis], out[..., axis + d] = length - boxes[..., axis + d], length - boxes[..., axis]
-    return out
-
-
-def rot90_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Boxes after one ``torch.rot90(x, 1, dims=(-2, -1))`` of an image ``width`` wide: pixel ``(r, c)`` moves to
-    ``(width - 1 - c, r)``, so rows become ``[W - c_hi, W - c_lo)`` and columns ``[r_lo, r_hi)``."""
-    d = boxes.shape[-1] // 2
-    r, c = d - 2, d - 1  # the last two spatial axes turn
-    out = boxes.clone()
-    out[..., r], out[..., r + d] = width - boxes[..., c + d], width - boxes[..., c]
-    out[..., c], out[..., c + d] = boxes[..., r], boxes[..., r + d]
-    return out
-
-
-def move_boxes(boxes: torch.Tensor, spatial: FlipRot90, shape: Sequence[int]) -> torch.Tensor:
-    """Boxes ``(B, N, 2d)`` moved as ``spatial`` moves the image of spatial ``shape``: its per-sample flips
-    first, then its quarter turns (the order :class:`FlipRot90` applies them)."""
-    per_sample = lambda mask: mask.to(boxes.device).reshape(-1, 1, 1)  # noqa: E731
-    out = boxes
-    for axis, flip in spatial.flips.items():
-        out = torch.where(per_sample(flip), flip_boxes(out, axis, shape[axis]), out)
-    if spatial.k is None:
-        return out
-    turned, height, width = out, shape[-2], shape[-1]
-    for r in (1, 2, 3):
-        turned = rot90_boxes(turned, width)
-        height, width = width, height
-        out = torch.where(per_sample(spatial.k == r), turned, out)
-    return out
-
-
 # --------------------------------------------------------------------------------- the datamodule
-class LunaDataModule(SplitDataModule):
+class LunaDataModule(DetectionDataModule):
     """LUNA16 nodule detection: chest slices (2-D) or cubes (3-D), phantom or real, with every finding boxed.
 
     Args:
@@ -364,40 +296,11 @@ class LunaDataModule(SplitDataModule):
                       f"irrelevant boxes)" for n, c in self.split_counts.items()),
         )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        """The base's loader (same sampler, so the same order) with the boxes padded by :func:`collate_detection`."""
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
-                          num_workers=self.num_workers, collate_fn=collate_detection,
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        """The base's loader, but DDP shards collate with :func:`collate_detection` too."""
-        dataset = getattr(self, f"data_{split}")
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if world_size == 1 or dataset is None:
-            return self._loader(dataset, shuffle=False)
-        rank, what = self.trainer.global_rank, f"the {split} split of {type(self).__name__}"
-        sampler = ShardSampler(shard_batches(self.eval_batches(dataset), rank, world_size, what), world_size, rank)
-        return DataLoader(CollatedDetection(dataset), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
-
     # ------------------------------------------------------------------------------------ augmentation
     def draw_spatial(self, images: torch.Tensor, generator: torch.Generator) -> FlipRot90:
         """Flips of every spatial axis and an in-plane quarter turn (a nodule has no preferred orientation; the
         in-plane grid is square and isotropic, so neither the shape nor ``spacing`` changes)."""
         return draw_flip_rot90(images.shape[0], images.dim() - 2, generator)
-
-    def augment_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        """The image flipped / turned by one draw per sample and its boxes moved alike (padding rows stay 0)."""
-        images = batch["image"]
-        spatial = self.draw_spatial(images, generator)
-        moved = move_boxes(batch["boxes"], spatial, tuple(images.shape[2:]))
-        boxes = torch.where(batch["box_valid"][..., None].to(moved.device), moved, batch["boxes"])
-        return {**batch, "image": self.augment_intensity(spatial(images), generator), "boxes": boxes}
 
 
 # --------------------------------------------------------------------------------- argument checks

@@ -16,7 +16,7 @@ from medrobust.config import CONF_DIR
 from medrobust.data.voc import BCCD_CLASSES
 from medrobust.data.voc_examples import CELLS, example_objects, example_splits, write_annotation, write_voc
 from medrobust.datamodules.bccd import BccdDataModule
-from medrobust.datamodules.luna import CollatedDetection, collate_detection
+from medrobust.datamodules.detection import CollatedDetection, collate_detection
 
 SOURCE = (96, 128)  # write_voc's (rows, columns)
 SIZE = (48, 128)  # rows halved, columns kept: a swapped axis or a forgotten scale shows

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from medrobust.config import CONF_DIR
 from medrobust.data.luna_targets import luna_findings
 from medrobust.datamodules.augment import draw_flip_rot90
-from medrobust.datamodules.luna import CollatedDetection, LunaDataModule, collate_detection, move_boxes
+from medrobust.datamodules.detection import CollatedDetection, collate_detection, move_boxes
+from medrobust.datamodules.luna import LunaDataModule
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -6,7 +6,8 @@
   ``group``: universal perturbations; ``sparse``: JSMA (L0, changed input values);
 - task families, for attacks that only make sense there: ``classification`` (targeted attacks, the
   convenience forms for plain classifiers), ``regression`` (prediction shifts), ``segmentation`` (DAG, SegPGD, CosPGD, the
-  lowest-Dice ensemble), ``landmarks`` (the targeted landmark attack).
+  lowest-Dice ensemble), ``landmarks`` (the targeted landmark attack), ``detection`` (TOG and DAG on CenterNet
+  detectors).
 
 Functional form (adv_lib style)::
 
@@ -34,6 +35,8 @@ from medrobust.attacks.core.batch import index_batch
 from medrobust.attacks.core.objectives import with_loss
 from medrobust.attacks.core.threat import NORMS, ThreatModel, batch_view
 from medrobust.attacks.core.tracking import AttackResult
+from medrobust.attacks.detection.dag import DetectionDAG, detection_dag_attack
+from medrobust.attacks.detection.tog import TOG, TogObjective
 from medrobust.attacks.gradient.apgd import APGD, apgd_attack
 from medrobust.attacks.gradient.fgsm import FGSM, fgsm_attack
 from medrobust.attacks.gradient.pgd import PGD, pgd_attack
@@ -81,13 +84,14 @@ def __getattr__(name: str):
 
 __all__ = [
     "APGD", "Attack", "AttackResult", "BiasField", "CORRUPTIONS", "CWL2", "Cascade", "ClassifierObjective",
-    "Corruption", "CosPGD", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "Directional", "EPS_UNITS",
-    "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "JSMA", "LandmarkAimObjective", "LandmarkTargeted", "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS",
-    "PGD", "RicianNoise", "SUITES", "SegEnsemble", "SegPGD", "ShiftObjective", "Square", "Targeted",
-    "TargetedObjective", "ThreatModel", "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve",
-    "batch_view", "build_suite", "check_rows", "cospgd_attack", "cw_l2_attack", "dag_attack", "deepfool_attack",
+    "Corruption", "CosPGD", "CurveAttack", "DAG", "DEFAULT_GROUP_SIZES", "DeepFool", "DetectionDAG", "Directional",
+    "EPS_UNITS", "FGSM", "FMN", "GaussianBlur", "GaussianNoise", "JSMA", "LandmarkAimObjective", "LandmarkTargeted",
+    "MaskingFlag", "MinimumNormAttack", "MinimumNormCurve", "NORMS", "PGD", "RicianNoise", "SUITES", "SegEnsemble",
+    "SegPGD", "ShiftObjective", "Square", "TOG", "Targeted", "TargetedObjective", "ThreatModel", "TogObjective",
+    "UniversalPerturbation", "apgd_attack", "apply_universal", "attack_curve", "batch_view", "build_suite",
+    "check_rows", "cospgd_attack", "cw_l2_attack", "dag_attack", "deepfool_attack", "detection_dag_attack",
     "directional_attack", "dlr_loss", "fgsm", "fgsm_attack", "fit_universal_perturbation", "fmn_attack",
-    "index_batch", "jsma_attack", "margin_loss", "minimal_perturbation", "pgd", "pgd_attack", "pick_targets", "probe_model",
-    "resolve_eps", "robust_accuracy", "seg_ensemble_attack", "segpgd_attack", "square_attack", "targeted_dlr_loss",
-    "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
+    "index_batch", "jsma_attack", "margin_loss", "minimal_perturbation", "pgd", "pgd_attack", "pick_targets",
+    "probe_model", "resolve_eps", "robust_accuracy", "seg_ensemble_attack", "segpgd_attack", "square_attack",
+    "targeted_dlr_loss", "universal_attack", "universal_shift", "with_clean_prediction", "with_loss",
 ]

@@ -19,17 +19,11 @@ import torch
 from torch import Tensor
 
 from medrobust.attacks.core.base import Attack, check_positive, without_early_stop
+from medrobust.attacks.core.dag_loop import dag_iterations
 from medrobust.attacks.core.batch import prepare
 from medrobust.attacks.core.options import at_least, flag, hyperparameters, norm_in
-from medrobust.attacks.core.session import attack_session, loss_and_grad, objective_values
-from medrobust.attacks.core.threat import (
-    DENSE_NORMS,
-    ThreatModel,
-    ascent_direction,
-    batch_view,
-    constrain,
-    lp_norm,
-)
+from medrobust.attacks.core.session import attack_session
+from medrobust.attacks.core.threat import DENSE_NORMS, ThreatModel
 from medrobust.attacks.core.tracking import AttackResult, BestTracker, WorkingSet
 from medrobust.attacks.segmentation.dense import (
     DENSE_OUTPUT,
@@ -137,31 +131,9 @@ def dag_attack(model: Callable, x: Tensor, batch: Mapping, objective: Any = None
             return tracker.x_adv
         batch[DENSE_TARGET_KEY] = target_map(model, x, batch[label_key], target, seed, "DAG")
         work = WorkingSet.full(x, batch, eps, gamma * eps)
-        _run(model, dense, work, threat, tracker, steps if threat.max_eps() > 0 else 0)
+        dag_iterations(model, dense, work, threat, tracker, steps if threat.max_eps() > 0 else 0)
     result = tracker.result()
     return result if return_result else result.x_adv
-
-
-def _run(model, dense: _DenseAdversary, work: WorkingSet, threat: ThreatModel, tracker: BestTracker,
-         steps: int) -> None:
-    """DAG iterations over the working set; done samples leave it, every visited point goes to ``tracker``."""
-    x_adv = work.x
-    for _ in range(steps):
-        _, grad, standing = loss_and_grad(model, dense, x_adv, work.batch)
-        tracker.update(work.idx, x_adv, dense.score, standing)
-        if not bool(standing.all()):
-            work, x_adv, grad = work.keep(standing), x_adv[standing], grad[standing]
-            if len(work) == 0:
-                return
-        if threat.norm == "linf":  # DAG's normalization: the largest coordinate moves by the full step
-            direction = grad / batch_view(lp_norm(grad, "linf").clamp_min(torch.finfo(grad.dtype).tiny), grad)
-        else:
-            direction = ascent_direction(grad, "l2")
-        x_adv = constrain(work.x, x_adv + batch_view(work.step, x_adv) * direction, threat.norm, work.eps,
-                          threat.bounds)
-    with torch.no_grad():  # the last iterate has not been looked at yet
-        _, standing = objective_values(model, dense, x_adv, work.batch)
-    tracker.update(work.idx, x_adv, dense.score, standing)
 
 
 class DAG(Attack):
