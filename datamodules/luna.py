@@ -161,7 +161,7 @@ class LunaDataModule(DetectionDataModule):
         spatial_dims: int = 2,
         image_size: int | None = None,
         depth_mm: float | None = None,
-        negatives_per_positive: float = 0.5,
+        negatives_per_positive: float = 0.3,
         negative_margin_mm: float = 10.0,
         hu_window: Sequence[float] = (-1000.0, 400.0),
         split: Sequence[float] = (0.7, 0.15, 0.15),
