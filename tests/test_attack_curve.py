@@ -68,3 +68,23 @@ def test_corruptions_are_applied_at_each_severity_independently():
     stds = [float((p - x).std()) for p in points]
     assert stds[0] == 0.0
     assert stds[1] == pytest.approx(0.05, rel=0.05) and stds[2] == pytest.approx(0.1, rel=0.05)
+
+
+class _BandObjective:
+    """Loss ``x.sum()``; a sample is correct outside the band ``0.5 < x.sum() < 1.5``: climbing the loss from inside
+    the band (wrong) leaves it on the correct side, as a loss-defined verdict can."""
+
+    def attack_loss(self, output, batch):
+        return output
+
+    def is_correct(self, output, batch):
+        return (output <= 0.5) | (output >= 1.5)
+
+
+def test_a_sample_wrong_on_its_clean_image_is_never_counted_correct_under_attack():
+    model = lambda x: x.flatten(1).sum(dim=1)  # noqa: E731
+    x = torch.tensor([[[0.25, 0.25]], [[0.5, 0.5]]])  # sums 0.5 (correct) and 1.0 (wrong)
+    points = attack_curve(FGSM(), model, x, {}, _BandObjective(), eps_values=[0.0, 0.3], bounds=None)
+    correct = _BandObjective().is_correct(model(points[1]), {})
+    assert torch.equal(points[1][1], x[1])  # the wrong sample keeps its clean image (FGSM would reach sum 1.6)
+    assert correct.tolist() == [False, False]  # the first is fooled (sum 1.1); the second stays wrong

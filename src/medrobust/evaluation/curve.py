@@ -1,7 +1,7 @@
 """A whole robustness curve from one attack: adversarial points at every eps, cheapest first.
 
 A point found at a smaller eps lies inside every larger ball, so a sample fooled at eps_i keeps that point
-for all eps_j > eps_i and is not attacked again: the curve is monotone by construction and the cost of each
+for all eps_j > eps_i and is not attacked again (a sample wrong on its clean image keeps the clean image): the curve is monotone by construction and the cost of each
 further eps scales with the samples still standing (:func:`attack_curve`).
 
 From a minimum-norm attack's points the order turns around (:func:`verified_curve`): a sample is checked at the
@@ -53,7 +53,12 @@ def attack_curve(
     if sizes != sorted(sizes):
         raise ValueError(f"attack_curve needs non-decreasing eps, got {sizes}")
     current = x.detach().clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    # a sample the model gets wrong on its clean image has failed at eps 0 already: it keeps that image, so no
+    # attack point can count it correct (one that stops nowhere, FGSM, or moves a loss-defined verdict, a
+    # detector's per-term rule, could otherwise land it back inside every tau)
+    with torch.no_grad():
+        _, clean_correct = objective_values(model, objective, current, batch)
+    fooled = ~clean_correct
     points = []
     for eps in eps_values:
         if eps_size(eps) > 0 and not bool(fooled.all()):
