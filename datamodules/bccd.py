@@ -45,7 +45,7 @@ from medrobust.data.voc_examples import write_voc
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
 from medrobust.datamodules.base import SPLITS, check_bool, check_int, check_split, check_split_counts
 from medrobust.datamodules.base import check_writable, default_cache_dir, image_item
-from medrobust.datamodules.detection import DetectionDataModule
+from medrobust.datamodules.detection import CachedDetectionDataset, DetectionDataModule
 
 log = logging.getLogger("medrobust")
 
@@ -94,34 +94,28 @@ def write_phantom(folder: Path, n_images: int, seed: int) -> Path:
 
 
 # --------------------------------------------------------------------------------- batches
-class BccdDataset(Dataset):
+class BccdDataset(CachedDetectionDataset):
     """The images ``idx`` of the cached arrays (see :meth:`BccdDataModule._build`); items as LUNA's, which
     :func:`~medrobust.datamodules.detection.collate_detection` pads into a batch."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray, intensity: IntensityWindow):
-        self.arrays, self.idx, self.intensity = arrays, np.asarray(idx, dtype=np.int64), intensity
+    def image(self, j: int) -> torch.Tensor:
+        return image_item(self.arrays["images"][j], self.intensity)[0]  # image_item adds a channel axis: RGB has one
 
-    def __len__(self) -> int:
-        return len(self.idx)
+    def labels(self, j: int, rows: slice) -> torch.Tensor:
+        return torch.from_numpy(self.arrays["labels"][rows].astype(np.int64))
 
-    def __getitem__(self, i: int) -> dict:
-        a, j = self.arrays, int(self.idx[i])
-        lo, hi = int(a["box_offsets"][j]), int(a["box_offsets"][j + 1])
-        return {
-            "image": image_item(a["images"][j], self.intensity)[0],  # image_item adds a channel axis: RGB has one
-            "boxes": torch.from_numpy(a["boxes"][lo:hi].astype(np.float32)),
-            "labels": torch.from_numpy(a["labels"][lo:hi].astype(np.int64)),
-            "box_target": torch.ones(hi - lo, dtype=torch.bool),
-            "id": str(a["ids"][j]),
-            "patient_id": str(a["ids"][j]),
-            "spacing": torch.ones(2, dtype=torch.float32),
-        }
+    def box_target(self, j: int, rows: slice) -> torch.Tensor:
+        return torch.ones(rows.stop - rows.start, dtype=torch.bool)  # every cell is a target
+
+    def patient_id(self, j: int) -> str:
+        return str(self.arrays["ids"][j])  # split by image: each image its own "patient"
+
+    def spacing(self, j: int) -> torch.Tensor:
+        return torch.ones(2, dtype=torch.float32)  # no physical pixel size: pixels
 
     def counts(self, class_names: Sequence[str]) -> dict[str, int]:
         """Images, boxes, and boxes per class of this split."""
-        a = self.arrays
-        per_box = np.repeat(np.arange(len(a["ids"])), np.diff(a["box_offsets"]))
-        labels = a["labels"][np.isin(per_box, self.idx)]
+        labels = self.arrays["labels"][self.split_boxes()]
         per_class = {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
         return {"images": len(self.idx), "boxes": len(labels), **per_class}
 

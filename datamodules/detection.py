@@ -12,14 +12,59 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from medrobust.data.intensity import IntensityWindow
 
 from medrobust.datamodules.augment import FlipRot90
 from medrobust.datamodules.base import EpochShuffle, SplitDataModule
 from medrobust.datamodules.sharding import Collated, ShardSampler, shard_batches
 
 PAD_LABEL = -1  # the label of a padding row: an index no class has, so a forgotten box_valid fails loudly
+
+
+# --------------------------------------------------------------------------------- items
+class CachedDetectionDataset(Dataset):
+    """The samples ``idx`` of a detection cache's arrays: ``images``, ``ids``, and every sample's boxes
+    concatenated (sample ``j`` owns rows ``box_offsets[j]:box_offsets[j + 1]`` of ``boxes``). An item: ``image``
+    ``(C, *S)`` in model units, its ``k`` boxes ``(k, 2d)``, ``labels`` ``(k,)``, ``box_target`` ``(k,)``, ``id``,
+    ``patient_id``, ``spacing`` ``(d,)``; :func:`collate_detection` pads the boxes into a batch. Subclasses say how
+    their arrays give the per-source fields (:meth:`image`, :meth:`labels`, ...)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray, intensity: IntensityWindow):
+        self.arrays, self.idx, self.intensity = arrays, np.asarray(idx, dtype=np.int64), intensity
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict:
+        a, j = self.arrays, int(self.idx[i])
+        rows = slice(int(a["box_offsets"][j]), int(a["box_offsets"][j + 1]))
+        return {"image": self.image(j), "boxes": torch.from_numpy(a["boxes"][rows].astype(np.float32)),
+                "labels": self.labels(j, rows), "box_target": self.box_target(j, rows), "id": str(a["ids"][j]),
+                "patient_id": self.patient_id(j), "spacing": self.spacing(j)}
+
+    def split_boxes(self) -> np.ndarray:
+        """``(total boxes,)`` bool: the boxes of this split's samples."""
+        per_box = np.repeat(np.arange(len(self.arrays["ids"])), np.diff(self.arrays["box_offsets"]))
+        return np.isin(per_box, self.idx)
+
+    def image(self, j: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def labels(self, j: int, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def box_target(self, j: int, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def patient_id(self, j: int) -> str:
+        raise NotImplementedError
+
+    def spacing(self, j: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------- batches

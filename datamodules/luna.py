@@ -69,7 +69,7 @@ from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
 from medrobust.datamodules.base import check_bool, check_choice, check_floats, check_int
 from medrobust.datamodules.base import check_spatial_dims, check_split, image_item
 from medrobust.datamodules.lidc import check_patient_split, split_patients
-from medrobust.datamodules.detection import DetectionDataModule
+from medrobust.datamodules.detection import CachedDetectionDataset, DetectionDataModule
 
 log = logging.getLogger("medrobust")
 
@@ -80,37 +80,31 @@ SOURCES = ("phantom", "luna16")
 
 
 # --------------------------------------------------------------------------------- batches
-class LunaDataset(Dataset):
+class LunaDataset(CachedDetectionDataset):
     """The samples ``idx`` of the cached arrays (see :meth:`LunaDataModule._build`); windowed per item.
 
     An item: ``image`` ``(1, *S)``, its ``k`` boxes ``(k, 2d)``, ``labels`` ``(k,)``, ``box_target`` ``(k,)``,
     ``id``, ``patient_id``, ``spacing`` ``(d,)``; :func:`collate_detection` pads the boxes into a batch.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray, intensity: IntensityWindow):
-        self.arrays, self.idx, self.intensity = arrays, np.asarray(idx, dtype=np.int64), intensity
+    def image(self, j: int) -> torch.Tensor:
+        return image_item(self.arrays["images"][j], self.intensity)
 
-    def __len__(self) -> int:
-        return len(self.idx)
+    def labels(self, j: int, rows: slice) -> torch.Tensor:
+        return torch.zeros(rows.stop - rows.start, dtype=torch.int64)  # one class: nodule
 
-    def __getitem__(self, i: int) -> dict:
-        a, j = self.arrays, int(self.idx[i])
-        lo, hi = int(a["box_offsets"][j]), int(a["box_offsets"][j + 1])
-        return {
-            "image": image_item(a["images"][j], self.intensity),
-            "boxes": torch.from_numpy(a["boxes"][lo:hi].astype(np.float32)),
-            "labels": torch.zeros(hi - lo, dtype=torch.int64),  # one class: nodule
-            "box_target": torch.from_numpy(a["box_target"][lo:hi].astype(bool)),
-            "id": str(a["ids"][j]),
-            "patient_id": str(a["patient_ids"][j]),
-            "spacing": torch.from_numpy(a["spacing"][j].astype(np.float32)),
-        }
+    def box_target(self, j: int, rows: slice) -> torch.Tensor:
+        return torch.from_numpy(self.arrays["box_target"][rows].astype(bool))
+
+    def patient_id(self, j: int) -> str:
+        return str(self.arrays["patient_ids"][j])
+
+    def spacing(self, j: int) -> torch.Tensor:
+        return torch.from_numpy(self.arrays["spacing"][j].astype(np.float32))
 
     def counts(self) -> dict[str, int]:
         """Samples, positive samples, target boxes and irrelevant-finding boxes of this split."""
-        a = self.arrays
-        per_box = np.repeat(np.arange(len(a["ids"])), np.diff(a["box_offsets"]))
-        in_split = np.isin(per_box, self.idx)
+        a, in_split = self.arrays, self.split_boxes()
         return {"samples": len(self.idx), "positive": int(a["positive"][self.idx].sum()),
                 "targets": int(a["box_target"][in_split].sum()),
                 "irrelevant": int((~a["box_target"][in_split]).sum())}  # fmt: skip

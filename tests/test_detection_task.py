@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from medrobust.datamodules.detection import collate_detection
 from medrobust.datamodules.luna import LunaDataModule
 from medrobust.models.centernet import CenterNet, encode_targets
 from medrobust.tasks.base import compute_metrics, metric_collection
@@ -149,7 +150,8 @@ def test_tau_comes_from_a_validation_pass_and_travels_in_the_checkpoint(dm, tmp_
     task = make_task()
     assert torch.isnan(task.validation_tau).all()
     assert task.tau.tolist() == pytest.approx([FALLBACK_TAU[t] for t in TERMS])
-    batches = list(dm.train_dataloader())  # several batches, the last one smaller: a per-sample mean
+    # several batches, the last one smaller: the taus are per-sample means, not means of batch means
+    batches = list(DataLoader(dm.data_train, batch_size=5, collate_fn=collate_detection))
     assert len(batches) > 1 and len(batches[-1]["image"]) != len(batches[0]["image"])
     run = trainer()
     run.validate(task, dataloaders=DataLoader(batches, batch_size=None), verbose=False)

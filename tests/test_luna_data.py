@@ -191,7 +191,9 @@ def test_cache_is_reused_and_a_setting_change_misses(lidc_mini_db, tmp_path):
     other.setup("fit")
     assert other.cache_path() != path and other.cache_path().exists() and path.stat().st_mtime_ns == stamp
     a, b = again.cached_arrays(), other.cached_arrays()
-    assert (~b["positive"]).sum() == b["positive"].sum() == a["positive"].sum() == 2 * (~a["positive"]).sum()
+    positives = int(a["positive"].sum())
+    assert (~b["positive"]).sum() == b["positive"].sum() == positives  # 1.0 negatives per positive
+    assert (~a["positive"]).sum() == round(0.3 * positives)  # the default 0.3
     changed = [{"seed": 1}, {"image_size": 40}, {"max_scans": 5}, {"negative_margin_mm": 5.0}, {"spatial_dims": 3},
                {"spatial_dims": 3, "depth_mm": 100.0}, {"annotation_db": str(shutil.copy(lidc_mini_db, tmp_path))}]
     paths = {LunaDataModule(**{**kwargs, **change}).cache_path() for change in changed}
