@@ -312,3 +312,25 @@ def test_3d_box_outlines_appear_on_every_slice_the_box_spans():
     boxes = torch.tensor([[[1.0, 2.0, 2.0, 4.0, 6.0, 6.0]]])  # slices 1-3
     outline = box_outlines(boxes, torch.tensor([[0]]), torch.tensor([[True]]), (6, 8, 8))[0]
     assert [int(outline[z].sum()) for z in range(6)] == [0, 12, 12, 12, 0, 0]  # a 4 x 4 square's 12 border pixels
+
+
+# ----------------------------------------------------------------------------------------- correct=match
+def test_match_rule_wants_every_target_found_and_no_false_positive(batch):
+    task = make_task(correct="match")
+    has_target = task.target_mask(batch).any(dim=1)
+    assert has_target.any() and (~has_target).any()  # slices with nodules and nodule-free ones
+    perfect = perfect_output(task, batch)
+    heatmap = perfect["heatmap"].clone().requires_grad_(True)
+    margin = task.correct_margin({**perfect, "heatmap": heatmap}, batch)
+    assert bool((margin > 0).all()) and torch.equal(task.is_correct(perfect, batch), margin >= 0)
+    margin.sum().backward()
+    assert heatmap.grad.abs().sum() > 0  # differentiable through the detections' scores
+
+    blind = {**perfect, "heatmap": torch.full_like(perfect["heatmap"], -20.0)}
+    assert torch.equal(task.is_correct(blind, batch), ~has_target)  # nothing found: only empty slices pass
+
+    fabricated = perfect["heatmap"].clone()
+    free = (~has_target).nonzero()[0, 0]
+    fabricated[free, 0, 1, 1] = 5.0  # a sure detection on a slice without any finding
+    verdict = task.is_correct({**perfect, "heatmap": fabricated}, batch)
+    assert not verdict[free] and verdict.sum() == len(verdict) - 1
