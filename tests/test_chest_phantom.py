@@ -208,6 +208,29 @@ def test_volume_shapes_and_boxes(selection, lidc_mini_db):
             assert g.nodule_id in vol.finding_ids
 
 
+def test_a_window_crops_the_whole_field_of_view_at_the_same_voxel_size(selection, lidc_mini_db):
+    """``field_mm`` = half the FOV over 32 voxels is the middle of the whole FOV over 64 voxels (same voxels): every
+    finding wholly inside keeps its box, moved by 16 voxels along each axis; moving the window's centre moves the
+    boxes the other way, by the native shift over the voxel size."""
+    f = max(selection.targets, key=lambda t: t.diameter_mm)
+    scan, k = _scan_of(selection, f), _centre_slice(f)
+    fov_mm = NATIVE_SIZE * scan.pixel_spacing_mm
+    whole = render_volume(scan, k, 64, db_path=lidc_mini_db)
+    middle = render_volume(scan, k, 32, field_mm=fov_mm / 2, centre_rc=(256.0, 256.0), db_path=lidc_mini_db)
+    assert middle.spacing_mm == pytest.approx(whole.spacing_mm)
+    inside = [i for i, box in enumerate(whole.boxes) if (box[:3] >= 16).all() and (box[3:] <= 48).all()]
+    assert inside, "no finding in the middle of the whole-FOV cube"
+    for i in inside:
+        np.testing.assert_array_equal(_box_of(middle, whole.finding_ids[i]), whole.boxes[i] - 16)
+    box = _box_of(middle, f.nodule_id)
+    native_centre = (np.array(f.centre_voxel[:2]) + 0.5)
+    around = render_volume(scan, k, 32, field_mm=fov_mm / 2, centre_rc=tuple(native_centre), db_path=lidc_mini_db)
+    shift = (native_centre - 256.0) / (NATIVE_SIZE / 64)  # output voxels
+    moved = _box_of(around, f.nodule_id)
+    np.testing.assert_allclose((moved[1:3] + moved[4:6]) / 2, (box[1:3] + box[4:6]) / 2 - shift, atol=1.0)
+    np.testing.assert_allclose((moved[1:3] + moved[4:6]) / 2, 16.0, atol=1.25)  # centred on the target
+
+
 def test_bad_arguments_are_refused(selection, lidc_mini_db):
     scan = selection.scans[0]
     for kwargs in ({"size": 4}, {"size": 128.0}, {"slice_index": scan.slice_z.size}, {"slice_index": -1}):
@@ -216,6 +239,10 @@ def test_bad_arguments_are_refused(selection, lidc_mini_db):
             render_slice(scan, db_path=lidc_mini_db, **args)
     with pytest.raises(ValueError, match="depth_mm"):
         render_volume(scan, 0, 32, depth_mm=0.0, db_path=lidc_mini_db)
+    with pytest.raises(ValueError, match="field_mm"):
+        render_volume(scan, 0, 32, field_mm=float("nan"), db_path=lidc_mini_db)
+    with pytest.raises(ValueError, match="centre_rc"):
+        render_volume(scan, 0, 32, centre_rc=(256.0, 256.0), db_path=lidc_mini_db)
 
 
 def test_speed_sanity(selection, lidc_mini_db):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_luna_data import box_region, check_batch
 
-from medrobust.data.luna16 import UNSIZED_DIAMETER_MM, read_annotations, world_to_cell
+from medrobust.data.luna16 import UNSIZED_DIAMETER_MM, lung_points, read_annotations, world_to_cell
 from medrobust.data.metaimage import MetaImageError, read_metaimage, read_metaimage_header, write_metaimage
 from medrobust.datamodules.luna import LunaDataModule
 
@@ -231,7 +231,8 @@ def test_targets_and_irrelevant_findings(dm2d):
 
 
 def test_3d_cubes_box_their_target_on_the_centre_slice(luna_root, tmp_path):
-    dm = make_dm(luna_root, tmp_path, spatial_dims=3, image_size=32, folds={"train": [0], "val": [1], "test": [2]})
+    dm = make_dm(luna_root, tmp_path, spatial_dims=3, image_size=32, field_mm=None,
+                 folds={"train": [0], "val": [1], "test": [2]})  # fmt: skip
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     check_batch(batch, 3, 32)
@@ -248,6 +249,41 @@ def test_3d_cubes_box_their_target_on_the_centre_slice(luna_root, tmp_path):
         assert abs(centre[0] - 16.5) <= 1.0 and np.abs(centre[1:] - (np.array(index[1:]) + 0.5) / 2).max() <= 1.0
         assert np.abs(bright_centre(item["image"][0], box_region(box)) - centre).max() <= 1.0, item["id"]
         assert ((box[3:] - box[:3]).numpy() >= diameter / spacing).all()
+
+
+def test_3d_windows_hold_their_target_jittered_and_negatives_sit_in_lung(luna_root, tmp_path):
+    """field_mm: a 24 mm window (16 voxels of 1.5 mm) per target; its ball is boxed where the image shows it, in the
+    window's middle half, at a different place in each window."""
+    dm = make_dm(luna_root, tmp_path, spatial_dims=3, image_size=16, field_mm=24.0,
+                 folds={"train": [0], "val": [1], "test": [2]})  # fmt: skip
+    dm.setup("fit")
+    check_batch(next(iter(dm.train_dataloader())), 3, 16)
+    centres = []
+    for item in samples(dm).values():
+        assert torch.allclose(item["spacing"], torch.tensor(1.5))
+        if ":n" not in item["id"]:
+            continue
+        target = item["id"].split("/")[0]
+        (box,) = [b for b, f in zip(item["boxes"], finding_ids(dm, item)) if f == target]
+        centre = (box[:3] + box[3:]).numpy() / 2
+        assert np.abs(bright_centre(item["image"][0], box_region(box)) - centre).max() <= 1.0, item["id"]
+        centres.append(centre)
+    centres = np.array(centres)
+    assert len(centres) == 4 and ((centres >= 4 - 1) & (centres <= 12 + 1)).all(), centres
+    assert len({tuple(np.round(c)) for c in centres - centres.mean(0)}) == 4  # jittered, not all alike
+
+
+def test_lung_points_lie_in_dark_regions_enclosed_by_tissue():
+    """A body (tissue ellipse) holding two dark lungs, in air: only the lungs' pixels are lung points."""
+    rows, cols = np.mgrid[:128, :128]
+    plane = np.full((128, 128), -1000, dtype=np.int16)
+    plane[((rows - 64) / 50) ** 2 + ((cols - 64) / 60) ** 2 <= 1] = 40
+    lungs = (((rows - 64) / 30) ** 2 + ((np.abs(cols - 64) - 30) / 20) ** 2) <= 1
+    plane[lungs] = -850
+    points = lung_points(plane, stride=4)
+    assert len(points) > 50
+    r, c = np.floor(points).astype(int).T
+    assert lungs[r, c].all()
 
 
 # ------------------------------------------------------------------------------ folds, batches, cache

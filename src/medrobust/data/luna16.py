@@ -22,7 +22,9 @@ download's archives put them).
 Samples follow :mod:`medrobust.data.luna_samples` as the phantom's do: 2-D, the axial slice through each target's
 centre (the native slice holding it) with the whole field of view averaged down to ``size x size``; 3-D, a cube of
 ``size`` voxels with that slice at output slice ``size // 2`` (isotropic voxels, or ``depth_mm`` deep), the slices
-beyond the scan repeating its end slices; negatives, slices more than a margin from every finding. Each finding is
+beyond the scan repeating its end slices -- over the whole field of view, or (``field_mm``) a window of that many mm
+around each target, jittered, as the phantom's; negatives, slices more than a margin from every finding (3-D
+windows: centred on a seeded point of the slice's lung, :func:`lung_points`). Each finding is
 the sphere of its diameter around its centre: boxed in 2-D as the circle the slice's centre plane cuts from it, in
 3-D as its cube, in whole output pixels (every pixel the circle or cube touches, as the phantom boxes every pixel
 a finding touches).
@@ -50,14 +52,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medrobust.data.chest_phantom import _overlap_weights
-from medrobust.data.luna_samples import Sample, SampleSpec, draw_negatives, finding_free_slices, pack_samples
-from medrobust.data.luna_samples import pick_scans
+from medrobust.data.luna_samples import Sample, SampleSpec, draw_negatives, finding_free_slices, jittered_centre
+from medrobust.data.luna_samples import pack_samples, pick_point, pick_scans, window_extent_mm
 from medrobust.data.metaimage import MetaImageHeader, read_metaimage_header, read_metaimage_voxels
 from medrobust.data.patches import file_fingerprint
 
 log = logging.getLogger("medrobust")
 
-LUNA16_VERSION = 1  # bump when the samples or the cache layout change, so old caches miss
+LUNA16_VERSION = 2  # bump when the samples or the cache layout change, so old caches miss
 SUBSETS = tuple(range(10))
 SPLITS = ("train", "val", "test")
 DEFAULT_FOLDS = {"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8], "test": [9]}
@@ -263,6 +265,16 @@ class Series:
                 specs[k] = SampleSpec(self, k, f"{f.id}/z{k}", positive=True)
         return list(specs.values())
 
+    def target_windows(self, extent_mm: Sequence[float], seed: int) -> list[SampleSpec]:
+        """One 3-D window per target around its jittered centre (:func:`~medrobust.data.luna_samples.jittered_centre`)."""
+        specs = []
+        for f in self.findings:
+            if f.is_target:
+                z, row, col = jittered_centre(f.centre, self.header.spacing, extent_mm, f.id, seed)
+                k = min(max(math.floor(z), 0), self.header.shape[0] - 1)
+                specs.append(SampleSpec(self, k, f"{f.id}/z{k}", True, (row, col)))
+        return specs
+
     def free_slices(self, margin_mm: float) -> np.ndarray:
         slice_mm = float(self.header.spacing[0])
         extents = [f.slices(slice_mm) for f in self.findings]
@@ -370,12 +382,18 @@ class Grid:
     spacing_mm: np.ndarray  # output mm per cell (slice, row, col)
 
 
-def sample_grid(header: MetaImageHeader, slice_index: int, spatial_dims: int, size: int,
-                depth_mm: float | None) -> Grid:
-    """The whole field of view at ``size x size``; in 2-D on native slice ``slice_index``, in 3-D ``size`` slices
-    with output slice ``size // 2`` centred on it (``depth_mm / size`` apart, default the in-plane spacing)."""
+def sample_grid(header: MetaImageHeader, slice_index: int, spatial_dims: int, size: int, depth_mm: float | None,
+                field_mm: float | None = None, centre_rc: Sequence[float] | None = None) -> Grid:
+    """The whole field of view at ``size x size`` -- or (``field_mm``) ``field_mm`` x ``field_mm`` centred on native
+    ``centre_rc`` (row, col cells); in 2-D on native slice ``slice_index``, in 3-D ``size`` slices with output slice
+    ``size // 2`` centred on it (``depth_mm / size`` apart, default the in-plane spacing)."""
     n_rows, n_cols = header.shape[1:]
-    step_rc = np.array([n_rows / size, n_cols / size])
+    if field_mm is None:
+        step_rc, start_rc = np.array([n_rows / size, n_cols / size]), np.zeros(2)
+    else:
+        step_rc = field_mm / size / np.asarray(header.spacing[1:], dtype=np.float64)
+        centre = np.array([n_rows / 2, n_cols / 2]) if centre_rc is None else np.asarray(centre_rc, dtype=np.float64)
+        start_rc = centre - size * step_rc / 2
     spacing_rc = step_rc * header.spacing[1:]
     if spatial_dims == 2:
         start_z, step_z, depth = float(slice_index), 1.0, 1
@@ -384,7 +402,7 @@ def sample_grid(header: MetaImageHeader, slice_index: int, spatial_dims: int, si
         step_z, depth = dz_mm / header.spacing[0], size
         start_z = slice_index + 0.5 - (size // 2 + 0.5) * step_z
     step = np.array([step_z, *step_rc])
-    return Grid(np.array([start_z, 0.0, 0.0]), step, (depth, size, size), step * header.spacing)
+    return Grid(np.array([start_z, *start_rc]), step, (depth, size, size), step * header.spacing)
 
 
 def _axis_weights(start: float, step: float, n_out: int, n_native: int) -> np.ndarray:
@@ -426,11 +444,30 @@ def finding_box(finding: Finding, grid: Grid, spatial_dims: int) -> list[int] | 
     return None if (hi <= lo).any() else [*lo.astype(int).tolist(), *hi.astype(int).tolist()]
 
 
-def make_sample(volume: np.ndarray, spec: SampleSpec, spatial_dims: int, size: int, depth_mm: float | None) -> Sample:
+def lung_points(plane: np.ndarray, stride: int = 8, threshold_hu: float = -400.0) -> np.ndarray:
+    """Native (row, col) cell centres, on every ``stride``-th pixel of a native slice, that are dark (below
+    ``threshold_hu``) with tissue on both sides along their row and their column: lung, not the air around the
+    body (which reaches the image's edge along some axis). A window centre for 3-D negatives."""
+    coarse = np.asarray(plane[::stride, ::stride], dtype=np.float32)
+    tissue = coarse >= threshold_hu
+    enclosed = np.ones_like(tissue)
+    for axis in (0, 1):
+        before = np.maximum.accumulate(tissue, axis=axis)
+        after = np.flip(np.maximum.accumulate(np.flip(tissue, axis=axis), axis=axis), axis=axis)
+        enclosed &= before & after
+    return (np.argwhere(~tissue & enclosed) * stride + 0.5).astype(np.float64)
+
+
+def make_sample(volume: np.ndarray, spec: SampleSpec, spatial_dims: int, size: int, depth_mm: float | None,
+                field_mm: float | None = None, seed: int = 0) -> Sample:
     """The sample ``spec`` of ``spec.scan`` (a :class:`Series`) read from its ``volume``, every finding it shows
-    boxed; a positive that does not box its own target is a bug, not data, so it stops the build."""
+    boxed; a positive that does not box its own target is a bug, not data, so it stops the build. A 3-D window
+    (``field_mm``) without a centre (a negative) is centred on a seeded lung point of its slice."""
     series: Series = spec.scan
-    grid = sample_grid(series.header, spec.slice_index, spatial_dims, size, depth_mm)
+    centre_rc = spec.centre_rc
+    if field_mm is not None and centre_rc is None:
+        centre_rc = pick_point(lung_points(volume[spec.slice_index]), spec.id, seed)
+    grid = sample_grid(series.header, spec.slice_index, spatial_dims, size, depth_mm, field_mm, centre_rc)
     image = resample(volume, grid)
     boxes, shown = [], []
     for f in series.findings:
@@ -450,11 +487,15 @@ def make_sample(volume: np.ndarray, spec: SampleSpec, spatial_dims: int, size: i
 
 
 # --------------------------------------------------------------------------------- the whole build
-def sample_specs(series: Sequence[Series], negatives_per_positive: float, margin_mm: float,
-                 seed: int) -> list[SampleSpec]:
-    """Every target's slice and the negatives (:func:`~medrobust.data.luna_samples.draw_negatives`), ordered by
-    series and slice (so each volume is read once)."""
-    positives = [spec for s in series for spec in s.target_slices()]
+def sample_specs(series: Sequence[Series], negatives_per_positive: float, margin_mm: float, seed: int,
+                 window_mm: Sequence[float] | None = None) -> list[SampleSpec]:
+    """Every target's slice (3-D windows of extent ``window_mm``: a window around every target) and the negatives
+    (:func:`~medrobust.data.luna_samples.draw_negatives`), ordered by series, slice and id (so each volume is read
+    once)."""
+    if window_mm is None:
+        positives = [spec for s in series for spec in s.target_slices()]
+    else:
+        positives = [spec for s in series for spec in s.target_windows(window_mm, seed)]
     count = round(negatives_per_positive * len(positives))
     by_uid = {s.uid: s for s in series}
     picked = draw_negatives({s.uid: s.free_slices(margin_mm) for s in series}, count, seed)
@@ -462,16 +503,18 @@ def sample_specs(series: Sequence[Series], negatives_per_positive: float, margin
     if len(negatives) < count:
         log.warning("LUNA16: %d negatives asked for, only %d slices lie more than %g mm from every finding", count,
                     len(negatives), margin_mm)  # fmt: skip
-    return sorted(positives + negatives, key=lambda s: (s.scan.uid, s.slice_index))
+    return sorted(positives + negatives, key=lambda s: (s.scan.uid, s.slice_index, s.id))
 
 
 def build_luna16(root: str | os.PathLike, subsets: Sequence[int], spatial_dims: int, image_size: int,
                  depth_mm: float | None, negatives_per_positive: float, negative_margin_mm: float, seed: int,
-                 max_scans: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                 max_scans: int | None = None, field_mm: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The cached arrays (:func:`~medrobust.data.luna_samples.pack_samples`, plus ``subsets``: each sample's LUNA16
     subset, which the folds split by) and what the cache's JSON records about the build."""
     scans = read_luna16(root, subsets, max_scans)
-    specs = sample_specs(scans.series, negatives_per_positive, negative_margin_mm, seed)
+    window = None if field_mm is None or spatial_dims == 2 else window_extent_mm(field_mm, depth_mm)
+    specs = sample_specs(scans.series, negatives_per_positive, negative_margin_mm, seed, window)
+    field_mm = None if window is None else field_mm
     if not specs:
         raise ValueError(f"data.root {str(root)!r}: no sample in subsets {list(subsets)} (no target, no negative)")
     by_series: dict[str, list[SampleSpec]] = defaultdict(list)
@@ -480,7 +523,7 @@ def build_luna16(root: str | os.PathLike, subsets: Sequence[int], spatial_dims: 
     samples = []
     for uid, group in tqdm(by_series.items(), desc=f"LUNA16 {spatial_dims}-D", unit="scan"):
         volume = read_metaimage_voxels(group[0].scan.header, mmap=True)  # one volume at a time
-        samples += [make_sample(volume, spec, spatial_dims, image_size, depth_mm) for spec in group]
+        samples += [make_sample(volume, spec, spatial_dims, image_size, depth_mm, field_mm, seed) for spec in group]
         del volume
     arrays = pack_samples(samples, spatial_dims)
     arrays["subsets"] = np.array([spec.scan.subset for spec in specs], dtype=np.int64)

@@ -8,7 +8,10 @@ rules, so a model sees the same kind of data from either:
   annotated centre); two targets sharing a slice give one sample, named by the first;
 * negatives: slices more than a margin from every finding of their scan, drawn by :func:`draw_negatives` (one per
   scan in a seeded scan order, round after round);
-* a quick run's subset of scans: :func:`pick_scans` (scans with a target first, in a seed-independent hash order).
+* a quick run's subset of scans: :func:`pick_scans` (scans with a target first, in a seed-independent hash order);
+* 3-D windows (``field_mm``): one cube per target, its centre moved from the target's by a seeded jitter of up to a
+  quarter of the cube along each axis (:func:`jittered_centre`: a detector must not learn "the nodule is in the
+  middle"), and negatives centred on a seeded lung point of their finding-free slice (:func:`pick_point`).
 
 The source-independent parts live here (:func:`finding_free_slices`, :func:`draw_negatives`, :func:`pick_scans`,
 :func:`pack_samples`); the phantom's wrappers around its :class:`~medrobust.data.luna_targets.LunaScan` records
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medrobust.data.chest_phantom import finding_masks
+from medrobust.data.chest_phantom import NATIVE_SIZE, finding_masks, lung_points, slices_with_lung
 from medrobust.data.lidc_annotations import slice_spacing
 from medrobust.data.luna_targets import LunaScan
 from medrobust.data.patches import stable_seed
@@ -62,6 +65,24 @@ def draw_negatives(free: dict[Hashable, np.ndarray], count: int, seed: int) -> l
             if len(picked) < count and pools[key]:
                 picked.append((key, int(pools[key].pop())))
     return picked
+
+
+def jittered_centre(centre: Sequence[float], spacing_mm: Sequence[float], extent_mm: Sequence[float], key: str,
+                    seed: int) -> np.ndarray:
+    """``centre`` (native cells, (slice, row, col)) moved by a seeded uniform draw of up to a quarter of the window's
+    ``extent_mm`` along each axis: the target stays in the window's middle half, never at a fixed place."""
+    rng = np.random.default_rng(stable_seed("luna-window-jitter", seed, key))
+    shift_mm = rng.uniform(-0.25, 0.25, size=3) * np.asarray(extent_mm, dtype=np.float64)
+    return np.asarray(centre, dtype=np.float64) + shift_mm / np.asarray(spacing_mm, dtype=np.float64)
+
+
+def pick_point(points: np.ndarray, key: str, seed: int) -> tuple[float, float] | None:
+    """A seeded choice among ``points`` ``(n, 2)`` (a negative window's in-plane centre); None when there are none."""
+    if len(points) == 0:
+        return None
+    rng = np.random.default_rng(stable_seed("luna-negative-point", seed, key))
+    row, col = points[rng.integers(len(points))]
+    return float(row), float(col)
 
 
 @dataclass(frozen=True)
@@ -113,13 +134,15 @@ def pack_samples(samples: Sequence[Sample], spatial_dims: int) -> dict[str, np.n
 # --------------------------------------------------------------------------------- the phantom's scans
 @dataclass(frozen=True)
 class SampleSpec:
-    """One sample to make: the native slice of ``scan`` it is centred on and its stable id. ``scan`` is the phantom's
+    """One sample to make: the native slice of ``scan`` it is centred on and its stable id; a 3-D window's in-plane
+    centre ``centre_rc`` (native (row, col); None: the whole field of view). ``scan`` is the phantom's
     :class:`~medrobust.data.luna_targets.LunaScan` or LUNA16's :class:`~medrobust.data.luna16.Series`."""
 
     scan: LunaScan | object
     slice_index: int
     id: str
     positive: bool
+    centre_rc: tuple[float, float] | None = None
 
 
 def _has_target(scan: LunaScan) -> bool:
@@ -141,14 +164,49 @@ def target_slices(scan: LunaScan, db_path: str) -> list[SampleSpec]:
     return list(specs.values())
 
 
-def free_slices(scan: LunaScan, margin_mm: float) -> np.ndarray:
-    """The scan's slices more than ``margin_mm`` from every finding's outlines (all its readers', in z)."""
+def free_slices(scan: LunaScan, margin_mm: float, in_lung: bool = False, seed: int = 0) -> np.ndarray:
+    """The scan's slices more than ``margin_mm`` from every finding's outlines (all its readers', in z); with
+    ``in_lung`` only those the phantom's lungs reach (:func:`~medrobust.data.chest_phantom.slices_with_lung`)."""
     margin = math.floor(margin_mm / slice_spacing(scan.slice_z))  # whole slices within the margin
-    return finding_free_slices(scan.slice_z.size, ((f.box_min[2], f.box_max[2]) for f in scan.findings), margin)
+    free = finding_free_slices(scan.slice_z.size, ((f.box_min[2], f.box_max[2]) for f in scan.findings), margin)
+    return free[slices_with_lung(scan, seed)[free]] if in_lung else free
 
 
-def negative_slices(scans: Sequence[LunaScan], count: int, margin_mm: float, seed: int) -> list[SampleSpec]:
-    """``count`` finding-free phantom slices drawn by :func:`draw_negatives`."""
+def negative_slices(scans: Sequence[LunaScan], count: int, margin_mm: float, seed: int,
+                    in_lung: bool = False) -> list[SampleSpec]:
+    """``count`` finding-free phantom slices drawn by :func:`draw_negatives` (``in_lung``: slices showing lung)."""
     by_id = {s.scan_id: s for s in scans}
-    picked = draw_negatives({s.scan_id: free_slices(s, margin_mm) for s in scans}, count, seed)
+    picked = draw_negatives({s.scan_id: free_slices(s, margin_mm, in_lung, seed) for s in scans}, count, seed)
     return [SampleSpec(by_id[i], k, f"{by_id[i].patient_id}:s{i}/z{k}", positive=False) for i, k in picked]
+
+
+def _centroid(fm) -> np.ndarray:
+    """A finding mask's consensus centroid in native cells (slice, row, col), cell centres at +0.5."""
+    return np.asarray(fm.origin, dtype=np.float64) + np.argwhere(fm.mask).mean(axis=0) + 0.5
+
+
+def window_extent_mm(field_mm: float, depth_mm: float | None) -> tuple[float, float, float]:
+    """A 3-D window's extent (slice, row, col) in mm: ``depth_mm`` deep (default ``field_mm``), ``field_mm`` wide."""
+    return (field_mm if depth_mm is None else depth_mm, field_mm, field_mm)
+
+
+def target_windows(scan: LunaScan, db_path: str, extent_mm: Sequence[float], seed: int) -> list[SampleSpec]:
+    """One 3-D window per target of ``scan`` around its jittered consensus centroid (:func:`jittered_centre`)."""
+    spacing = (slice_spacing(scan.slice_z), scan.pixel_spacing_mm, scan.pixel_spacing_mm)
+    specs = []
+    for fm in finding_masks(scan, db_path):
+        if fm.finding.is_target:
+            z, row, col = jittered_centre(_centroid(fm), spacing, extent_mm, fm.finding.nodule_id, seed)
+            k = min(max(math.floor(z), 0), scan.slice_z.size - 1)
+            specs.append(SampleSpec(scan, k, f"{fm.finding.nodule_id}/z{k}", True, (row, col)))
+    return specs
+
+
+def negative_windows(specs: Sequence[SampleSpec], seed: int) -> list[SampleSpec]:
+    """The phantom's negative slices as 3-D windows centred on a seeded lung point of the slice (the FOV's centre
+    where the slice shows no lung)."""
+    out = []
+    for spec in specs:
+        point = pick_point(lung_points(spec.scan, spec.slice_index, seed), spec.id, seed)
+        out.append(SampleSpec(spec.scan, spec.slice_index, spec.id, False, point or (NATIVE_SIZE / 2, NATIVE_SIZE / 2)))
+    return out
