@@ -360,6 +360,24 @@ def test_an_annotation_without_a_volume_names_its_seriesuid_and_csv(broken_root,
         build(broken_root, tmp_path)
 
 
+def test_a_centre_outside_its_volume_stops_a_target_and_leaves_out_an_irrelevant_finding(broken_root, tmp_path,
+                                                                                        caplog):
+    far = f"{uid(0)},{','.join(f'{v:.4f}' for v in world_of(SCANS[uid(0)], (20, 30, 200)))},5.0\n"  # col 200 of 64
+    with open(broken_root / "annotations_excluded.csv", "a") as fh:
+        fh.write(far)
+    dm = make_dm(broken_root, tmp_path / "cache", folds={"train": [0], "val": [1], "test": [2]})
+    with caplog.at_level(logging.WARNING, logger="medrobust"):
+        dm.prepare_data()
+    assert f"{broken_root / 'annotations_excluded.csv'}, line 4: the centre" in caplog.text
+    assert "an irrelevant finding, left out" in caplog.text
+    assert len(json.loads(dm.cache_path().with_suffix(".json").read_text())) > 0  # built
+    with open(broken_root / "annotations.csv", "a") as fh:
+        fh.write(far)
+    where = esc(broken_root / "annotations.csv")
+    with pytest.raises(ValueError, match=rf"{where}, line 6: the centre .* of seriesuid {esc(uid(0))} lies outside"):
+        build(broken_root, tmp_path / "second")
+
+
 @pytest.mark.parametrize("column", ["coordY", "diameter_mm"])
 def test_a_missing_csv_column_is_named(broken_root, tmp_path, column):
     csv = broken_root / "annotations.csv"

@@ -282,15 +282,20 @@ class Series:
 
 
 def _series_findings(uid: str, header: MetaImageHeader, annotations: Sequence[Annotation]) -> tuple[Finding, ...]:
-    """The series' findings on its grid, ids ``<uid>:n<k>`` (targets) and ``<uid>:x<k>`` (irrelevant); a centre
-    outside the volume means the CSV and the scan disagree (or the geometry was misread): an error."""
+    """The series' findings on its grid, ids ``<uid>:n<k>`` (targets) and ``<uid>:x<k>`` (irrelevant). A target's
+    centre outside the volume means the CSV and the scan disagree (or the geometry was misread): an error. An
+    irrelevant finding there cannot show in any sample, so it is left out, with a warning naming its row."""
     out, count = [], Counter()
     for a in sorted(annotations, key=lambda a: not a.is_target):  # stable: CSV order within each kind
         centre = world_to_cell(header, a.xyz_mm)
         if ((centre < 0) | (centre >= header.shape)).any():
-            raise ValueError(f"{a.where}: the centre {list(a.xyz_mm)} mm of a finding of seriesuid {uid} lies outside "
-                             f"its volume {header.path} (voxel (slice, row, col) {np.round(centre - 0.5, 1).tolist()}"
-                             f" of shape {list(header.shape)})")  # fmt: skip
+            where = (f"{a.where}: the centre {list(a.xyz_mm)} mm of a finding of seriesuid {uid} lies outside its "
+                     f"volume {header.path} (voxel (slice, row, col) {np.round(centre - 0.5, 1).tolist()} of shape "
+                     f"{list(header.shape)})")  # fmt: skip
+            if a.is_target:
+                raise ValueError(where)
+            log.warning("%s: an irrelevant finding, left out", where)
+            continue
         kind = "n" if a.is_target else "x"
         out.append(Finding(f"{uid}:{kind}{count[kind]:02d}", a.is_target, centre, a.diameter_mm / 2))
         count[kind] += 1
