@@ -241,13 +241,13 @@ class LunaDataModule(DetectionDataModule):
         """The samples of this setting, ordered by scan, slice and id: every target's largest slice (3-D windows: a
         window around every target) and the negatives."""
         scans = select_scans(luna_findings(self._db()).scans, self.max_scans)
-        if self.field_mm is None:
-            positives = [spec for scan in scans for spec in target_slices(scan, self._db())]
-        else:
+        windows = self.field_mm is not None
+        if windows:
             extent = window_extent_mm(self.field_mm, self.depth_mm)
             positives = [spec for scan in scans for spec in target_windows(scan, self._db(), extent, self.seed)]
+        else:
+            positives = [spec for scan in scans for spec in target_slices(scan, self._db())]
         count = round(self.negatives_per_positive * len(positives))
-        windows = self.field_mm is not None
         negatives = negative_slices(scans, count, self.negative_margin_mm, self.seed, in_lung=windows)
         if len(negatives) < count:
             log.warning("LUNA phantom: %d negatives asked for, only %d slices %slie more than %g mm from every "

@@ -478,7 +478,7 @@ def _check_slice(scan: LunaScan, index: int, name: str) -> None:
         raise ValueError(f"{name}: expected a slice index from 0 to {scan.slice_z.size - 1}, got {index!r}")
 
 
-def _in_plane_grid(size: int, step: float = None, start: tuple[float, float] = (0.0, 0.0)):
+def _in_plane_grid(size: int, step: float | None = None, start: tuple[float, float] = (0.0, 0.0)):
     """FOV fractions of the output pixel centres (rows, cols), the window starting at native ``start``."""
     step = NATIVE_SIZE / size if step is None else step
     rows, cols = ((start[a] + (np.arange(size) + 0.5) * step) / NATIVE_SIZE for a in (0, 1))

@@ -24,7 +24,7 @@ centre (the native slice holding it) with the whole field of view averaged down 
 ``size`` voxels with that slice at output slice ``size // 2`` (isotropic voxels, or ``depth_mm`` deep), the slices
 beyond the scan repeating its end slices -- over the whole field of view, or (``field_mm``) a window of that many mm
 around each target, jittered, as the phantom's; negatives, slices more than a margin from every finding (3-D
-windows: centred on a seeded point of the slice's lung, :func:`lung_points`). Each finding is
+windows: centred on a seeded point of the slice's lung, :func:`enclosed_dark_points`). Each finding is
 the sphere of its diameter around its centre: boxed in 2-D as the circle the slice's centre plane cuts from it, in
 3-D as its cube, in whole output pixels (every pixel the circle or cube touches, as the phantom boxes every pixel
 a finding touches).
@@ -52,8 +52,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medrobust.data.chest_phantom import _overlap_weights
-from medrobust.data.luna_samples import Sample, SampleSpec, draw_negatives, finding_free_slices, jittered_centre
-from medrobust.data.luna_samples import pack_samples, pick_point, pick_scans, window_extent_mm
+from medrobust.data.luna_samples import Sample, SampleSpec, draw_negatives, finding_free_slices, pack_samples
+from medrobust.data.luna_samples import pick_point, pick_scans, window_extent_mm, window_spec
 from medrobust.data.metaimage import MetaImageHeader, read_metaimage_header, read_metaimage_voxels
 from medrobust.data.patches import file_fingerprint
 
@@ -267,13 +267,8 @@ class Series:
 
     def target_windows(self, extent_mm: Sequence[float], seed: int) -> list[SampleSpec]:
         """One 3-D window per target around its jittered centre (:func:`~medrobust.data.luna_samples.jittered_centre`)."""
-        specs = []
-        for f in self.findings:
-            if f.is_target:
-                z, row, col = jittered_centre(f.centre, self.header.spacing, extent_mm, f.id, seed)
-                k = min(max(math.floor(z), 0), self.header.shape[0] - 1)
-                specs.append(SampleSpec(self, k, f"{f.id}/z{k}", True, (row, col)))
-        return specs
+        return [window_spec(self, f.id, f.centre, self.header.spacing, self.header.shape[0], extent_mm, seed)
+                for f in self.findings if f.is_target]  # fmt: skip
 
     def free_slices(self, margin_mm: float) -> np.ndarray:
         slice_mm = float(self.header.spacing[0])
@@ -449,7 +444,7 @@ def finding_box(finding: Finding, grid: Grid, spatial_dims: int) -> list[int] | 
     return None if (hi <= lo).any() else [*lo.astype(int).tolist(), *hi.astype(int).tolist()]
 
 
-def lung_points(plane: np.ndarray, stride: int = 8, threshold_hu: float = -400.0) -> np.ndarray:
+def enclosed_dark_points(plane: np.ndarray, stride: int = 8, threshold_hu: float = -400.0) -> np.ndarray:
     """Native (row, col) cell centres, on every ``stride``-th pixel of a native slice, that are dark (below
     ``threshold_hu``) with tissue on both sides along their row and their column: lung, not the air around the
     body (which reaches the image's edge along some axis). A window centre for 3-D negatives."""
@@ -471,7 +466,7 @@ def make_sample(volume: np.ndarray, spec: SampleSpec, spatial_dims: int, size: i
     series: Series = spec.scan
     centre_rc = spec.centre_rc
     if field_mm is not None and centre_rc is None:
-        centre_rc = pick_point(lung_points(volume[spec.slice_index]), spec.id, seed)
+        centre_rc = pick_point(enclosed_dark_points(volume[spec.slice_index]), spec.id, seed)
     grid = sample_grid(series.header, spec.slice_index, spatial_dims, size, depth_mm, field_mm, centre_rc)
     image = resample(volume, grid)
     boxes, shown = [], []

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medrobust.data.chest_phantom import NATIVE_SIZE, finding_masks, lung_points, slices_with_lung
+from medrobust.data.chest_phantom import finding_masks, lung_points, slices_with_lung
 from medrobust.data.lidc_annotations import slice_spacing
 from medrobust.data.luna_targets import LunaScan
 from medrobust.data.patches import stable_seed
@@ -74,6 +74,15 @@ def jittered_centre(centre: Sequence[float], spacing_mm: Sequence[float], extent
     rng = np.random.default_rng(stable_seed("luna-window-jitter", seed, key))
     shift_mm = rng.uniform(-0.25, 0.25, size=3) * np.asarray(extent_mm, dtype=np.float64)
     return np.asarray(centre, dtype=np.float64) + shift_mm / np.asarray(spacing_mm, dtype=np.float64)
+
+
+def window_spec(scan, target_id: str, centre: Sequence[float], spacing_mm: Sequence[float], n_slices: int,
+                extent_mm: Sequence[float], seed: int) -> "SampleSpec":
+    """The 3-D window of one target (either source): its centre ``centre`` (native cells) jittered
+    (:func:`jittered_centre`), the native slice it lands on clipped to the scan's ``n_slices``."""
+    z, row, col = jittered_centre(centre, spacing_mm, extent_mm, target_id, seed)
+    k = min(max(math.floor(z), 0), n_slices - 1)
+    return SampleSpec(scan, k, f"{target_id}/z{k}", True, (row, col))
 
 
 def pick_point(points: np.ndarray, key: str, seed: int) -> tuple[float, float] | None:
@@ -193,20 +202,13 @@ def window_extent_mm(field_mm: float, depth_mm: float | None) -> tuple[float, fl
 def target_windows(scan: LunaScan, db_path: str, extent_mm: Sequence[float], seed: int) -> list[SampleSpec]:
     """One 3-D window per target of ``scan`` around its jittered consensus centroid (:func:`jittered_centre`)."""
     spacing = (slice_spacing(scan.slice_z), scan.pixel_spacing_mm, scan.pixel_spacing_mm)
-    specs = []
-    for fm in finding_masks(scan, db_path):
-        if fm.finding.is_target:
-            z, row, col = jittered_centre(_centroid(fm), spacing, extent_mm, fm.finding.nodule_id, seed)
-            k = min(max(math.floor(z), 0), scan.slice_z.size - 1)
-            specs.append(SampleSpec(scan, k, f"{fm.finding.nodule_id}/z{k}", True, (row, col)))
-    return specs
+    return [window_spec(scan, fm.finding.nodule_id, _centroid(fm), spacing, scan.slice_z.size, extent_mm, seed)
+            for fm in finding_masks(scan, db_path) if fm.finding.is_target]  # fmt: skip
 
 
 def negative_windows(specs: Sequence[SampleSpec], seed: int) -> list[SampleSpec]:
-    """The phantom's negative slices as 3-D windows centred on a seeded lung point of the slice (the FOV's centre
-    where the slice shows no lung)."""
-    out = []
-    for spec in specs:
-        point = pick_point(lung_points(spec.scan, spec.slice_index, seed), spec.id, seed)
-        out.append(SampleSpec(spec.scan, spec.slice_index, spec.id, False, point or (NATIVE_SIZE / 2, NATIVE_SIZE / 2)))
-    return out
+    """The phantom's negative slices as 3-D windows centred on a seeded lung point of the slice (None, the FOV's
+    centre, where the slice shows no lung)."""
+    return [SampleSpec(spec.scan, spec.slice_index, spec.id, False,
+                       pick_point(lung_points(spec.scan, spec.slice_index, seed), spec.id, seed))
+            for spec in specs]  # fmt: skip
