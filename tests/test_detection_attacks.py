@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from medrobust.attacks import PGD, TOG, DetectionDAG
+from medrobust.attacks.detection.tog import peaks_below
 from medrobust.callbacks import RobustnessEvaluation
 from medrobust.models.centernet import CenterNet
 from medrobust.tasks import ClassificationTask
@@ -122,6 +123,42 @@ def test_fabrication_raises_a_cell_above_the_operating_point_just_above_its_exac
         assert values["tog_success"].tolist() == values["fabricated"].tolist() == [expected] * 3
 
 
+def test_fabrication_on_peaks_beats_togs_sum_where_two_cells_pull_against_each_other():
+    """Two cells at ``z = -1.5 +- w . (x - 0.5)`` (as neighbouring convolution outputs share pixels with gradients of
+    opposite signs): TOG's sum over cells (``cells="all"``) is highest with both equal, so PGD on it stays near
+    ``z = -1.5`` even at 2x the exact eps, where the default ``cells="peaks"`` climbs the higher cell alone and
+    fabricates it at 1.03x, never at 0.95x."""
+    w = weights(math.prod(SHAPE_2D), seed=3)
+    task = linear_task(SHAPE_2D, STRIDE_2D, 1, {(0, 0): (3.0, torch.zeros_like(w)), (0, 10): (-1.5, w),
+                                                (0, 8): (-1.5, -w)})
+    x, batch = images(3, SHAPE_2D, seed=2)
+    exact = -torch.maximum(logit(task, x, 0, 10), logit(task, x, 0, 8)) / w.abs().sum()
+    peaks, whole = tog("fabrication"), tog("fabrication", cells="all")
+    assert peaks.cells == "peaks" and peaks.name.startswith("tog-fabrication-pgd")
+    assert whole.name.startswith("tog-fabrication-all-pgd")
+    for attack, ratio, expected in ((peaks, 1.03, 1.0), (peaks, 0.95, 0.0), (whole, 2.0, 0.0)):
+        torch.manual_seed(0)
+        values = extra(attack, task, x, attacked(attack, task, x, batch, ratio * exact), batch)
+        assert values["tog_success"].tolist() == values["fabricated"].tolist() == [expected] * 3, (attack.cells, ratio)
+
+
+def test_peaks_below_picks_the_highest_local_maxima_under_the_operating_point():
+    """A detection (logit 2) with a higher-than-background neighbour, and two isolated sub-threshold peaks: the
+    neighbour is no peak, the detection is above the operating point, so the two isolated ones come first, the
+    higher one first, then a flat background cell (a plateau is its own peak); with fewer peaks than asked, the
+    highest other cells fill in."""
+    heat = torch.full((1, 1, 6, 6), -6.0)
+    heat[0, 0, 1, 1], heat[0, 0, 1, 2] = 2.0, -0.5      # a detection and its neighbour
+    heat[0, 0, 4, 4], heat[0, 0, 4, 0] = -1.0, -2.0     # isolated peaks below the operating point
+    assert peaks_below(heat, 0.5, 3).tolist() == [[-1.0, -2.0, -6.0]]
+    assert peaks_below(heat, 0.5, 1).tolist() == [[-1.0]]
+    crowded = torch.tensor([[[[2.0, -1.0], [-1.5, -1.0]]]])  # every cell below 0.5 neighbours the detection
+    assert peaks_below(crowded, 0.5, 2).tolist() == [[2.0, -1.0]]
+    heat3d = torch.full((2, 2, 4, 4, 4), -6.0)
+    heat3d[1, 1, 3, 0, 2] = -0.25
+    assert peaks_below(heat3d, 0.5, 1)[1].tolist() == [-0.25]
+
+
 def test_mislabel_turns_each_detection_into_the_other_class_at_the_linear_programs_eps():
     """Two classes at one cell, class 0 at ``z0 = 2 + w0 . (x - 0.5)`` (detected), class 1 at ``z1 = -1 + w1 . (x -
     0.5)``, ``w0`` and ``w1`` on disjoint halves of the pixels: relabelling needs ``z0 < 0 <= z1``, whose smallest
@@ -178,6 +215,8 @@ def test_bad_arguments_and_other_tasks_are_refused():
         tog("hide")
     with pytest.raises(ValueError, match="target .* must be one of"):
         tog("mislabel", target="random")
+    with pytest.raises(ValueError, match="TOG cells .* must be one of .*'peaks'.* got 'top'"):
+        tog("fabrication", cells="top")
     with pytest.raises(ValueError, match="min_fabricated must be an integer >= 1"):
         tog("fabrication", min_fabricated=0)
     with pytest.raises(ValueError, match="target must be one of"):
