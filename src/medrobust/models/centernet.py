@@ -195,6 +195,13 @@ def gather_at(maps: Tensor, index: Tensor) -> Tensor:
 
 
 # -- decoding -----------------------------------------------------------------------------------------------------
+def peak_mask(heat: Tensor) -> Tensor:
+    """Where ``heat`` ``(B, K, *spatial)``, 2-D or 3-D, equals the max of its 3 x 3 (x 3) neighbourhood in its class
+    (a flat plateau is all peaks): CenterNet's NMS-free peaks."""
+    pool = F.max_pool2d if heat.dim() == 4 else F.max_pool3d
+    return heat == pool(heat, 3, stride=1, padding=1)
+
+
 @torch.no_grad()
 def decode_padded(output: dict[str, Tensor], stride: int, score_threshold: float = 0.1,
                   max_detections: int = 100) -> dict[str, Tensor]:
@@ -208,9 +215,7 @@ def decode_padded(output: dict[str, Tensor], stride: int, score_threshold: float
     ``centre = (cell + offset) * stride``, extent ``size * stride`` (negative sizes clamped to 0).
     """
     heat = torch.sigmoid(output["heatmap"].float())
-    dims = heat.dim() - 2
-    pool = F.max_pool2d if dims == 2 else F.max_pool3d
-    heat = heat * (heat == pool(heat, 3, stride=1, padding=1))
+    heat = heat * peak_mask(heat)
     out_shape = heat.shape[2:]
     cells = math.prod(out_shape)
     scores, flat = heat.flatten(1).topk(min(max_detections, heat[0].numel()), dim=1)

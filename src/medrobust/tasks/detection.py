@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medrobust.losses.centernet import OFFSET_WEIGHT, SIZE_WEIGHT, centernet_loss_terms
-from medrobust.models.centernet import decode_padded, encode_targets, gather_at
+from medrobust.models.centernet import decode_padded, encode_targets, gather_at, peak_mask
 from medrobust.tasks.base import RobustTask
 from medrobust.tasks.detection_match import match_margin
 from medrobust.tasks.detection_metrics import centre_distance_hit, iou_hit
@@ -222,8 +222,7 @@ class DetectionTask(RobustTask):
         ``candidate_threshold``), no gradient."""
         with torch.no_grad():
             heat = torch.sigmoid(output["heatmap"].float())
-            pool = F.max_pool2d if heat.ndim == 4 else F.max_pool3d
-            heat = heat * (heat == pool(heat, 3, stride=1, padding=1))
+            heat = heat * peak_mask(heat)
             cells = math.prod(heat.shape[2:])
             scores, flat = heat.flatten(1).topk(min(self.max_detections, heat[0].numel()), dim=1)
             return flat % cells, scores > self.candidate_threshold

@@ -41,7 +41,7 @@ from medrobust.attacks.core.batch import attack_key, float_output, prepare
 from medrobust.attacks.core.session import attack_session
 from medrobust.attacks.core.threat import ThreatModel
 from medrobust.attacks.segmentation.dense import dense_targets
-from medrobust.models.centernet import gather_at
+from medrobust.models.centernet import gather_at, peak_mask
 
 # Task members the detector attacks read (their ``requires``): classifiers and segmenters have none of them
 DETECTION_MEMBERS = ("detections", "peak_index", "score_threshold")
@@ -146,11 +146,9 @@ def peaks_below(heatmap: Tensor, score_threshold: float, count: int) -> Tensor:
     ``score_threshold``: the cells closest to becoming new detections. With fewer such peaks, the highest other
     cells fill in. Selected without gradient; the logits keep theirs."""
     with torch.no_grad():
-        pool = F.max_pool2d if heatmap.ndim == 4 else F.max_pool3d
-        peak = heatmap == pool(heatmap, 3, stride=1, padding=1)
         below = torch.sigmoid(heatmap) < score_threshold
         span = heatmap.amax() - heatmap.amin() + 1  # every other cell ranks below every candidate, in its order
-        rank = torch.where(peak & below, heatmap, heatmap - span).flatten(1)
+        rank = torch.where(peak_mask(heatmap) & below, heatmap, heatmap - span).flatten(1)
         index = rank.topk(min(count, rank.shape[1]), dim=1).indices
     return heatmap.flatten(1).gather(1, index)
 
