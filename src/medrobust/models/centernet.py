@@ -62,6 +62,8 @@ class CenterNet(nn.Module):
             bad size fails before the first batch.
     """
 
+    output_format = "centernet"  # how DetectionTask reads the output (medrobust.tasks.detection_formats)
+
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 1,
                  features: Sequence[int] = (8, 16, 32, 64), stride: int = 4, head_channels: int | None = None,
                  image_size: int | Sequence[int] | None = None) -> None:

@@ -1,7 +1,10 @@
-"""Object detection with a CenterNet (2-D or 3-D): LUNA16-style nodule detection, judged by seed 004's rule.
+"""Object detection with a CenterNet or a RetinaNet (2-D or 3-D): LUNA16-style nodule detection, judged by seed
+004's rule.
 
 The network is :class:`medrobust.models.centernet.CenterNet` (or any module with its output dict ``{"heatmap":
-(B, K, *out), "size": (B, d, *out), "offset": (B, d, *out)}`` and a ``stride``); the batch is
+(B, K, *out), "size": (B, d, *out), "offset": (B, d, *out)}`` and a ``stride``) or
+:class:`medrobust.models.retinanet.RetinaNet`, told apart by the net's ``output_format``
+(:mod:`medrobust.tasks.detection_formats`: their losses and decoding); the batch is
 :class:`LunaDataModule`'s: ``boxes`` ``(B, N, 2d)`` StandardMode pixels, ``labels`` ``(B, N)`` (padding -1),
 ``box_valid`` ``(B, N)``, ``box_target`` ``(B, N)`` (False: an irrelevant finding, or padding), ``spacing``.
 
@@ -11,36 +14,35 @@ The metric objects are in :mod:`medrobust.tasks.detection_torchmetrics`; the num
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medrobust.losses.centernet import OFFSET_WEIGHT, SIZE_WEIGHT, centernet_loss_terms
-from medrobust.models.centernet import decode_padded, encode_targets, gather_at, peak_mask
+from medrobust.losses.centernet import OFFSET_WEIGHT, SIZE_WEIGHT
+from medrobust.models.centernet import gather_at
 from medrobust.tasks.base import RobustTask
+from medrobust.tasks.detection_formats import CenterNetFormat, cells_of, detection_format
 from medrobust.tasks.detection_match import match_margin
 from medrobust.tasks.detection_metrics import centre_distance_hit, iou_hit
 from medrobust.tasks.detection_torchmetrics import CPM, CorrectRate, DetectionPreds, DetectionTarget
 from medrobust.tasks.detection_torchmetrics import FabricatedPerImage, MeanAP, MeanGTIoU, MislabelledRate
 from medrobust.tasks.detection_torchmetrics import TermThreshold, VanishedRate
 
-TERMS = ("heatmap", "size", "offset")
+TERMS = CenterNetFormat.terms  # a CenterNet's; a RetinaNet's are classification / box (task.terms)
 TAU_RULES = ("mean", "robust")
 CORRECT_RULES = ("loss", "match")
 FROC_HITS = ("centre", "iou")
-# is_correct's per-term thresholds until a clean validation has measured the model's (as segmentation's 0.5):
-# placeholders that let an untrained model be evaluated, not calibrated values
-FALLBACK_TAU = {"heatmap": 1.0, "size": 1.0, "offset": 0.5}
+FALLBACK_TAU = CenterNetFormat.fallback_tau
 _TAU_FLOOR = 1e-6  # the margin divides by tau: a term whose tau is 0 (no objects in validation) stays finite
 
 
 class DetectionTask(RobustTask):
-    """CenterNet detection, 2-D or 3-D, against the batch's padded boxes.
+    """CenterNet or RetinaNet detection, 2-D or 3-D, against the batch's padded boxes.
 
-    attack_loss (the per-sample training loss): CenterNet's ``heatmap + size_weight * size + offset_weight *
+    attack_loss (the per-sample training loss): a RetinaNet's ``classification + box_weight * box``
+    (:mod:`medrobust.losses.retinanet`); a CenterNet's ``heatmap + size_weight * size + offset_weight *
     offset`` (:mod:`medrobust.losses.centernet`, weights 0.1 and 1 by default, each term normalised by the sample's
     own object count), targets encoded (:func:`encode_targets`) from the valid *target* boxes only. Irrelevant
     findings (``box_target`` False: LUNA16's excluded annotations) are not trained as positives: their cells are
@@ -48,15 +50,14 @@ class DetectionTask(RobustTask):
     ignores it, so nothing is lost there; mAP drops such detections too, see :class:`MeanAP`), and they have no
     size / offset rows. Training them as positives would teach the model findings the evaluation never rewards.
 
-    is_correct (seed 004, Ma et al. 2024): a sample is correct when *each* loss term is at or below its threshold
-    ``tau[term]``. By default (``tau=None``) the thresholds are the clean model's per-sample validation terms'
+    is_correct (seed 004, Ma et al. 2024): a sample is correct when *each* loss term (:attr:`terms`: a CenterNet's
+    heatmap / size / offset, a RetinaNet's classification / box) is at or below its threshold ``tau[term]``. By default (``tau=None``) the thresholds are the clean model's per-sample validation terms'
     mean (``tau_rule="mean"``, as segmentation's tau is the mean validation Dice) or Huber robust mean plus 3
-    robust scales (``"robust"``, as landmarks'), logged as ``val/tau_heatmap``, ``val/tau_size``,
-    ``val/tau_offset`` (rank-reduced: the per-sample terms are gathered) and copied after each clean validation
-    (sanity check excluded; :attr:`tau_metrics`) into the ``validation_tau`` buffer ``(3,)``, hence into
-    checkpoints (``state_dict``).
-    Until a first validation the buffer is NaN and :data:`FALLBACK_TAU` (placeholders) judges. A mapping ``tau``
-    fixes the three thresholds (a checkpoint's buffer does not override it).
+    robust scales (``"robust"``, as landmarks'), logged as ``val/tau_<term>``
+    (rank-reduced: the per-sample terms are gathered) and copied after each clean validation (sanity check
+    excluded; :attr:`tau_metrics`) into the ``validation_tau`` buffer (one per term), hence into checkpoints
+    (``state_dict``). Until a first validation the buffer is NaN and the format's ``fallback_tau`` (placeholders)
+    judges. A mapping ``tau`` fixes the thresholds (a checkpoint's buffer does not override it).
 
     correct_margin: ``min over terms of (tau_t - term_t) / max(tau_t, 1e-6)``: each term's slack relative to its
     threshold (the terms have different units), ``>= 0`` exactly where is_correct (0 only at equality), and
@@ -75,27 +76,27 @@ class DetectionTask(RobustTask):
     0.3), ``map_50`` and ``map_50_95`` (COCO mAP at IoU 0.5 and averaged over 0.5:0.95); under attack only,
     ``vanished_rate`` (the shift metric: of the target boxes detected clean, the share no adversarial detection
     finds any more), ``fabricated_per_image`` and, with several classes, ``mislabelled_rate``; on the
-    clean loops only, ``tau_heatmap`` / ``tau_size`` / ``tau_offset``. Detections are decoded
-    (:func:`decode_padded`) at ``candidate_threshold`` (0.05, at most ``max_detections`` per image) for the FROC
-    and mAP, which sweep the score; ``mean_iou`` and the attack outcomes read them at ``score_threshold`` (0.5).
+    clean loops only, ``tau_<term>``. Detections are decoded (the format's decoder) at ``candidate_threshold``
+    (0.05, at most ``max_detections`` per image) for the FROC and mAP, which sweep the score; ``mean_iou`` and the attack outcomes read them at ``score_threshold`` (0.5).
 
     output_divergence (TRADES, MART): per sample, the binary KL between the clean and the adversarial sigmoid
     heatmaps summed over the cells and classes and divided by the sample's target count (at least 1; the focal
     loss's normalisation), plus ``size_weight`` x and ``offset_weight`` x the mean squared change of the size and
-    offset maps at the clean output's peaks (the decoder's peaks above ``candidate_threshold``, at most
+    offset maps (a RetinaNet: ``box_weight`` x that of the box deltas) at the clean output's peaks (the decoder's peaks above ``candidate_threshold``, at most
     ``max_detections``; none: 0). 0 exactly where the outputs agree.
 
     Args:
-        net: a CenterNet-like module (``stride`` attribute unless ``stride`` is given).
+        net: a CenterNet-like module (``stride`` attribute unless ``stride`` is given), or a RetinaNet.
         num_classes: heatmap channels (LUNA: 1, nodule).
         correct: ``"loss"`` (seed 004's per-term rule) or ``"match"``.
-        tau: ``{"heatmap": .., "size": .., "offset": ..}`` fixed thresholds, or ``None`` (clean validation).
+        tau: ``{term: ..}`` fixed thresholds for each of :attr:`terms`, or ``None`` (clean validation).
         tau_rule: ``"mean"`` or ``"robust"``, the statistic of the validation terms that gives tau.
-        size_weight, offset_weight: the loss's weights (the paper's 0.1 and 1).
+        size_weight, offset_weight: a CenterNet's loss weights (the paper's 0.1 and 1).
+        box_weight: a RetinaNet's box-loss weight (1, MONAI's).
         score_threshold: the operating point of ``mean_iou`` and the attack outcomes.
         candidate_threshold, max_detections: the decoding of candidates for the metrics.
         froc_hit, froc_iou: the FROC's hit test.
-        stride: the output stride; default ``net.stride``.
+        stride: a CenterNet's output stride; default ``net.stride``.
     """
 
     outputs_logits = False  # a heatmap / size / offset dict, not class logits: CE / DLR losses do not apply
@@ -104,13 +105,12 @@ class DetectionTask(RobustTask):
     attacked_metrics = ("mean_iou",)  # the loss drives the heatmap peaks and boxes; CPM and mAP follow them
     curve_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "vanished_rate")
     bounded_metrics = ("accuracy", "mean_iou", "cpm", "map_50", "map_50_95", "vanished_rate", "mislabelled_rate")
-    tau_metrics = tuple(f"tau_{term}" for term in TERMS)
 
     def __init__(self, net, num_classes: int = 1, correct: str = "loss", tau: Mapping[str, float] | None = None,
                  tau_rule: str = "mean",
                  size_weight: float = SIZE_WEIGHT, offset_weight: float = OFFSET_WEIGHT, score_threshold: float = 0.5,
                  candidate_threshold: float = 0.05, max_detections: int = 100, froc_hit: str = "centre",
-                 froc_iou: float = 0.3, stride: int | None = None, **kwargs) -> None:
+                 froc_iou: float = 0.3, stride: int | None = None, box_weight: float = 1.0, **kwargs) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"module.num_classes must be an integer >= 1, got {num_classes!r}")
         if correct not in CORRECT_RULES:
@@ -119,12 +119,7 @@ class DetectionTask(RobustTask):
             raise ValueError(f"module.tau_rule must be one of {list(TAU_RULES)}, got {tau_rule!r}")
         if froc_hit not in FROC_HITS:
             raise ValueError(f"module.froc_hit must be one of {list(FROC_HITS)}, got {froc_hit!r}")
-        if tau is not None:
-            if not isinstance(tau, Mapping) or set(tau) != set(TERMS) or not all(
-                    isinstance(tau[t], (int, float)) and tau[t] >= 0 for t in TERMS):
-                raise ValueError(f"module.tau must map each of {list(TERMS)} to a loss value >= 0, or be null (the "
-                                 f"clean validation's), got {tau!r}")
-        for key, value in (("size_weight", size_weight), ("offset_weight", offset_weight)):
+        for key, value in (("size_weight", size_weight), ("offset_weight", offset_weight), ("box_weight", box_weight)):
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"module.{key} must be a number >= 0, got {value!r}")
         for key, value in (("score_threshold", score_threshold), ("candidate_threshold", candidate_threshold),
@@ -133,12 +128,18 @@ class DetectionTask(RobustTask):
                 raise ValueError(f"module.{key} must be a number in [0, 1), got {value!r}")
         if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
             raise ValueError(f"module.max_detections must be an integer >= 1, got {max_detections!r}")
-        stride = getattr(net, "stride", None) if stride is None else stride
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"module.stride must be the network's output stride, an integer >= 1 (default: "
-                             f"net.stride), got {stride!r}")
-        self.num_classes, self.correct_rule, self.tau_rule, self.stride = num_classes, correct, tau_rule, stride
-        self.fixed_tau = None if tau is None else torch.tensor([float(tau[t]) for t in TERMS])
+        self.format = detection_format(net, num_classes, stride, float(size_weight), float(offset_weight),
+                                       float(box_weight))
+        self.terms = self.format.terms
+        self.tau_metrics = tuple(f"tau_{term}" for term in self.terms)
+        if tau is not None:
+            if not isinstance(tau, Mapping) or set(tau) != set(self.terms) or not all(
+                    isinstance(tau[t], (int, float)) and tau[t] >= 0 for t in self.terms):
+                raise ValueError(f"module.tau must map each of {list(self.terms)} ({self.format.name}'s loss terms) to "
+                                 f"a loss value >= 0, or be null (the clean validation's), got {tau!r}")
+        self.stride = getattr(self.format, "stride", None)
+        self.num_classes, self.correct_rule, self.tau_rule = num_classes, correct, tau_rule
+        self.fixed_tau = None if tau is None else torch.tensor([float(tau[t]) for t in self.terms])
         self.size_weight, self.offset_weight = float(size_weight), float(offset_weight)
         self.score_threshold, self.candidate_threshold = float(score_threshold), float(candidate_threshold)
         self.max_detections, self.froc_hit, self.froc_iou = max_detections, froc_hit, float(froc_iou)
@@ -148,13 +149,13 @@ class DetectionTask(RobustTask):
     # -- tau ------------------------------------------------------------------------------------
     @property
     def tau(self) -> Tensor:
-        """The per-term thresholds now ``(3,)`` in :data:`TERMS` order: the fixed ``tau``, else the last clean
-        validation's, else :data:`FALLBACK_TAU`."""
+        """The per-term thresholds now, in :attr:`terms` order: the fixed ``tau``, else the last clean validation's,
+        else the format's ``fallback_tau``."""
         device = self.validation_tau.device
         if self.fixed_tau is not None:
             return self.fixed_tau.to(device)
         if torch.isnan(self.validation_tau).any():
-            return torch.tensor([FALLBACK_TAU[t] for t in TERMS], device=device)
+            return torch.tensor([self.format.fallback_tau[t] for t in self.terms], device=device)
         return self.validation_tau
 
     # -- wiring to the data ---------------------------------------------------------------------
@@ -171,22 +172,12 @@ class DetectionTask(RobustTask):
     # -- outputs --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         output = self.net(x)
-        if not isinstance(output, dict) or any(key not in output for key in ("heatmap", "size", "offset")):
-            raise ValueError(f"a detection network must output a dict with 'heatmap', 'size' and 'offset' maps "
-                             f"(CenterNet), got {type(output).__name__}")
+        keys = ("heatmap", *self.format.regression) + (("anchors",) if self.format.name == "retinanet" else ())
+        if not isinstance(output, dict) or any(key not in output for key in keys):
+            raise ValueError(f"a {self.format.name} detection network must output a dict with the maps {list(keys)}, "
+                             f"got {type(output).__name__}"
+                             + (f" with {sorted(output)}" if isinstance(output, dict) else ""))
         return output
-
-    def encoded_targets(self, output: dict, batch: dict) -> dict[str, Tensor]:
-        """:func:`encode_targets` of the batch's valid target boxes at the output's resolution."""
-        heatmap = output["heatmap"]
-        boxes = batch["boxes"].to(heatmap.device)
-        dims = heatmap.ndim - 2
-        if boxes.ndim != 3 or boxes.shape[0] != heatmap.shape[0] or boxes.shape[2] != 2 * dims:
-            raise ValueError(f"batch['boxes'] must be (B, N, 2d) = ({heatmap.shape[0]}, N, {2 * dims}) for heatmaps "
-                             f"{tuple(heatmap.shape)}, got {tuple(boxes.shape)}")
-        keep = self.target_mask(batch).to(heatmap.device)
-        return encode_targets(boxes, batch["labels"].to(heatmap.device), keep, tuple(heatmap.shape[2:]),
-                              self.stride, self.num_classes)
 
     @staticmethod
     def target_mask(batch: dict) -> Tensor:
@@ -196,14 +187,17 @@ class DetectionTask(RobustTask):
         return valid if target is None else valid & target.to(valid.device).bool()
 
     def loss_terms(self, output: dict, batch: dict) -> Tensor:
-        """The unweighted per-sample terms ``(B, 3)`` in :data:`TERMS` order, fp32."""
-        terms = centernet_loss_terms(output, self.encoded_targets(output, batch))
-        return torch.stack([terms[t] for t in TERMS], dim=1)
+        """The unweighted per-sample terms ``(B, T)`` in :attr:`terms` order, fp32, against the batch's valid target
+        boxes."""
+        device = output["heatmap"].device
+        terms = self.format.loss_terms(output, batch["boxes"].to(device), batch["labels"].to(device),
+                                       self.target_mask(batch).to(device))
+        return torch.stack([terms[t] for t in self.terms], dim=1)
 
     # -- the contract ---------------------------------------------------------------------------
     def attack_loss(self, output: dict, batch: dict) -> Tensor:
         terms = self.loss_terms(output, batch)
-        return terms[:, 0] + self.size_weight * terms[:, 1] + self.offset_weight * terms[:, 2]
+        return terms @ terms.new_tensor(self.format.weights)
 
     def correct_margin(self, output: dict, batch: dict, terms: Tensor | None = None) -> Tensor:
         """``min_t (tau_t - term_t) / max(tau_t, 1e-6)`` ``(B,)`` (``terms``: :meth:`loss_terms`, if computed); with
@@ -218,14 +212,15 @@ class DetectionTask(RobustTask):
         return self.correct_margin(output, batch) >= 0
 
     def peak_index(self, output: dict) -> tuple[Tensor, Tensor]:
-        """The decoder's peaks of ``output``: flat cell indices ``(B, M)`` and their mask ``(B, M)`` (score above
-        ``candidate_threshold``), no gradient."""
-        with torch.no_grad():
-            heat = torch.sigmoid(output["heatmap"].float())
-            heat = heat * peak_mask(heat)
-            cells = math.prod(heat.shape[2:])
-            scores, flat = heat.flatten(1).topk(min(self.max_detections, heat[0].numel()), dim=1)
-            return flat % cells, scores > self.candidate_threshold
+        """The decoder's detections of ``output`` as flat cell indices ``(B, M)`` and their mask ``(B, M)`` (score
+        above ``candidate_threshold``), in the decoder's order, no gradient."""
+        found = self.detections(output)
+        return found["index"] % cells_of(output["heatmap"]), found["valid"]
+
+    def candidate_mask(self, output: dict) -> Tensor:
+        """``(B, K, *cells)`` bool: the cells the decoder could turn into detections (a CenterNet's peaks, a
+        RetinaNet's NMS survivors), where TOG fabrication aims."""
+        return self.format.candidate_mask(output, self.max_detections)
 
     def output_divergence(self, clean_output: dict, adversarial_output: dict, batch: dict) -> Tensor:
         clean, adversarial = clean_output["heatmap"].float(), adversarial_output["heatmap"].float()
@@ -236,7 +231,7 @@ class DetectionTask(RobustTask):
         divergence = kl.flatten(1).sum(dim=1) / objects
         index, peaks = self.peak_index(clean_output)
         count = peaks.sum(dim=1).clamp(min=1)
-        for key, weight in (("size", self.size_weight), ("offset", self.offset_weight)):
+        for key, weight in self.format.regression.items():
             change = gather_at(adversarial_output[key].float() - clean_output[key].float(), index)  # (B, M, d)
             divergence = divergence + weight * (change.square().mean(dim=2) * peaks).sum(dim=1) / count
         return divergence
@@ -262,11 +257,12 @@ class DetectionTask(RobustTask):
     def clean_metrics(self) -> dict:
         attack_only = ("vanished_rate", "fabricated_per_image", "mislabelled_rate")  # 0 on clean images
         metrics = {name: metric for name, metric in self.robust_metrics().items() if name not in attack_only}
-        return {**metrics, **{f"tau_{term}": TermThreshold(index, self.tau_rule) for index, term in enumerate(TERMS)}}
+        return {**metrics,
+                **{f"tau_{term}": TermThreshold(index, self.tau_rule) for index, term in enumerate(self.terms)}}
 
     def detections(self, output: dict) -> dict[str, Tensor]:
-        """:func:`decode_padded` at ``candidate_threshold``: boxes, labels, scores, valid, padded."""
-        return decode_padded(output, self.stride, self.candidate_threshold, self.max_detections)
+        """The format's decoding at ``candidate_threshold``: boxes, labels, scores, valid, index, padded."""
+        return self.format.decode(output, self.candidate_threshold, self.max_detections)
 
     def metric_inputs(self, output: dict, batch: dict, reference: dict | None = None
                       ) -> tuple[DetectionPreds, DetectionTarget]:

@@ -35,7 +35,7 @@ def match_margin(task: Any, output: dict, batch: dict) -> Tensor:
     heat = torch.sigmoid(output["heatmap"].float()).flatten(1)
     scores = heat.gather(1, found["index"])  # the decoded scores, with their gradient
     threshold = task.score_threshold
-    hit = match_hit(output["heatmap"].ndim - 2)
+    hit = match_hit(batch["boxes"].shape[-1] // 2)  # the boxes' dims: a RetinaNet's heatmap is (B, K, anchors)
     target, valid = task.target_mask(batch).cpu(), batch["box_valid"].bool().cpu()
     boxes, labels = batch["boxes"].detach().cpu().double().numpy(), batch["labels"].cpu().numpy()
     margins = []

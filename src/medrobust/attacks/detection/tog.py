@@ -140,15 +140,17 @@ class Outcome(NamedTuple):
 
 
 # -- TOG ----------------------------------------------------------------------------------------------------------
-def peaks_below(heatmap: Tensor, score_threshold: float, count: int) -> Tensor:
-    """Logits ``(B, count)`` of the ``count`` highest peaks of ``heatmap`` (``(B, K, *spatial)`` logits; a peak is a
-    cell no lower than its 3-wide neighbourhood in its class, as the decoder finds them) scoring below
-    ``score_threshold``: the cells closest to becoming new detections. With fewer such peaks, the highest other
-    cells fill in. Selected without gradient; the logits keep theirs."""
+def peaks_below(heatmap: Tensor, score_threshold: float, count: int, candidates: Tensor | None = None) -> Tensor:
+    """Logits ``(B, count)`` of the ``count`` highest peaks of ``heatmap`` (``(B, K, *cells)`` logits; a peak is a
+    cell in ``candidates``, by default one no lower than its 3-wide neighbourhood in its class, as a CenterNet's
+    decoder finds them; a RetinaNet's are its NMS survivors) scoring below ``score_threshold``: the cells closest
+    to becoming new detections. With fewer such peaks, the highest other cells fill in. Selected without gradient;
+    the logits keep theirs."""
     with torch.no_grad():
         below = torch.sigmoid(heatmap) < score_threshold
+        candidates = peak_mask(heatmap) if candidates is None else candidates
         span = heatmap.amax() - heatmap.amin() + 1  # every other cell ranks below every candidate, in its order
-        rank = torch.where(peak_mask(heatmap) & below, heatmap, heatmap - span).flatten(1)
+        rank = torch.where(candidates & below, heatmap, heatmap - span).flatten(1)
         index = rank.topk(min(count, rank.shape[1]), dim=1).indices
     return heatmap.flatten(1).gather(1, index)
 
@@ -162,8 +164,9 @@ class TogObjective:
 
     def attack_loss(self, output: Mapping, batch: dict) -> Tensor:
         if self.mode == "fabrication" and self.cells == "peaks":
-            return -F.softplus(-peaks_below(output["heatmap"].float(), self.task.score_threshold,
-                                            self.min_fabricated)).sum(dim=1)
+            peaks = peaks_below(output["heatmap"].float(), self.task.score_threshold, self.min_fabricated,
+                                self.task.candidate_mask(output))
+            return -F.softplus(-peaks).sum(dim=1)
         if self.mode in ("vanishing", "fabrication"):
             objectness = output["heatmap"].float().amax(dim=1).flatten(1)  # logit of the best class per cell
             sign = 1.0 if self.mode == "vanishing" else -1.0  # BCE against 0 is softplus(z), against 1 softplus(-z)
@@ -221,7 +224,7 @@ class TOG(Attack):
 
     seeks_errors = False
     targeted = True
-    requires = DETECTION_MEMBERS + ("num_classes",)  # detection tasks; RobustnessEvaluation checks them at setup
+    requires = DETECTION_MEMBERS + ("candidate_mask", "num_classes")  # detection tasks; RobustnessEvaluation checks them at setup
 
     def __init__(self, attack: Attack, mode: str = "vanishing", target: str = "ml", min_fabricated: int = 1,
                  cells: str = "peaks") -> None:
