@@ -217,8 +217,9 @@ IMAGE_ONLY_MODELS = [m for m in _options("model") if m != "brain_hybrid" and not
 @pytest.mark.parametrize("model", IMAGE_ONLY_MODELS)
 def test_every_model_runs_2d_and_3d(model, tmp_path):
     """Each image-only model config builds for 2-D and 3-D input and gives logits (B, num_outputs): one row per
-    image, or (dense models) one map per image like the input; the detector gives its heatmap logits (one channel
-    per class) with its size and offset maps (one channel per axis), all at the model's stride."""
+    image, or (dense models) one map per image like the input; the CenterNet gives its heatmap logits (one channel
+    per class) with its size and offset maps (one channel per axis), all at the model's stride; the RetinaNet its
+    class logits, box deltas and anchors per anchor."""
     import torch
 
     for dims, shape in ((2, (2, 1, 32, 32)), (3, (2, 1, 32, 32, 32))):
@@ -226,7 +227,12 @@ def test_every_model_runs_2d_and_3d(model, tmp_path):
         net = build_net(cfg).eval()
         with torch.no_grad():
             out = net(torch.rand(shape))
-        if isinstance(out, dict):
+        if isinstance(out, dict) and "anchors" in out:  # RetinaNet: 3 anchors per cell at strides 4, 8 and 16
+            anchors = 3 * sum((shape[2] // stride) ** dims for stride in (4, 8, 16))
+            assert {k: tuple(v.shape) for k, v in out.items()} == {
+                "heatmap": (2, cfg.num_outputs, anchors), "box": (2, 2 * dims, anchors),
+                "anchors": (2, 2 * dims, anchors)}
+        elif isinstance(out, dict):
             cells = tuple(side // cfg.model.stride for side in shape[2:])
             assert {k: tuple(v.shape) for k, v in out.items()} == {
                 "heatmap": (2, cfg.num_outputs, *cells), "size": (2, dims, *cells), "offset": (2, dims, *cells)}

@@ -63,3 +63,20 @@ def test_eval_py_attacks_a_detection_checkpoint(luna_3d, tmp_path):
     rows = read_csv(Path(tmp_path) / "robustness.csv")
     assert any(r["split"] == "test" and r["metric"] == "cpm" for r in rows)
     assert (Path(tmp_path) / "summary.md").is_file()
+
+
+def test_retinanet_trains_with_trades_and_is_attacked_like_the_centernet(tiny_for, tmp_path):
+    """model=retinanet through TRADES training (its output divergence), the clean validation's taus of its two terms,
+    and eval=detection's PGD and TOG rows."""
+    overrides = [*tiny_for("luna"), "model=retinanet", "adv=trades", "eval=detection"]
+    cfg = compose_config("train", overrides, tmp_path)
+    datamodule, module = build_data_and_module(cfg)
+    trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
+    trainer.fit(module, datamodule=datamodule)
+    assert type(module.net).__name__ == "RetinaNet"
+    taus = module.validation_tau.tolist()
+    assert len(taus) == 2 and all(math.isfinite(t) and t >= 0 for t in taus)
+    assert {"val/tau_classification", "val/tau_box"} <= set(trainer.callback_metrics)
+    rows = read_csv(tmp_path / "robustness.csv")
+    metrics = {(r["attack"].split("-")[0], r["metric"]) for r in rows}
+    assert {("pgd10_linf", "cpm"), ("pgd10_linf", "mean_iou"), ("tog", "tog_success"), ("tog", "fabricated")} <= metrics
