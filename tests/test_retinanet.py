@@ -50,7 +50,7 @@ def test_output_and_anchors_are_monais_in_its_order_and_no_torchvision_is_import
     torch.testing.assert_close(out["box"].transpose(1, 2), detector._reshape_maps(heads[detector.box_reg_key]))
     torch.testing.assert_close(out["anchors"][0].t(), detector.anchors[0].float())
     locations = [m.shape[2:].numel() for m in heads[detector.cls_key]]
-    assert RetinaNetFormat(net.anchor_sides, 1.0).locations_per_level(out["anchors"][0]) == locations
+    assert RetinaNetFormat(net.anchor_sides, 1, 1.0).locations_per_level(out["anchors"][0]) == locations
     assert "torchvision" not in sys.modules
 
 
@@ -66,7 +66,7 @@ def test_anchor_matching_is_monais_atss(dims):
     for boxes in ([[5.0] * dims + [9.0] * dims], [[10.0] * dims + [22.0] * dims, [2.0] * dims + [6.0] * dims],
                   [[side - 12.0] * dims + [side - 1.0] * dims]):
         gt = torch.tensor(boxes)
-        ours = match_anchors(RetinaNetFormat(net.anchor_sides, 1.0).matcher, gt, out["anchors"][0].t(), locations,
+        ours = match_anchors(RetinaNetFormat(net.anchor_sides, 1, 1.0).matcher, gt, out["anchors"][0].t(), locations,
                              net.anchors_per_cell)
         # what RetinaNetDetector.compute_anchor_matched_idxs passes its ATSS matcher (the method itself reaches for
         # torchvision's Matcher class, which is not installed)

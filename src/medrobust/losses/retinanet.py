@@ -18,6 +18,7 @@ Terms, each normalised by the sample's own positives so a sample's loss does not
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,26 +65,44 @@ def match_anchors(matcher: ATSSMatcher, boxes: Tensor, anchors: Tensor, location
     return matched.long()
 
 
-def retinanet_loss_terms(output: dict[str, Tensor], boxes: Tensor, labels: Tensor, keep: Tensor,
-                         matcher: ATSSMatcher, locations_per_level: list[int], anchors_per_location: int
-                         ) -> dict[str, Tensor]:
-    """The unweighted per-sample terms ``{"classification": (B,), "box": (B,)}`` of ``output`` against the padded
-    boxes ``(B, N, 2d)`` / labels ``(B, N)`` kept by ``keep`` ``(B, N)`` (module docstring)."""
-    logits, deltas, anchors = output["heatmap"].float(), output["box"].float(), output["anchors"].float()
-    coder = box_coder(deltas.shape[1] // 2)
-    classification, box = [], []
-    for b in range(len(logits)):
+class AnchorTargets(NamedTuple):
+    """Per sample, what the loss compares the output with: ``classes`` ``(B, K, A)`` 0 / 1 per anchor and class,
+    ``positive`` ``(B, A)`` the matched anchors, ``deltas`` ``(B, 2d, A)`` the matched boxes' encoding (0
+    elsewhere)."""
+
+    classes: Tensor
+    positive: Tensor
+    deltas: Tensor
+
+
+@torch.no_grad()
+def anchor_targets(boxes: Tensor, labels: Tensor, keep: Tensor, anchors: Tensor, num_classes: int,
+                   matcher: ATSSMatcher, locations_per_level: list[int], anchors_per_location: int) -> AnchorTargets:
+    """:class:`AnchorTargets` of the padded boxes ``(B, N, 2d)`` / labels ``(B, N)`` kept by ``keep`` ``(B, N)``,
+    on the anchors ``(2d, A)`` (the same for every sample of a batch)."""
+    dims, count = anchors.shape[0] // 2, anchors.shape[1]
+    coder, anchors = box_coder(dims), anchors.float().t()
+    batch = len(boxes)
+    classes = torch.zeros(batch, num_classes, count, device=anchors.device)
+    positive = torch.zeros(batch, count, dtype=torch.bool, device=anchors.device)
+    deltas = torch.zeros(batch, 2 * dims, count, device=anchors.device)
+    for b in range(batch):
         gt, gt_labels = boxes[b][keep[b]].float(), labels[b][keep[b]].long()
-        anchors_b = anchors[b].t()
-        matched = match_anchors(matcher, gt, anchors_b, locations_per_level, anchors_per_location)
-        positive = matched >= 0
-        target = torch.zeros_like(logits[b])  # (K, A)
-        target[gt_labels[matched[positive]], positive.nonzero()[:, 0]] = 1.0
-        count = positive.sum().clamp(min=1)
-        classification.append(sigmoid_focal_loss(logits[b], target).sum() / count)
-        if positive.any():
-            encoded = coder.encode_single(gt[matched[positive]], anchors_b[positive]).float()
-            box.append(F.smooth_l1_loss(deltas[b].t()[positive], encoded, beta=SMOOTH_L1_BETA))
-        else:
-            box.append(deltas[b].sum() * 0)  # keeps the graph (and the output's dtype) for a sample with no box
-    return {"classification": torch.stack(classification), "box": torch.stack(box)}
+        matched = match_anchors(matcher, gt, anchors, locations_per_level, anchors_per_location)
+        positive[b] = matched >= 0
+        cells = positive[b].nonzero()[:, 0]
+        classes[b, gt_labels[matched[cells]], cells] = 1.0
+        if len(cells):
+            deltas[b][:, cells] = coder.encode_single(gt[matched[cells]], anchors[cells]).float().t()
+    return AnchorTargets(classes, positive, deltas)
+
+
+def retinanet_loss_terms(output: dict[str, Tensor], targets: AnchorTargets) -> dict[str, Tensor]:
+    """The unweighted per-sample terms ``{"classification": (B,), "box": (B,)}`` of ``output`` against
+    :func:`anchor_targets` (module docstring)."""
+    logits, deltas = output["heatmap"].float(), output["box"].float()
+    positives = targets.positive.sum(dim=1)
+    classification = sigmoid_focal_loss(logits, targets.classes).flatten(1).sum(dim=1) / positives.clamp(min=1)
+    error = F.smooth_l1_loss(deltas, targets.deltas, beta=SMOOTH_L1_BETA, reduction="none")  # (B, 2d, A)
+    box = (error * targets.positive[:, None]).flatten(1).sum(dim=1) / (positives * deltas.shape[1]).clamp(min=1)
+    return {"classification": classification, "box": box}
