@@ -159,3 +159,27 @@ def test_trades_divergence_is_zero_on_equal_outputs_and_positive_otherwise():
         clean, moved = task(x), task(x + 0.05 * torch.randn_like(x))
     assert task.output_divergence(clean, clean, batch).abs().max() < 1e-6
     assert (task.output_divergence(clean, moved, batch) > 0).all()
+
+
+def test_remembered_anchor_targets_follow_the_batch():
+    """The format remembers the last batch's targets (an attack's steps share them); a changed batch, in place or
+    new, gets its own."""
+    net, x = net_and_input(2, batch=1)
+    task = DetectionTask(net, memory_format="contiguous")
+    with torch.no_grad():
+        out = net(x)
+
+    def fresh(batch: dict) -> torch.Tensor:  # a task with nothing remembered
+        return DetectionTask(net, memory_format="contiguous").loss_terms(out, {k: v.clone() for k, v in batch.items()})
+
+    batch = one_box_batch(2, [[6.0, 6.0, 14.0, 14.0]])
+    first = task.loss_terms(out, batch)
+    torch.testing.assert_close(task.loss_terms(out, batch), first)
+    batch["boxes"][0, 0] += 20.0  # moved in place
+    moved = task.loss_terms(out, batch)
+    assert not torch.allclose(moved, first)
+    torch.testing.assert_close(moved, fresh(batch))
+    other = one_box_batch(2, [[30.0, 30.0, 50.0, 50.0]])
+    torch.testing.assert_close(task.loss_terms(out, other), fresh(other))
+    batch["box_target"][0, 0] = False  # the same boxes, now an irrelevant finding: no positive anchor
+    assert task.loss_terms(out, batch)[0, 1].item() == 0.0
