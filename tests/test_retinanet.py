@@ -11,7 +11,7 @@ from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.data.box_utils import batched_nms
 
 from medrobust.losses.retinanet import box_coder, match_anchors
-from medrobust.models.retinanet import RetinaNet
+from medrobust.models.retinanet import RetinaNet, split_strided_pointwise
 from medrobust.tasks.detection import DetectionTask
 from medrobust.tasks.detection_formats import RetinaNetFormat, greedy_nms
 
@@ -183,3 +183,27 @@ def test_remembered_anchor_targets_follow_the_batch():
     torch.testing.assert_close(task.loss_terms(out, other), fresh(other))
     batch["box_target"][0, 0] = False  # the same boxes, now an irrelevant finding: no positive anchor
     assert task.loss_terms(out, batch)[0, 1].item() == 0.0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_strided_pointwise_convolutions_are_split_without_changing_the_function(dims):
+    conv_type = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    torch.manual_seed(0)
+    original = conv_type(8, 16, 1, stride=2)
+    holder = torch.nn.Sequential(conv_type(8, 16, 1, stride=2))
+    holder[0].load_state_dict(original.state_dict())
+    split_strided_pointwise(holder)
+    assert isinstance(holder[0], torch.nn.Sequential) and holder[0][1].stride == (1,) * dims
+    x = torch.randn(2, 8, *[9] * dims)  # odd: the strided output keeps the first and every other pixel
+    torch.testing.assert_close(holder(x), original(x))
+
+
+def test_a_channels_last_training_step_runs():
+    """The ResNet shortcut (1x1, stride 2, 8 -> 16 channels on 64 x 64 maps) crashed torch 2.13's CPU backward in
+    channels-last; task=luna trains channels-last by default."""
+    torch.manual_seed(0)
+    net = RetinaNet(spatial_dims=2).to(memory_format=torch.channels_last)
+    out = net(torch.rand(16, 1, 128, 128).contiguous(memory_format=torch.channels_last))
+    (out["heatmap"].sum() + out["box"].sum()).backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())  # leaky everywhere, as the CenterNet
