@@ -95,17 +95,16 @@ class RetinaNetFormat:
 
     def targets(self, boxes: Tensor, labels: Tensor, keep: Tensor, anchors: Tensor) -> AnchorTargets:
         """:func:`anchor_targets`, remembered for the last batch: an attack computes the loss of one batch at every
-        step, and matching (MONAI's ATSS, per sample) cost a fifth of a 2-D PGD step. The batch is recognised by its
-        ``boxes`` tensor itself (held, so its memory cannot be reused by another batch's; an in-place change bumps
-        its version), the ``keep`` mask, the labels and the anchors' shape."""
-        key = (boxes._version, tuple(anchors.shape), anchors.device)
-        last = self._last
-        if (last is not None and last[0] is boxes and last[1] == key and torch.equal(last[2], keep)
-                and torch.equal(last[3], labels)):
-            return last[4]
+        step, and matching (MONAI's ATSS, per sample) cost a fifth of a 2-D PGD step. The batch is recognised by
+        the values of its boxes, keep mask and labels (a few numbers per image), the anchors' shape and the mode."""
+        # targets made in inference mode (a clean test forward) cannot be saved for an attack's backward
+        last, shape = self._last, (tuple(anchors.shape), anchors.device, torch.is_inference_mode_enabled())
+        if last is not None and last[0] == shape and all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(last[1], (boxes, keep, labels))):
+            return last[2]
         targets = anchor_targets(boxes, labels, keep, anchors, self.num_classes, self.matcher,
                                  self.locations_per_level(anchors), len(self.anchor_sides))
-        self._last = (boxes, key, keep.clone(), labels.clone(), targets)
+        self._last = (shape, (boxes.clone(), keep.clone(), labels.clone()), targets)
         return targets
 
     @torch.no_grad()
