@@ -207,3 +207,21 @@ def test_a_channels_last_training_step_runs():
     (out["heatmap"].sum() + out["box"].sum()).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())  # leaky everywhere, as the CenterNet
+
+
+def test_fabrication_candidates_are_the_nms_survivors():
+    """Two anchors decoded to one box: only the higher is a candidate; a far one is too; nothing else scores."""
+    net, x = net_and_input(2, batch=1)
+    task = DetectionTask(net, memory_format="contiguous")
+    with torch.no_grad():
+        out = net(x)
+    anchors = out["anchors"][0].t()
+    first, same, far = 0, 1, 3 * 20  # cell 0 (the padding rows' index, which must not hide it), its next anchor
+    box = torch.zeros_like(out["box"])  # shape, and the first anchor of a cell further along
+    box[0, :, same] = box_coder(2).encode_single(anchors[first:first + 1], anchors[same:same + 1])[0]  # first's box
+    heatmap = torch.full_like(out["heatmap"], -1e4)
+    heatmap[0, 0, [first, same, far]] = torch.tensor([0.0, -1.0, -0.5])
+    output = {"heatmap": heatmap, "box": box, "anchors": out["anchors"]}
+    assert task.candidate_mask(output)[0, 0].nonzero()[:, 0].tolist() == [first, far]
+    heatmap[0, 0, same] = 1.0  # now the other anchor wins the box
+    assert task.candidate_mask(output)[0, 0].nonzero()[:, 0].tolist() == [same, far]

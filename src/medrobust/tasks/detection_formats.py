@@ -9,8 +9,8 @@ cells + cell``.
 * ``centernet`` (:class:`medrobust.models.centernet.CenterNet`): the cells are the output grid; terms heatmap / size
   / offset; peaks by max-pooling, no NMS.
 * ``retinanet`` (:class:`medrobust.models.retinanet.RetinaNet`): the cells are the anchors of every pyramid level,
-  ``(B, K, A)``; terms classification / box; candidates decoded from the deltas by MONAI's box coder, then MONAI's
-  per-class NMS at IoU 0.5.
+  ``(B, K, A)``; terms classification / box; candidates decoded from the deltas by MONAI's box coder, then
+  per-class greedy NMS at IoU 0.5 (MONAI's rule, :func:`greedy_nms`).
 
 A network declares its format by its ``output_format`` attribute (``centernet`` when it has none).
 """
@@ -136,9 +136,11 @@ class RetinaNetFormat:
         """The NMS survivors among the best :data:`FABRICATION_POOL` anchors (``(B, K, A)``): an anchor overlapping a
         better one is suppressed, so raising it would fabricate nothing."""
         found = self.decode(output, 0.0, max_detections, pool=FABRICATION_POOL)
-        mask = torch.zeros_like(output["heatmap"], dtype=torch.bool).flatten(1)
-        mask.scatter_(1, found["index"], found["scores"] > 0)
-        return mask.view_as(output["heatmap"])
+        count = torch.zeros(output["heatmap"].shape[0], output["heatmap"][0].numel(), dtype=torch.long,
+                            device=output["heatmap"].device)
+        # added, not written: the padding rows' index 0 must not overwrite a survivor at cell 0
+        count.scatter_add_(1, found["index"], (found["scores"] > 0).long())
+        return (count > 0).view_as(output["heatmap"])
 
 
 def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float, limit: int) -> Tensor:
