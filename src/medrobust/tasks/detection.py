@@ -51,13 +51,13 @@ class DetectionTask(RobustTask):
     size / offset rows. Training them as positives would teach the model findings the evaluation never rewards.
 
     is_correct (seed 004, Ma et al. 2024): a sample is correct when *each* loss term (:attr:`terms`: a CenterNet's
-    heatmap / size / offset, a RetinaNet's classification / box) is at or below its threshold ``tau[term]``. By default (``tau=None``) the thresholds are the clean model's per-sample validation terms'
-    mean (``tau_rule="mean"``, as segmentation's tau is the mean validation Dice) or Huber robust mean plus 3
-    robust scales (``"robust"``, as landmarks'), logged as ``val/tau_<term>``
-    (rank-reduced: the per-sample terms are gathered) and copied after each clean validation (sanity check
-    excluded; :attr:`tau_metrics`) into the ``validation_tau`` buffer (one per term), hence into checkpoints
-    (``state_dict``). Until a first validation the buffer is NaN and the format's ``fallback_tau`` (placeholders)
-    judges. A mapping ``tau`` fixes the thresholds (a checkpoint's buffer does not override it).
+    heatmap / size / offset, a RetinaNet's classification / box) is at or below its threshold ``tau[term]``. By
+    default (``tau=None``) the thresholds are the clean model's per-sample validation terms' mean
+    (``tau_rule="mean"``, as segmentation's tau is the mean validation Dice) or Huber robust mean plus 3 robust
+    scales (``"robust"``, as landmarks'), logged as ``val/tau_<term>`` (rank-reduced: the per-sample terms are
+    gathered) and copied after each clean validation (sanity check excluded; :attr:`tau_metrics`) into the
+    ``validation_tau`` buffer (one per term), hence into checkpoints (``state_dict``). Until a first validation the
+    buffer is NaN and the format's ``fallback_tau`` (placeholders) judges. A mapping ``tau`` fixes the thresholds (a checkpoint's buffer does not override it).
 
     correct_margin: ``min over terms of (tau_t - term_t) / max(tau_t, 1e-6)``: each term's slack relative to its
     threshold (the terms have different units), ``>= 0`` exactly where is_correct (0 only at equality), and
@@ -77,13 +77,14 @@ class DetectionTask(RobustTask):
     ``vanished_rate`` (the shift metric: of the target boxes detected clean, the share no adversarial detection
     finds any more), ``fabricated_per_image`` and, with several classes, ``mislabelled_rate``; on the
     clean loops only, ``tau_<term>``. Detections are decoded (the format's decoder) at ``candidate_threshold``
-    (0.05, at most ``max_detections`` per image) for the FROC and mAP, which sweep the score; ``mean_iou`` and the attack outcomes read them at ``score_threshold`` (0.5).
+    (0.05, at most ``max_detections`` per image) for the FROC and mAP, which sweep the score; ``mean_iou`` and the
+    attack outcomes read them at ``score_threshold`` (0.5).
 
     output_divergence (TRADES, MART): per sample, the binary KL between the clean and the adversarial sigmoid
     heatmaps summed over the cells and classes and divided by the sample's target count (at least 1; the focal
     loss's normalisation), plus ``size_weight`` x and ``offset_weight`` x the mean squared change of the size and
-    offset maps (a RetinaNet: ``box_weight`` x that of the box deltas) at the clean output's peaks (the decoder's peaks above ``candidate_threshold``, at most
-    ``max_detections``; none: 0). 0 exactly where the outputs agree.
+    offset maps (a RetinaNet: ``box_weight`` x that of the box deltas) at the clean output's peaks (the decoder's
+    detections above ``candidate_threshold``, at most ``max_detections``; none: 0). 0 exactly where the outputs agree.
 
     Args:
         net: a CenterNet-like module (``stride`` attribute unless ``stride`` is given), or a RetinaNet.
@@ -99,7 +100,7 @@ class DetectionTask(RobustTask):
         stride: a CenterNet's output stride; default ``net.stride``.
     """
 
-    outputs_logits = False  # a heatmap / size / offset dict, not class logits: CE / DLR losses do not apply
+    outputs_logits = False  # a dict of heatmap and box maps, not class logits: CE / DLR losses do not apply
     label_key = "boxes"
     shift_metric = "vanished_rate"
     attacked_metrics = ("mean_iou",)  # the loss drives the heatmap peaks and boxes; CPM and mAP follow them

@@ -224,7 +224,8 @@ class TOG(Attack):
 
     seeks_errors = False
     targeted = True
-    requires = DETECTION_MEMBERS + ("candidate_mask", "num_classes")  # detection tasks; RobustnessEvaluation checks them at setup
+    # detection tasks only; RobustnessEvaluation checks them at setup
+    requires = DETECTION_MEMBERS + ("candidate_mask", "num_classes")
 
     def __init__(self, attack: Attack, mode: str = "vanishing", target: str = "ml", min_fabricated: int = 1,
                  cells: str = "peaks") -> None:
