@@ -5,7 +5,8 @@ heads, shared over the pyramid levels) and its anchor generator are torch-only; 
 ``resnet_fpn_feature_extractor`` wraps the backbone in torchvision's ``IntermediateLayerGetter``, and the detector
 (``RetinaNetDetector``) imports torchvision's ``Matcher`` and sampler. Here the feature extractor is
 :class:`ResNetFPN` (MONAI's ResNet layers called in order, then MONAI's ``FeaturePyramidNetwork``), and matching,
-loss and decoding live in :mod:`medrobust.tasks.detection_retinanet` (MONAI's ATSS matcher, box coder and NMS).
+loss and decoding live in :mod:`medrobust.losses.retinanet` and :mod:`medrobust.tasks.detection_formats` (MONAI's
+ATSS matcher and box coder; NMS keeping what MONAI's keeps).
 
 The output is channel-first over the anchors of every level, concatenated (``A`` anchors in all), so the detection
 task and the detector attacks read it as they read a CenterNet's maps (one "cell" per anchor):

@@ -141,7 +141,6 @@ class DetectionTask(RobustTask):
         self.stride = getattr(self.format, "stride", None)
         self.num_classes, self.correct_rule, self.tau_rule = num_classes, correct, tau_rule
         self.fixed_tau = None if tau is None else torch.tensor([float(tau[t]) for t in self.terms])
-        self.size_weight, self.offset_weight = float(size_weight), float(offset_weight)
         self.score_threshold, self.candidate_threshold = float(score_threshold), float(candidate_threshold)
         self.max_detections, self.froc_hit, self.froc_iou = max_detections, froc_hit, float(froc_iou)
         super().__init__(net, **kwargs)
