@@ -1,5 +1,6 @@
 """What :class:`~medrobust.callbacks.RobustnessEvaluation` writes on rank 0: the long CSV, the curves, the example
-grids, the radii and sensitivity plots, W&B's tables and images, and ``summary.md``."""
+grids, the radii and sensitivity plots, the curves metrics draw (a detector's FROC), W&B's tables and images, and
+``summary.md``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from medrobust.datamodules.base import SplitDataModule
 from medrobust.evaluation.worst_case import CLEAN, points_note
 from medrobust.reporting import format_eps, plot_curves, summary_markdown, write_csv, write_summary_section
 from medrobust.reporting.examples import save_example_grid
+from medrobust.reporting.metric_curves import SECTION as CURVES_SECTION
+from medrobust.reporting.metric_curves import SECTION_ORDER as CURVES_ORDER
+from medrobust.reporting.metric_curves import log_metric_curves_to_wandb, metric_curves_markdown, write_metric_curves
 from medrobust.reporting.radii import plot_radii
 from medrobust.reporting.sensitivity import SECTION, SECTION_ORDER, main_rows, plot_sensitivity, sensitivity_markdown
 from medrobust.reporting.wandb_examples import log_examples_to_wandb
@@ -38,6 +42,10 @@ def write_files(evaluation, trainer: Trainer, split: str) -> None:
         plot_radii(out, label, split, epoch, values.cpu())
     for label, curve in (evaluation.last.sensitivity if evaluation.last else {}).items():
         plot_sensitivity(out, label, split, epoch, curve, evaluation.eps_unit)
+    if evaluation.last is not None and evaluation.last.curves:  # a detector's FROC per attack and eps
+        settings = {"split": split, "epoch": evaluation.last.rows[0]["epoch"], "eps_unit": evaluation.eps_unit}
+        write_metric_curves(out, evaluation.last.curves, **settings)
+        log_metric_curves_to_wandb(trainer.loggers, evaluation.last.curves, **settings)
 
 
 @rank_zero_only
@@ -75,6 +83,10 @@ def write_summary(evaluation, trainer: Trainer) -> None:
     text = summary_markdown(history, "test", title="Robustness summary", notes=notes, warnings=warnings,
                             success_metric=success, shift_metric=trainer.lightning_module.shift_metric)
     path = write_summary_section(evaluation.run_dir(trainer), "robustness", text)
+    if evaluation.last is not None and evaluation.last.curves:
+        text = metric_curves_markdown(evaluation.last.curves, split="test", epoch=evaluation.last.rows[0]["epoch"],
+                                      eps_unit=evaluation.eps_unit, success_metric=success)
+        write_summary_section(evaluation.run_dir(trainer), CURVES_SECTION, text, order=CURVES_ORDER)
     if evaluation.last is not None and evaluation.last.sensitivity:
         text = sensitivity_markdown(evaluation.last.sensitivity, "test", evaluation.last.rows[0]["epoch"],
                                     evaluation.eps_unit)

@@ -20,6 +20,7 @@ from medrobust.datamodules.sharding import batch_number
 from medrobust.attacks.core.session import eval_mode
 from medrobust.evaluation.gather import gather_in_order
 from medrobust.evaluation.eps_units import EPS_UNITS, resolve_eps
+from medrobust.evaluation.metric_curves import MetricCurve, collection_curves
 from medrobust.evaluation.masking import MaskingFlag, check_metric_rows, check_rows, probe_model
 from medrobust.evaluation.sensitivity import SensitivityCurve, check_drop, sensitivity_curve
 from medrobust.evaluation.worst_case import CLEAN, EACH_EPS, FIRST_FAILURE, robustness_curve
@@ -92,8 +93,8 @@ def _check_sensitivity(drop: float | None, attacks: dict[str, object], eps_unit:
 @dataclass
 class Evaluation:
     """What one evaluation found: result rows, the example images, minimum-norm radii per attack, the batch the
-    masking probes use, per attack which kind of point its continuous metrics were read at, and the accuracy
-    without the most sensitive samples per curve attack."""
+    masking probes use, per attack which kind of point its continuous metrics were read at, the accuracy
+    without the most sensitive samples per curve attack, and the curves metrics draw per cell (a FROC)."""
 
     rows: list[dict] = field(default_factory=list)
     examples: dict[str, Example] = field(default_factory=dict)  # attack -> its first batch at its largest eps
@@ -101,6 +102,8 @@ class Evaluation:
     probe_batch: tuple | None = None
     points: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, SensitivityCurve] = field(default_factory=dict)
+    # (attack, eps) -> metric -> (its curve, the kind of points it was read at): a detector's FROC
+    curves: dict[tuple[str, float], dict[str, tuple[MetricCurve, str]]] = field(default_factory=dict)
 
 
 class RobustnessEvaluation(Callback):
@@ -432,16 +435,20 @@ class RobustnessEvaluation(Callback):
             for attack in self.attacks.values():  # every rank, in the same order: the tallies sum across ranks
                 attack.sum_stats(lambda counts: trainer.strategy.reduce(counts.to(device), reduce_op="sum").cpu())
         clean_values = compute_metrics(clean)  # every rank computes in the same order: torchmetrics syncs here
+        clean_curves = collection_curves(clean)
         order = list(pl_module.robust_metrics())
         for label, attack in self.attacks.items():
             for eps in self.eps_of(label):
                 if eps == 0:
                     values = {m: (v, CLEAN) for m, v in clean_values.items()}
+                    result.curves[label, eps] = {m: (curve, CLEAN) for m, curve in clean_curves.items()}
                 else:
                     worst_kind = result.points.get(label, FIRST_FAILURE)
                     kinds = {"success": EACH_EPS if worst_kind == EACH_EPS else FIRST_FAILURE, "other": worst_kind}
                     found = {m: (v, kinds[kind]) for kind in ("success", "other")
                              for m, v in compute_metrics(cells[label, eps, kind]).items()}
+                    result.curves[label, eps] = {m: (curve, kinds[kind]) for kind in ("success", "other")
+                                                 for m, curve in collection_curves(cells[label, eps, kind]).items()}
                     values = {m: found[m] for m in order if m in found}  # rows in the task's metric order
                     if (label, eps) in extra:  # then the attack's own metrics
                         values.update({m: (v, kinds["success"]) for m, v in compute_metrics(extra[label, eps]).items()})

@@ -8,6 +8,7 @@ trainer=ddp_cpu``, runs once as a real subprocess against ``trainer=cpu``.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -130,6 +131,16 @@ def test_two_processes_report_what_one_process_reports(ddp_runs, task, tmp_path)
     assert rows["one"] and rows["one"].keys() == rows["two"].keys()
     for key, (value, flags) in rows["one"].items():
         assert _close(rows["two"][key][0], value) and rows["two"][key][1] == flags, (task, key, value, rows["two"][key])
+    froc = {"one": _froc_points(tmp_path), "two": _froc_points(Path(job["out"]))}  # detection: the curves' points
+    assert froc["one"] == froc["two"] and (bool(froc["one"]) == (task in ("luna", "bccd"))), task
+
+
+def _froc_points(run_dir: Path) -> list[tuple]:
+    path = run_dir / "curves" / "test_froc.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [(r["attack"], r["eps"], round(float(r["x"]), 5), round(float(r["y"]), 5)) for r in csv.DictReader(handle)]
 
 
 # -- the command a user types ----------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ on it as the real subprocess a user runs."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import compose_config, run_script
 from medrobust.reporting import read_csv
+from medrobust.tasks.detection_metrics import sensitivity_at_fp_rates
 from medrobust.runner import build_callbacks, build_data_and_module, build_loggers, build_trainer
 
 DETECTION_3D = ["adv=pgd", "eval=detection", "data.spatial_dims=3", "data.image_size=32"]
@@ -45,6 +48,26 @@ def test_3d_cubes_train_and_report_detection_curves(luna_3d):
             assert 0.0 <= float(row["value"]) <= 1.0, row
     assert (out / "examples" / "test_pgd10_linf_eps0p008.png").is_file()
     assert "mean_iou" in (out / "summary.md").read_text()
+
+
+def test_the_froc_behind_each_cpm_is_on_disk_read_at_the_same_points(luna_3d):
+    """curves/test_froc.csv holds the FROC of every (attack, eps) cell: read at LUNA16's seven rates it gives the
+    CPM of that cell's robustness.csv row (the same worst-loss points); a PNG per attack; a summary.md table."""
+    out, _, _ = luna_3d
+    cpm = {(r["attack"], float(r["eps"])): float(r["value"]) for r in read_csv(out / "robustness.csv")
+           if r["split"] == "test" and r["metric"] == "cpm"}
+    points: dict[tuple[str, float], list] = {}
+    with open(out / "curves" / "test_froc.csv", newline="") as handle:
+        froc_rows = list(csv.DictReader(handle))
+    for row in froc_rows:
+        points.setdefault((row["attack"], float(row["eps"])), []).append((float(row["x"]), float(row["y"])))
+    assert ("clean", 0.0) in points and any(eps > 0 for _, eps in points)
+    for (attack, eps), xy in points.items():
+        fps, sensitivity = (np.array(values) for values in zip(*xy))
+        expected = cpm[next(a for a, e in cpm if e == 0), 0.0] if attack == "clean" else cpm[attack, eps]
+        assert float(sensitivity_at_fp_rates(fps, sensitivity).mean()) == pytest.approx(expected, abs=1e-6)
+    assert (out / "curves" / "test_pgd10_linf_froc.png").is_file()
+    assert "# FROC (cpm)" in (out / "summary.md").read_text()
 
 
 def test_the_checkpoint_carries_the_clean_validation_taus(luna_3d):

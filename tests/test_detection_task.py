@@ -334,3 +334,23 @@ def test_match_rule_wants_every_target_found_and_no_false_positive(batch):
     fabricated[free, 0, 1, 1] = 5.0  # a sure detection on a slice without any finding
     verdict = task.is_correct({**perfect, "heatmap": fabricated}, batch)
     assert not verdict[free] and verdict.sum() == len(verdict) - 1
+
+
+def test_the_evaluation_reads_each_cells_froc_where_it_reads_its_cpm(fitted):
+    """RobustnessEvaluation keeps, per (attack, eps), the FROC of the very states its cpm row comes from: read at
+    LUNA16's rates it gives that row's value, at the row's kind of points (PGD: worst-loss), clean once per attack."""
+    from medrobust.attacks import PGD
+    from medrobust.callbacks import RobustnessEvaluation
+
+    task, val, _ = fitted
+    evaluation = RobustnessEvaluation([PGD(steps=5)], eps=[0.0, 0.1, 0.3])
+    with torch.inference_mode():  # as Lightning's validation and test loops call it
+        result = evaluation.evaluate(task, val, split="val", epoch=0, max_batches=None)
+    rows = {(row["attack"], row["eps"]): row for row in result.rows if row["metric"] == "cpm"}
+    assert set(result.curves) == set(rows)
+    for cell, curves in result.curves.items():
+        curve, points = curves["cpm"]
+        assert curve.summary == pytest.approx(rows[cell]["value"], abs=1e-6) and points == rows[cell]["points"]
+        assert curve.summary == pytest.approx(sum(y for _, y in curve.marks) / 7)
+    values = [rows[cell]["value"] for cell in sorted(rows)]
+    assert values[0] > 0.3 and values[-1] < values[0]  # curves that differ, so a mixed-up cell would show

@@ -17,6 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from medrobust.evaluation.metric_curves import MetricCurve
 from medrobust.tasks.detection_metrics import attack_detection_outcome, coco_map, froc, mean_gt_iou
 from medrobust.tasks.landmark_metrics import loss_threshold
 from medrobust.tasks.sample_mean import SampleMean
@@ -177,6 +178,18 @@ class CPM(_DetectionAccumulator):
 
     def value(self, predictions, references, targets):
         return froc(predictions, targets, hit=self.hit).cpm
+
+    def curve(self) -> MetricCurve | None:
+        """The FROC itself (:mod:`medrobust.evaluation.metric_curves`): sensitivity against false positives per
+        scan, read at LUNA16's seven rates; ``None`` without a target box."""
+        if self.is_empty():
+            return None
+        predictions, _, targets = self.per_image()
+        result = froc(predictions, targets, hit=self.hit)
+        return MetricCurve(kind="froc", x=result.fps_per_scan, y=result.sensitivity, thresholds=result.thresholds,
+                           x_name="false positives per scan", y_name="sensitivity", log_x=True,
+                           marks=tuple(zip(result.fp_rates, result.operating_sensitivities.tolist())),
+                           summary_name="CPM", summary=result.cpm)
 
 
 class MeanAP(_DetectionAccumulator):
