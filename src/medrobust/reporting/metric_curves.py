@@ -69,7 +69,7 @@ def write_metric_curves(out_dir: Path, curves: Curves, *, split: str, epoch: int
         for attack, lines in by_attack.items():
             path = folder / f"{_prefix(split)}{attack}_{kind}.png"
             written.append(_plot(sorted(lines, key=lambda line: line[0]), path, eps_unit,
-                                 f"{split}: {kind} under {attack}, epoch {epoch}"))
+                                 f"{split}: {kind.upper()} under {attack}, epoch {epoch}"))
         rows = curve_rows({cell: {metric: entry} for cell, entry in cells.items()}, split=split, epoch=epoch,
                           eps_unit=eps_unit)
         path = folder / f"{_prefix(split)}{kind}.csv"
@@ -82,25 +82,31 @@ def write_metric_curves(out_dir: Path, curves: Curves, *, split: str, epoch: int
 
 
 def _plot(lines: list[tuple[float, MetricCurve, str]], path: Path, eps_unit: str, title: str) -> Path:
+    """One line per eps; each curve continues flat to the right edge, as it is read beyond its last point."""
     first = lines[0][1]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-    colours = plt.get_cmap("viridis")
-    for k, (eps, curve, _) in enumerate(lines):
-        label = "clean" if eps == 0 else f"eps {eps:g}"
-        ax.plot(curve.x, curve.y, color="k" if eps == 0 else colours(k / max(1, len(lines) - 1)),
-                label=f"{label} ({curve.summary_name} {curve.summary:.3f})")
     marks = [x for x, _ in first.marks]
+    right = max(marks) * 1.5 if marks else None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    colours = plt.get_cmap("plasma")
+    attacked = max(1, sum(eps > 0 for eps, _, _ in lines))
+    for k, (eps, curve, _) in enumerate(lines):
+        x, y = list(curve.x), list(curve.y)
+        if right is not None and x and x[-1] < right:
+            x, y = x + [right], y + [y[-1]]
+        colour = "k" if eps == 0 else colours(0.1 + 0.75 * (k - (len(lines) - attacked)) / max(1, attacked - 1))
+        label = "clean" if eps == 0 else f"eps {eps:g}"
+        ax.plot(x, y, color=colour, label=f"{label} ({curve.summary_name} {curve.summary:.3f})")
     if first.log_x:
         ax.set_xscale("log")
     if marks:
-        ax.set_xlim(min(marks) / 1.5, max(marks) * 1.5)
+        ax.set_xlim(min(marks) / 1.5, right)
         ax.set_xticks(marks, [f"{x:g}" for x in marks])
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(first.x_name + (f" (attacks in {eps_unit} units)" if eps_unit else ""))
+    ax.set_xlabel(first.x_name)
     ax.set_ylabel(first.y_name)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, title=f"eps in {eps_unit} units", title_fontsize=7)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
     try:
         return save_figure_atomic(fig, path)
