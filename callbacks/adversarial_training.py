@@ -33,7 +33,11 @@ class AdversarialTraining(Callback):
         attack: the attack that makes training examples (e.g. ``medrobust.attacks.PGD``).
         eps: target perturbation size, in ``eps_unit`` units.
         eps_unit: ``model``, ``native`` (e.g. HU) or ``range``.
-        warmup_epochs: eps grows linearly, reaching ``eps`` at the start of epoch ``warmup_epochs``.
+        warmup_epochs: eps grows linearly, reaching ``eps`` at the start of epoch ``warmup_epochs`` (counted after the
+            clean epochs).
+        clean_epochs: epochs of clean training (eps 0) before the warm-up or the schedule: a model that learns nothing under
+            attack from its first step (MONAI's RetinaNet, whose focal loss starts every anchor at 1 %, in 3-D)
+            learns its features clean first. The catastrophic-overfitting guard rests in those epochs.
         schedule: seed 000's iterative protocol instead of the warm-up: rounds of ``[epochs, eps]`` run in order
             (``[[150, 0.001], [50, 0.002]]``: 150 epochs at 0.001, then 50 at 0.002), the last eps kept after the
             last round; ``eps`` must be the last round's (it names the run's state).
@@ -55,6 +59,7 @@ class AdversarialTraining(Callback):
         eps: float,
         eps_unit: str = "model",
         warmup_epochs: int = 0,
+        clean_epochs: int = 0,
         adv_fraction: float | None = None,
         clean_weight: float | None = None,
         adv_weight: float | None = None,
@@ -73,6 +78,8 @@ class AdversarialTraining(Callback):
             raise ValueError(f"adv.eps_unit must be one of {EPS_UNITS}, got {eps_unit!r}")
         if warmup_epochs < 0:
             raise ValueError(f"adv.warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        if isinstance(clean_epochs, bool) or not isinstance(clean_epochs, int) or clean_epochs < 0:
+            raise ValueError(f"adv.clean_epochs must be an integer >= 0, got {clean_epochs!r}")
         if not 0.0 < guard_drop <= 1.0:
             raise ValueError(f"adv.guard_drop must be in (0, 1], got {guard_drop!r}")
         if guard_action not in GUARD_ACTIONS:
@@ -86,6 +93,7 @@ class AdversarialTraining(Callback):
         self.eps = float(eps)
         self.eps_unit = eps_unit
         self.warmup_epochs = warmup_epochs
+        self.clean_epochs = clean_epochs
         self.guard_attack = guard_attack
         self.guard_drop = guard_drop
         self.guard_action = guard_action
@@ -118,8 +126,12 @@ class AdversarialTraining(Callback):
 
     # -- schedule -------------------------------------------------------------------------------
     def eps_at(self, epoch: int) -> float:
-        """The ``schedule``'s eps of the round ``epoch`` falls in, else the linear warm-up:
-        ``eps * (epoch + 1) / (warmup_epochs + 1)`` until it reaches ``eps``."""
+        """0 in the clean epochs; then, counting epochs ``k`` from the first after them, the ``schedule``'s eps of
+        the round ``k`` falls in, else the linear warm-up ``eps * (k + 1) / (warmup_epochs + 1)`` until it reaches
+        ``eps``."""
+        if epoch < self.clean_epochs:
+            return 0.0
+        epoch -= self.clean_epochs
         if self.schedule:
             end = 0
             for epochs, eps in self.schedule:
@@ -165,8 +177,8 @@ class AdversarialTraining(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.defense.end_epoch(trainer, pl_module)
-        if self.guard_attack is None or self._guard_batch is None:
-            return
+        if self.guard_attack is None or self._guard_batch is None or self.eps_at(trainer.current_epoch) == 0:
+            return  # nothing attacked this epoch (a clean one): nothing to guard
         accuracy = self._guard_accuracy(pl_module, self._guard_batch)
         self.guard_history.append((trainer.current_epoch, accuracy))
         pl_module.log("train/guard_robust_accuracy", accuracy, sync_dist=False)

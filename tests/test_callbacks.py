@@ -22,6 +22,8 @@ from conftest import compose_config
         ({"eps": 0.1, "eps_unit": "hu"}, "adv.eps_unit must be one of"),
         ({"eps": 0.1, "adv_fraction": 0.0}, "adv.adv_fraction must be in (0, 1], got 0.0"),
         ({"eps": 0.1, "warmup_epochs": -1}, "adv.warmup_epochs must be >= 0, got -1"),
+        ({"eps": 0.1, "clean_epochs": -1}, "adv.clean_epochs must be an integer >= 0, got -1"),
+        ({"eps": 0.1, "clean_epochs": 1.5}, "adv.clean_epochs must be an integer >= 0, got 1.5"),
         ({"eps": 0.1, "clean_weight": 0.0, "adv_weight": 0.0}, "not both 0"),
         ({"eps": 0.1, "guard_action": "ignore"}, "adv.guard_action must be one of"),
     ],
@@ -51,6 +53,22 @@ def test_eps_warmup_is_linear_then_flat():
     callback = AdversarialTraining(PGD(steps=2), eps=0.008, warmup_epochs=3)
     assert [callback.eps_at(e) for e in range(6)] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.008, 0.008])
     assert AdversarialTraining(PGD(steps=2), eps=0.008).eps_at(0) == 0.008
+
+
+def test_clean_epochs_come_before_the_warm_up_or_the_schedule():
+    callback = AdversarialTraining(PGD(steps=2), eps=0.008, warmup_epochs=1, clean_epochs=2)
+    assert [callback.eps_at(e) for e in range(5)] == pytest.approx([0.0, 0.0, 0.004, 0.008, 0.008])
+    rounds = AdversarialTraining(PGD(steps=2), eps=0.004, schedule=[[2, 0.002], [1, 0.004]], clean_epochs=1)
+    assert [rounds.eps_at(e) for e in range(6)] == pytest.approx([0.0, 0.002, 0.002, 0.004, 0.004, 0.004])
+
+
+def test_the_overfitting_guard_rests_in_clean_epochs(tiny, tmp_path):
+    """An FGSM run whose first epoch is clean: the guard checks nothing there (its clean accuracy would be the
+    best it ever saw, and the first attacked epoch would look like a collapse), then checks every attacked one."""
+    cfg = compose_config("train", ["task=lidc", *tiny], tmp_path)
+    adv = AdversarialTraining(FGSM(), eps=0.008, clean_epochs=1, guard_attack=PGD(steps=2), guard_drop=0.01)
+    trainer, _ = _fit(cfg, [adv], max_epochs=2)
+    assert [epoch for epoch, _ in adv.guard_history] == [1] and trainer.current_epoch == 2
 
 
 def _fit(cfg, callbacks, max_epochs, ckpt_path=None):

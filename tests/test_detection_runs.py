@@ -91,7 +91,7 @@ def test_eval_py_attacks_a_detection_checkpoint(luna_3d, tmp_path):
 def test_retinanet_trains_with_trades_and_is_attacked_like_the_centernet(tiny_for, tmp_path):
     """model=retinanet through TRADES training (its output divergence), the clean validation's taus of its two terms,
     and eval=detection's PGD and TOG rows."""
-    overrides = [*tiny_for("luna"), "model=retinanet", "adv=trades", "eval=detection"]
+    overrides = [*tiny_for("luna"), "model=retinanet", "adv=trades", "adv.clean_epochs=0", "eval=detection"]
     cfg = compose_config("train", overrides, tmp_path)
     datamodule, module = build_data_and_module(cfg)
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))

@@ -226,3 +226,20 @@ def test_fabrication_candidates_are_the_nms_survivors():
     assert task.candidate_mask(output)[0, 0].nonzero()[:, 0].tolist() == [first, far]
     heatmap[0, 0, same] = 1.0  # now the other anchor wins the box
     assert task.candidate_mask(output)[0, 0].nonzero()[:, 0].tolist() == [same, far]
+
+
+def test_model_retinanet_brings_its_training_recipe_and_the_command_line_wins(tmp_path):
+    """conf/model/retinanet.yaml sets its lr, clean epochs before adversarial training and epochs over the
+    detection task's (which stay the CenterNet's); a value given on the command line wins over them."""
+    from medrobust.config import compose_config
+
+    def settings(*overrides):
+        cfg = compose_config("train", ["task=luna", *overrides], tmp_path)
+        return cfg.module.optimizer.lr, cfg.adv.clean_epochs, cfg.trainer.max_epochs
+
+    assert settings("adv=pgd") == (0.003, 0, 5)
+    assert settings("adv=pgd", "model=retinanet") == (0.001, 3, 10)
+    assert settings("adv=trades", "model=retinanet", "data.spatial_dims=3") == (0.001, 3, 10)
+    assert settings("adv=pgd", "model=retinanet", "module.optimizer.lr=0.01", "adv.clean_epochs=0",
+                    "trainer.max_epochs=4") == (0.01, 0, 4)
+    assert settings("adv=pgd", "model=retinanet", "task=bccd")[2] == 12  # a task's own epochs stay its own
