@@ -35,9 +35,9 @@ class AdversarialTraining(Callback):
         eps_unit: ``model``, ``native`` (e.g. HU) or ``range``.
         warmup_epochs: eps grows linearly, reaching ``eps`` at the start of epoch ``warmup_epochs`` (counted after the
             clean epochs).
-        clean_epochs: epochs of clean training (eps 0) before the warm-up or the schedule: a model that learns nothing under
-            attack from its first step (MONAI's RetinaNet, whose focal loss starts every anchor at 1 %, in 3-D)
-            learns its features clean first. The catastrophic-overfitting guard rests in those epochs.
+        clean_epochs: epochs of clean training (eps 0) before the warm-up or the schedule: a model that learns
+            nothing under attack from its first step (MONAI's RetinaNet, whose focal loss starts every anchor at
+            1 %, in 3-D) learns its features clean first. The catastrophic-overfitting guard rests in those epochs.
         schedule: seed 000's iterative protocol instead of the warm-up: rounds of ``[epochs, eps]`` run in order
             (``[[150, 0.001], [50, 0.002]]``: 150 epochs at 0.001, then 50 at 0.002), the last eps kept after the
             last round; ``eps`` must be the last round's (it names the run's state).

@@ -41,8 +41,17 @@ def _prefix(split: str) -> str:
     return "" if split == "val" else f"{split}_"
 
 
+def _lines_by_attack(cells: dict[tuple[str, float], tuple[MetricCurve, str]]) -> dict[str, list]:
+    """One metric's cells as ``{attack: [(eps, curve, points), ...]}``, each attack's lines by eps, clean first."""
+    by_attack: dict[str, list] = defaultdict(list)
+    for (attack, eps), entry in cells.items():
+        by_attack[attack].append((eps, *entry))
+    return {attack: sorted(lines, key=lambda line: line[0]) for attack, lines in by_attack.items()}
+
+
 def curve_rows(curves: Curves, *, split: str, epoch: int, eps_unit: str) -> list[dict]:
-    """One row per point of every curve (``CSV_KEYS``); the clean curve once, under the first attack."""
+    """One row per point of every curve (``CSV_KEYS``); the clean curve once (every attack's eps 0 holds it),
+    as attack ``clean``."""
     rows, clean_done = [], set()
     for (attack, eps), by_metric in curves.items():
         for metric, (curve, points) in by_metric.items():
@@ -63,13 +72,9 @@ def write_metric_curves(out_dir: Path, curves: Curves, *, split: str, epoch: int
     folder.mkdir(parents=True, exist_ok=True)
     for metric, cells in _by_metric(curves).items():
         kind = next(iter(cells.values()))[0].kind
-        by_attack: dict[str, list] = defaultdict(list)
-        for (attack, eps), entry in cells.items():
-            by_attack[attack].append((eps, *entry))
-        for attack, lines in by_attack.items():
+        for attack, lines in _lines_by_attack(cells).items():
             path = folder / f"{_prefix(split)}{attack}_{kind}.png"
-            written.append(_plot(sorted(lines, key=lambda line: line[0]), path, eps_unit,
-                                 f"{split}: {kind.upper()} under {attack}, epoch {epoch}"))
+            written.append(_plot(lines, path, eps_unit, f"{split}: {kind.upper()} under {attack}, epoch {epoch}"))
         rows = curve_rows({cell: {metric: entry} for cell, entry in cells.items()}, split=split, epoch=epoch,
                           eps_unit=eps_unit)
         path = folder / f"{_prefix(split)}{kind}.csv"
@@ -159,14 +164,10 @@ def log_metric_curves_to_wandb(loggers, curves: Curves, *, split: str, epoch: in
                           eps_unit=eps_unit)
         payload[f"robustness/{split}_{kind}_table"] = wandb.Table(
             columns=list(CSV_KEYS), data=[[row[key] for key in CSV_KEYS] for row in rows])
-        by_attack: dict[str, list] = defaultdict(list)
-        for (attack, eps), (curve, _) in cells.items():
-            by_attack[attack].append((eps, curve))
-        for attack, lines in by_attack.items():
-            lines.sort(key=lambda line: line[0])
+        for attack, lines in _lines_by_attack(cells).items():
             payload[f"robustness/{split}_{attack}_{kind}"] = wandb.plot.line_series(
-                xs=[curve.x.tolist() for _, curve in lines], ys=[curve.y.tolist() for _, curve in lines],
-                keys=["clean" if eps == 0 else f"eps {eps:g}" for eps, _ in lines],
-                title=f"{split}: {kind} under {attack}", xname=lines[0][1].x_name)
+                xs=[curve.x.tolist() for _, curve, _ in lines], ys=[curve.y.tolist() for _, curve, _ in lines],
+                keys=["clean" if eps == 0 else f"eps {eps:g}" for eps, _, _ in lines],
+                title=f"{split}: {kind.upper()} under {attack}", xname=lines[0][1].x_name)
     for logger in wandb_loggers:
         logger.experiment.log(payload)
