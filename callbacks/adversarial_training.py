@@ -177,7 +177,7 @@ class AdversarialTraining(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.defense.end_epoch(trainer, pl_module)
-        if self.guard_attack is None or self._guard_batch is None or self.eps_at(trainer.current_epoch) == 0:
+        if self.guard_attack is None or self._guard_batch is None or self.eps_at(self._epoch) == 0:
             return  # nothing attacked this epoch (a clean one): nothing to guard
         accuracy = self._guard_accuracy(pl_module, self._guard_batch)
         self.guard_history.append((trainer.current_epoch, accuracy))
