@@ -140,7 +140,8 @@ def _froc_points(run_dir: Path) -> list[tuple]:
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
-        return [(r["attack"], r["eps"], round(float(r["x"]), 5), round(float(r["y"]), 5)) for r in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    return [(r["attack"], r["eps"], round(float(r["x"]), 5), round(float(r["y"]), 5)) for r in rows]
 
 
 # -- the command a user types ----------------------------------------------------------------------------------

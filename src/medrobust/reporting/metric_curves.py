@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,20 +50,27 @@ def _lines_by_attack(cells: dict[tuple[str, float], tuple[MetricCurve, str]]) ->
     return {attack: sorted(lines, key=lambda line: line[0]) for attack, lines in by_attack.items()}
 
 
-def curve_rows(curves: Curves, *, split: str, epoch: int, eps_unit: str) -> list[dict]:
-    """One row per point of every curve (``CSV_KEYS``); the clean curve once (every attack's eps 0 holds it),
-    as attack ``clean``."""
-    rows, clean_done = [], set()
-    for (attack, eps), by_metric in curves.items():
-        for metric, (curve, points) in by_metric.items():
-            if eps == 0 and metric in clean_done:
+def _entries(cells: dict[tuple[str, float], tuple[MetricCurve, str]]) -> list[tuple[str, float, MetricCurve, str]]:
+    """One metric's cells as ``(attack, eps, curve, points)``, the clean curve (every attack's eps 0 holds it)
+    once, as attack ``clean``, where it first appears."""
+    entries, clean_done = [], False
+    for (attack, eps), (curve, points) in cells.items():
+        if eps == 0:
+            if clean_done:
                 continue
-            clean_done.update([metric] if eps == 0 else [])
-            thresholds = list(curve.thresholds) or [""] * len(curve.x)
-            rows += [{"epoch": epoch, "split": split, "attack": "clean" if eps == 0 else attack, "eps": eps,
-                      "eps_unit": eps_unit, "metric": metric, "points": points, "x": float(x), "y": float(y),
-                      "threshold": threshold}
-                     for x, y, threshold in zip(curve.x, curve.y, thresholds)]
+            clean_done, attack = True, "clean"
+        entries.append((attack, eps, curve, points))
+    return entries
+
+
+def curve_rows(metric: str, cells: dict, *, split: str, epoch: int, eps_unit: str) -> list[dict]:
+    """One row per point of each of ``metric``'s curves (``CSV_KEYS``), the clean curve once."""
+    rows = []
+    for attack, eps, curve, points in _entries(cells):
+        thresholds = list(curve.thresholds) or [""] * len(curve.x)
+        rows += [{"epoch": epoch, "split": split, "attack": attack, "eps": eps, "eps_unit": eps_unit,
+                  "metric": metric, "points": points, "x": float(x), "y": float(y), "threshold": threshold}
+                 for x, y, threshold in zip(curve.x, curve.y, thresholds)]
     return rows
 
 
@@ -75,8 +83,7 @@ def write_metric_curves(out_dir: Path, curves: Curves, *, split: str, epoch: int
         for attack, lines in _lines_by_attack(cells).items():
             path = folder / f"{_prefix(split)}{attack}_{kind}.png"
             written.append(_plot(lines, path, eps_unit, f"{split}: {kind.upper()} under {attack}, epoch {epoch}"))
-        rows = curve_rows({cell: {metric: entry} for cell, entry in cells.items()}, split=split, epoch=epoch,
-                          eps_unit=eps_unit)
+        rows = curve_rows(metric, cells, split=split, epoch=epoch, eps_unit=eps_unit)
         path = folder / f"{_prefix(split)}{kind}.csv"
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(CSV_KEYS))
@@ -92,13 +99,13 @@ def _plot(lines: list[tuple[float, MetricCurve, str]], path: Path, eps_unit: str
     marks = [x for x, _ in first.marks]
     right = max(marks) * 1.5 if marks else None
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-    colours = plt.get_cmap("plasma")
-    attacked = max(1, sum(eps > 0 for eps, _, _ in lines))
-    for k, (eps, curve, _) in enumerate(lines):
+    attacked = [eps for eps, _, _ in lines if eps > 0]
+    shades = dict(zip(attacked, plt.get_cmap("plasma")(np.linspace(0.1, 0.85, len(attacked)))))
+    for eps, curve, _ in lines:
         x, y = list(curve.x), list(curve.y)
         if right is not None and x and x[-1] < right:
             x, y = x + [right], y + [y[-1]]
-        colour = "k" if eps == 0 else colours(0.1 + 0.75 * (k - (len(lines) - attacked)) / max(1, attacked - 1))
+        colour = shades.get(eps, "k")  # clean: black
         label = "clean" if eps == 0 else f"eps {eps:g}"
         ax.plot(x, y, color=colour, label=f"{label} ({curve.summary_name} {curve.summary:.3f})")
     if first.log_x:
@@ -131,13 +138,9 @@ def metric_curves_markdown(curves: Curves, *, split: str, epoch: int, eps_unit: 
                  f"`curves/{_prefix(split)}<attack>_{first.kind}.png` and `curves/{_prefix(split)}{first.kind}.csv`.",
                  "", f"| attack | eps | {' | '.join(header)} | {first.summary_name} |",
                  "|---|---|" + "---|" * (len(header) + 1)]
-        points, clean_done = {}, False
-        for (attack, eps), (curve, kind) in cells.items():
-            if eps == 0:
-                if clean_done:
-                    continue
-                clean_done, attack = True, "clean"
-            elif kind != CLEAN:
+        points = {}
+        for attack, eps, curve, kind in _entries(cells):
+            if kind != CLEAN:
                 points[attack] = kind
             values = " | ".join(f"{y:.3f}" for _, y in curve.marks)
             lines.append(f"| {attack} | {eps:g} | {values} | {curve.summary:.3f} |")
@@ -160,8 +163,7 @@ def log_metric_curves_to_wandb(loggers, curves: Curves, *, split: str, epoch: in
     payload = {}
     for metric, cells in _by_metric(curves).items():
         kind = next(iter(cells.values()))[0].kind
-        rows = curve_rows({cell: {metric: entry} for cell, entry in cells.items()}, split=split, epoch=epoch,
-                          eps_unit=eps_unit)
+        rows = curve_rows(metric, cells, split=split, epoch=epoch, eps_unit=eps_unit)
         payload[f"robustness/{split}_{kind}_table"] = wandb.Table(
             columns=list(CSV_KEYS), data=[[row[key] for key in CSV_KEYS] for row in rows])
         for attack, lines in _lines_by_attack(cells).items():

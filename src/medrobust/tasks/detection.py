@@ -57,7 +57,8 @@ class DetectionTask(RobustTask):
     scales (``"robust"``, as landmarks'), logged as ``val/tau_<term>`` (rank-reduced: the per-sample terms are
     gathered) and copied after each clean validation (sanity check excluded; :attr:`tau_metrics`) into the
     ``validation_tau`` buffer (one per term), hence into checkpoints (``state_dict``). Until a first validation the
-    buffer is NaN and the format's ``fallback_tau`` (placeholders) judges. A mapping ``tau`` fixes the thresholds (a checkpoint's buffer does not override it).
+    buffer is NaN and the format's ``fallback_tau`` (placeholders) judges. A mapping ``tau`` fixes the thresholds
+    (a checkpoint's buffer does not override it).
 
     correct_margin: ``min over terms of (tau_t - term_t) / max(tau_t, 1e-6)``: each term's slack relative to its
     threshold (the terms have different units), ``>= 0`` exactly where is_correct (0 only at equality), and
